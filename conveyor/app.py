@@ -1,0 +1,59 @@
+"""Builds the Celery application from the config and the resolved broker settings."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from celery.signals import worker_ready
+
+from . import broker, deadletter, tasks
+from .config import Config, load_config
+from .topology import routes, work_queues
+
+log = logging.getLogger(__name__)
+
+
+def create_app(config: Config | None = None, settings: broker.BrokerSettings | None = None) -> Celery:
+    config = config or load_config()
+    settings = settings or broker.resolve()
+    app = Celery("conveyor", broker=settings.broker_url, backend=settings.result_backend, set_as_current=True)
+    transport_options = dict(settings.transport_options)
+    if not settings.embedded:
+        # Every publish waits for the broker's confirm: a task is never reported sent unless it is stored.
+        transport_options["confirm_publish"] = True
+    app.conf.update(
+        task_queues=work_queues(),
+        task_routes=routes(),
+        task_default_queue="queue_a",
+        task_create_missing_queues=False,
+        accept_content=["json"],
+        task_serializer="json",
+        result_serializer="json",
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_default_delivery_mode="persistent",
+        worker_prefetch_multiplier=1,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=5,
+        result_extended=True,
+        result_expires=24 * 3600,
+        task_track_started=True,
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        worker_hijack_root_logger=False,
+    )
+    app.conveyor_config = config
+    app.conveyor_broker = settings
+    tasks.register(app, config.retry)
+    return app
+
+
+@worker_ready.connect
+def _declare_on_start(sender=None, **_kwargs) -> None:
+    # A worker declares the dead-letter queue too, so that whatever the broker dead-letters from
+    # the work queues has somewhere to go even before any dispatcher has run.
+    deadletter.declare(sender.app)
+    log.info("Worker %s declared the work and dead-letter queues.", sender.hostname)

@@ -1,0 +1,195 @@
+"""The one configuration schema (test-config.yml), validated once at load time.
+
+Every error names the file, the line and the field, because the YAML is written by hand and a
+typo that passed silently would run a different test than the one the user meant.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from .errors import ConfigError, UsageError
+from .topology import QUEUES, TASKS
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "test-config.yml"
+CONFIG_ENV = "CONVEYOR_CONFIG"
+
+
+class Strict(BaseModel):
+    # Unknown keys are errors: a misspelt `max_retires` must not fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskParams(Strict):
+    """How a simulated task behaves; every failure it produces is reproducible."""
+
+    duration_s: float | None = Field(None, ge=0, le=3600, description="run time; the task's default when absent")
+    fail_first: int = Field(0, ge=0, description="fail the first K attempts")
+    fail_probability: float = Field(0.0, ge=0, le=1, description="fail each attempt with this probability")
+    seed: int | None = Field(None, description="seed for fail_probability; the dispatcher adds the task's index")
+    payload_bytes: int = Field(0, ge=0, le=64 * 1024 * 1024, description="size of the payload sent with the task")
+
+
+class TaskSpec(Strict):
+    task: Literal[tuple(TASKS)]  # type: ignore[valid-type]
+    count: int = Field(gt=0)
+    params: TaskParams = TaskParams()
+
+
+class RetryPolicy(Strict):
+    """Handed to Celery's autoretry as-is. Celery's backoff works in whole seconds (it truncates the
+    factor to an int of at least 1), so the schema asks for integers rather than accept values
+    Celery would silently round."""
+
+    max_retries: int = Field(3, ge=0, le=3)
+    backoff_s: int = Field(1, ge=1, le=3600)
+    backoff_max_s: int = Field(60, ge=1, le=24 * 3600)
+    jitter: bool = True
+
+    @model_validator(mode="after")
+    def _max_not_below_base(self) -> RetryPolicy:
+        if self.backoff_max_s < self.backoff_s:
+            raise ValueError("backoff_max_s must be at least backoff_s")
+        return self
+
+
+class ServiceConfig(Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]*$")
+    queues: list[Literal[tuple(QUEUES)]] = Field(min_length=1)  # type: ignore[valid-type]
+    concurrency: int = Field(2, ge=1, le=64)
+    replicas: int = Field(1, ge=0)
+    pool: Literal["prefork", "threads", "solo"] = "prefork"
+    prefetch_multiplier: int = Field(1, ge=1, le=1000)
+
+
+class Limits(Strict):
+    max_tasks_per_run: int = Field(10_000, ge=1)
+    max_replicas: int = Field(8, ge=1)
+
+
+class Config(Strict):
+    name: str = Field(min_length=1)
+    expected_workers: int = Field(ge=0)
+    tasks: list[TaskSpec] = Field(min_length=1)
+    retry: RetryPolicy = RetryPolicy()
+    services: list[ServiceConfig] = Field(min_length=1)
+    limits: Limits = Limits()
+    stop_grace_s: float = Field(30.0, gt=0, description="warm-shutdown time before a worker is killed")
+    _source: Path | None = PrivateAttr(None)
+
+    @property
+    def source(self) -> Path | None:
+        """The file this config was loaded from, so that workers can be handed the same one."""
+        return self._source
+
+    def service(self, name: str) -> ServiceConfig:
+        for svc in self.services:
+            if name in (svc.name, *svc.queues):
+                return svc
+        known = ", ".join(s.name for s in self.services)
+        raise UsageError(f"unknown service {name!r}: the config defines {known}")
+
+    def problems(self) -> list[tuple[tuple[Any, ...], str]]:
+        """Checks across fields, each with the path of the field to blame."""
+        found: list[tuple[tuple[Any, ...], str]] = []
+        total = sum(t.count for t in self.tasks)
+        if total > self.limits.max_tasks_per_run:
+            found.append((("tasks",), f"{total} tasks in all is over limits.max_tasks_per_run ({self.limits.max_tasks_per_run})"))
+        names: set[str] = set()
+        for i, svc in enumerate(self.services):
+            if svc.name in names:
+                found.append((("services", i, "name"), f"service {svc.name!r} is defined twice"))
+            names.add(svc.name)
+            if svc.replicas > self.limits.max_replicas:
+                found.append((("services", i, "replicas"), f"{svc.replicas} is over limits.max_replicas ({self.limits.max_replicas})"))
+        served = {q for s in self.services for q in s.queues}
+        for i, spec in enumerate(self.tasks):
+            queue = TASKS[spec.task].queue
+            if queue not in served:
+                found.append((("tasks", i, "task"), f"{spec.task} goes to {queue}, which no service consumes"))
+        return found
+
+
+def config_path(path: str | os.PathLike[str] | None = None) -> Path:
+    return Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate a config file; raise ConfigError naming file, line and field."""
+    file = config_path(path)
+    data, root = read_yaml(file)
+    config = validate(Config, data, root, file)
+    config._source = file.resolve()
+    return config
+
+
+def read_yaml(file: Path) -> tuple[Any, yaml.Node | None]:
+    """Parse YAML, keeping the node tree so that errors can point at a line."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: file not found (pass --config FILE or set {CONFIG_ENV})") from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{file}{where}: malformed YAML: {problem}") from None
+    return data, root
+
+
+def validate(model: type[BaseModel], data: Any, root: yaml.Node | None, file: Path):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}:1: expected a mapping of settings at the top level")
+    try:
+        obj = model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(_describe(file, root, err["loc"], _message(err))) from None
+    problems = getattr(obj, "problems", lambda: [])()
+    if problems:
+        loc, msg = problems[0]
+        raise ConfigError(_describe(file, root, loc, msg))
+    return obj
+
+
+def _message(err: dict[str, Any]) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown key (check the spelling; see the config reference in the README)"
+    if err["type"] == "missing":
+        return "required field is missing"
+    return err["msg"].removeprefix("Value error, ")
+
+
+def _describe(file: Path, root: yaml.Node | None, loc: tuple[Any, ...], msg: str) -> str:
+    loc = tuple(part for part in loc if not (isinstance(part, str) and part.startswith(("function-", "literal["))))
+    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(top level)"
+    return f"{file}:{_line(root, loc)}: {field}: {msg}"
+
+
+def _line(node: yaml.Node | None, loc: tuple[Any, ...]) -> int:
+    """The line of the deepest node that loc reaches: the key itself for a mapping entry, so an
+    unknown key or a bad list points at its own line; a missing field points at its parent."""
+    line = node.start_mark.line + 1 if node is not None else 1
+    for part in loc:
+        child, at = None, None
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.value == part:
+                    child, at = value, key
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            child = at = node.value[part]
+        if child is None:
+            break
+        node, line = child, at.start_mark.line + 1
+    return line

@@ -1,0 +1,184 @@
+"""Sending the config's tasks and collecting what became of each one.
+
+All tasks are published first, over one producer, so they run concurrently on the workers; then
+the results are gathered as they arrive, with one overall deadline. A task still unfinished at the
+deadline is reported as such (never waited on forever).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from celery import Celery, states
+from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import AsyncResult, ResultSet
+
+from . import deadletter
+from .config import Config, TaskSpec
+from .tasks import DeadLettered
+from .topology import TASKS
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTERED = "DEAD_LETTERED"
+
+
+@dataclass
+class TaskOutcome:
+    name: str
+    id: str
+    queue: str
+    state: str = states.PENDING
+    result: Any = None
+    execution_time_s: float | None = None
+    retries: int = 0
+    worker: str | None = None
+    latency_s: float | None = None
+    error: str | None = None
+    sent_at: float = field(default=0.0, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("sent_at")
+        return data
+
+
+@dataclass
+class DispatchReport:
+    config: dict[str, Any]
+    tasks: list[TaskOutcome]
+    total_time_s: float
+
+    @property
+    def sequential_time_s(self) -> float:
+        return sum(t.execution_time_s or 0.0 for t in self.tasks)
+
+    @property
+    def total_retries(self) -> int:
+        return sum(t.retries for t in self.tasks)
+
+    def count(self, state: str) -> int:
+        return sum(t.state == state for t in self.tasks)
+
+    @property
+    def succeeded(self) -> int:
+        return self.count(states.SUCCESS)
+
+    @property
+    def dead_lettered(self) -> int:
+        return self.count(DEAD_LETTERED)
+
+    @property
+    def failed(self) -> int:
+        return len(self.tasks) - self.succeeded
+
+    @property
+    def speedup(self) -> float:
+        return self.sequential_time_s / self.total_time_s if self.total_time_s else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "tasks": [t.as_dict() for t in self.tasks],
+            "total_time_s": round(self.total_time_s, 6),
+            "sequential_time_s": round(self.sequential_time_s, 6),
+            "speedup": round(self.speedup, 3),
+            "total_retries": self.total_retries,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "dead_lettered": self.dead_lettered,
+        }
+
+
+def task_kwargs(spec: TaskSpec, index: int) -> dict[str, Any]:
+    """The task's keyword arguments; a seeded random failure gets a distinct seed per task."""
+    params = spec.params
+    kwargs: dict[str, Any] = {}
+    if params.duration_s is not None:
+        kwargs["duration_s"] = params.duration_s
+    if params.fail_first:
+        kwargs["fail_first"] = params.fail_first
+    if params.fail_probability:
+        kwargs["fail_probability"] = params.fail_probability
+        kwargs["seed"] = (params.seed or 0) + index
+    if params.payload_bytes:
+        kwargs["payload"] = "x" * params.payload_bytes
+    return kwargs
+
+
+def send_all(app: Celery, config: Config) -> list[tuple[TaskOutcome, AsyncResult]]:
+    deadletter.declare(app)
+    sent = []
+    with app.producer_or_acquire() as producer:
+        for spec in config.tasks:
+            queue = TASKS[spec.task].queue
+            for index in range(spec.count):
+                result = app.send_task(spec.task, kwargs=task_kwargs(spec, index), producer=producer)
+                sent.append((TaskOutcome(spec.task, result.id, queue, sent_at=time.monotonic()), result))
+    log.info("Sent %d tasks.", len(sent))
+    return sent
+
+
+def collect(app: Celery, sent: list[tuple[TaskOutcome, AsyncResult]], timeout_s: float,
+            on_done: Callable[[TaskOutcome], None] | None = None) -> None:
+    """Fill in each outcome as its result arrives, until all are in or the deadline passes."""
+    by_id = {outcome.id: outcome for outcome, _ in sent}
+    pending = ResultSet([result for _, result in sent], app=app)
+    try:
+        for task_id, meta in app.backend.iter_native(pending, timeout=timeout_s, interval=0.05):
+            outcome = by_id.get(task_id)
+            if outcome is None or outcome.state != states.PENDING:
+                continue
+            _fill(outcome, meta)
+            if on_done:
+                on_done(outcome)
+    except CeleryTimeout:
+        unfinished = sum(o.state == states.PENDING for o in by_id.values())
+        log.warning("%d task(s) had not finished when the %.0f s timeout ran out.", unfinished, timeout_s)
+    for outcome in by_id.values():
+        if outcome.state == states.PENDING:
+            outcome.error = f"no result within {timeout_s:g} s"
+
+
+def _fill(outcome: TaskOutcome, meta: dict[str, Any]) -> None:
+    outcome.latency_s = round(time.monotonic() - outcome.sent_at, 6)
+    status, value = meta.get("status"), meta.get("result")
+    if status == states.SUCCESS and isinstance(value, dict):
+        outcome.state = states.SUCCESS
+        outcome.result = value.get("message")
+        outcome.execution_time_s = value.get("execution_time_s")
+        outcome.retries = value.get("retries", 0)
+        outcome.worker = value.get("worker")
+        return
+    exc = value
+    if isinstance(value, dict) and "exc_type" in value:  # a backend that hands back the raw form
+        exc = app_exception(value)
+    if isinstance(exc, DeadLettered):
+        outcome.state = DEAD_LETTERED
+        outcome.retries = max(0, exc.attempts - 1)
+        outcome.error = exc.reason
+    else:
+        outcome.state = status or states.FAILURE
+        outcome.error = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc)
+
+
+def app_exception(raw: dict[str, Any]) -> BaseException:
+    if raw.get("exc_type") == "DeadLettered":
+        return DeadLettered(*raw.get("exc_message", ("unknown", 1)))
+    return RuntimeError(f"{raw.get('exc_type')}: {raw.get('exc_message')}")
+
+
+def dispatch(app: Celery, config: Config, timeout_s: float,
+             on_done: Callable[[TaskOutcome], None] | None = None) -> DispatchReport:
+    started = time.monotonic()
+    sent = send_all(app, config)
+    collect(app, sent, timeout_s, on_done)
+    return DispatchReport(
+        config=config.model_dump(mode="json"),
+        tasks=[outcome for outcome, _ in sent],
+        total_time_s=time.monotonic() - started,
+    )

@@ -1,0 +1,34 @@
+"""The retry policy, handed to Celery's own autoretry machinery.
+
+Nothing here re-implements backoff: these are the Task attributes Celery's autoretry wrapper reads
+(`autoretry_for`, `max_retries`, `retry_backoff`, `retry_backoff_max`, `retry_jitter`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.utils.time import get_exponential_backoff_interval
+
+from .config import RetryPolicy
+
+
+class TransientTaskError(Exception):
+    """A failure that another attempt may cure; only these are retried."""
+
+
+def task_options(policy: RetryPolicy) -> dict[str, Any]:
+    return {
+        "autoretry_for": (TransientTaskError,),
+        "max_retries": policy.max_retries,
+        "retry_backoff": policy.backoff_s,
+        "retry_backoff_max": policy.backoff_max_s,
+        "retry_jitter": policy.jitter,
+    }
+
+
+def delay_s(policy: RetryPolicy, retries: int) -> int:
+    """The countdown Celery computes before retry number `retries + 1` (the upper bound when jitter is on)."""
+    return get_exponential_backoff_interval(
+        factor=policy.backoff_s, retries=retries, maximum=policy.backoff_max_s, full_jitter=False
+    )

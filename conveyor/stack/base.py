@@ -1,0 +1,94 @@
+"""The worker-stack interface that every backend implements (local processes, Docker Compose).
+
+A stack runs replicas of the config's worker services. Backends only know how to start, stop and
+list replicas of one service; what a replica *is* (a `conveyor.worker` process with a unique node
+name) and how readiness is judged (the worker answers a remote-control ping) is shared here.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+from celery import Celery
+
+from .. import workers
+from ..config import Config, ServiceConfig
+from ..errors import StackError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Replica:
+    service: str
+    ident: str  # a pid or a container id
+    node: str | None  # Celery node name, where the backend knows it
+    running: bool
+
+
+class Stack(abc.ABC):
+    name: ClassVar[str]
+
+    def __init__(self, app: Celery, config: Config) -> None:
+        self.app, self.config = app, config
+
+    # --- what a backend provides -------------------------------------------------------
+    @abc.abstractmethod
+    def replicas(self) -> list[Replica]:
+        """Every replica this stack started that still exists, running or not."""
+
+    @abc.abstractmethod
+    def _scale(self, service: ServiceConfig, count: int) -> None:
+        """Make `service` have exactly `count` replicas; leave every other service alone."""
+
+    @abc.abstractmethod
+    def desired(self) -> dict[str, int]:
+        """The replica count last asked for, per service."""
+
+    @abc.abstractmethod
+    def down(self) -> None:
+        """Stop and remove everything this stack started (warm shutdown first)."""
+
+    @abc.abstractmethod
+    def logs(self, follow: bool = True) -> None:
+        """Print (and with follow, keep printing) the workers' logs."""
+
+    # --- shared behaviour --------------------------------------------------------------
+    def scale(self, service: str, count: int, wait_s: float = 60.0) -> None:
+        svc = self.config.service(service)
+        if count < 0:
+            raise UsageError(f"replica count must be 0 or more, got {count}")
+        if count > self.config.limits.max_replicas:
+            raise UsageError(f"{count} replicas of {svc.name} is over limits.max_replicas ({self.config.limits.max_replicas})")
+        log.info("Scaling %s to %d replica(s) on the %s stack.", svc.name, count, self.name)
+        self._scale(svc, count)
+        self.wait_ready({svc.name: count}, wait_s)
+
+    def up(self, wait_s: float = 60.0) -> None:
+        for svc in self.config.services:
+            self._scale(svc, svc.replicas)
+        self.wait_ready({s.name: s.replicas for s in self.config.services}, wait_s)
+
+    def is_up(self) -> bool:
+        return any(r.running for r in self.replicas())
+
+    def running(self) -> dict[str, int]:
+        counts = {s.name: 0 for s in self.config.services}
+        for replica in self.replicas():
+            if replica.running:
+                counts[replica.service] = counts.get(replica.service, 0) + 1
+        return counts
+
+    def wait_ready(self, want: dict[str, int], timeout_s: float) -> None:
+        """Block until every service has `want` workers answering a ping (not more than running)."""
+        want = {name: count for name, count in want.items() if count > 0}
+        if not want:
+            return
+        seen = workers.wait_responding(self.app, want, timeout_s)
+        missing = {n: c for n, c in want.items() if seen[n] < c}
+        if missing:
+            detail = ", ".join(f"{n}: {seen[n]} of {c}" for n, c in missing.items())
+            raise StackError(f"workers did not answer within {timeout_s:.0f} s ({detail}); see `make logs`")

@@ -1,0 +1,43 @@
+"""`make run`: use the workers that are already there, or start a stack for the run and stop it after."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from celery import Celery
+
+from .. import workers
+from ..cli import say
+from ..config import Config
+from . import open_stack
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def stack_session(app: Celery, config: Config, start: bool, wait_s: float = 90.0) -> Iterator[None]:
+    if not start:
+        yield
+        return
+    answering = workers.responding(app)
+    if all(answering[s.name] > 0 for s in config.services if s.replicas > 0):
+        say(f"Using the workers already running ({sum(answering.values())} answering).")
+        yield
+        return
+    stack = open_stack(app, config)
+    if stack.is_up():
+        # Part of a stack is running (some replicas died, or a service is scaled to 0): bring it to
+        # the config's shape for the run, but it was not ours to start, so it is not ours to stop.
+        say(f"Completing the running {stack.name} stack for this run.")
+        stack.up(wait_s=wait_s)
+        yield
+        return
+    say(f"No workers answer; starting the {stack.name} stack for this run.")
+    try:
+        stack.up(wait_s=wait_s)
+        yield
+    finally:
+        stack.down()
+        say(f"Stopped the {stack.name} stack this run started.")

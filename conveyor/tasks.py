@@ -1,0 +1,121 @@
+"""task_a and task_b: simulated work whose failures are reproducible.
+
+Parameters (all optional): `duration_s` how long to work, `fail_first` fail the first K attempts,
+`fail_probability` fail each attempt with probability p (deterministic for a given `seed` and
+attempt), `payload` a string sent along to load the broker. A failure is a TransientTaskError, which
+Celery's autoretry retries with backoff; a bad argument is not, so it is dead-lettered at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any
+
+from celery import Celery, Task
+from celery.exceptions import Ignore, Reject, Retry
+
+from . import deadletter, retry
+from .config import RetryPolicy
+from .topology import TASKS, TaskType
+
+log = logging.getLogger(__name__)
+
+
+class SimulatedFailure(retry.TransientTaskError):
+    """The failure a task was asked to simulate."""
+
+
+class InvalidTaskArguments(ValueError):
+    """The task was called with arguments no retry can fix."""
+
+
+class DeadLettered(Exception):
+    """The final result of a task that failed for good: it is now in the dead-letter queue."""
+
+    def __init__(self, reason: str, attempts: int, queue: str = "") -> None:
+        super().__init__(reason, attempts, queue)
+        self.reason, self.attempts, self.queue = reason, attempts, queue
+
+    def __str__(self) -> str:
+        return f"dead-lettered after {self.attempts} attempt(s): {self.reason}"
+
+
+class DeadLetteringTask(Task):
+    """Sends a task that failed for good to the dead-letter queue, then records DeadLettered as its result.
+
+    Hooked on __call__ (which Celery's tracer calls around the autoretry-wrapped run) rather than
+    on_failure, because on_failure runs after the result is stored: this way the stored result
+    already says the task was dead-lettered, and the dead-letter publish is confirmed before the
+    worker acknowledges the original message.
+    """
+
+    abstract = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except (Retry, Ignore, Reject):
+            raise
+        except Exception as exc:
+            if self.request.called_directly:
+                raise
+            headers = deadletter.publish(self, exc)
+            raise DeadLettered(headers["x-exception"], headers["x-attempts"], headers["x-original-queue"]) from exc
+
+
+def _check(name: str, value: Any, kind: type | tuple[type, ...], low: float | None = None, high: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise InvalidTaskArguments(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise InvalidTaskArguments(f"{name} must be between {low} and {high}, got {value!r}")
+
+
+def simulate(task: Task, spec: TaskType, duration_s: float | None = None, fail_first: int = 0,
+             fail_probability: float = 0.0, seed: int | None = None, payload: str = "") -> dict[str, Any]:
+    duration_s = spec.default_duration_s if duration_s is None else duration_s
+    _check("duration_s", duration_s, (int, float), 0, 3600)
+    _check("fail_first", fail_first, int, 0, None)
+    _check("fail_probability", fail_probability, (int, float), 0, 1)
+    if seed is not None:
+        _check("seed", seed, int)
+    if not isinstance(payload, str):
+        raise InvalidTaskArguments(f"payload must be a string, got {type(payload).__name__}")
+
+    attempt = task.request.retries or 0
+    started = time.perf_counter()
+    time.sleep(duration_s)
+    if attempt < fail_first:
+        raise SimulatedFailure(f"{spec.name} failed attempt {attempt + 1} on purpose (fail_first={fail_first})")
+    if fail_probability and random.Random(f"{seed}:{attempt}").random() < fail_probability:
+        raise SimulatedFailure(f"{spec.name} failed attempt {attempt + 1} at random (p={fail_probability}, seed={seed})")
+    return {
+        "task": spec.name,
+        "message": spec.message,
+        "execution_time_s": round(time.perf_counter() - started, 6),
+        "retries": attempt,
+        "worker": task.request.hostname,
+        "payload_bytes": len(payload),
+    }
+
+
+def register(app: Celery, policy: RetryPolicy) -> dict[str, Task]:
+    """Define task_a and task_b on `app` with the retry policy from the config."""
+    registered = {}
+    for spec in TASKS.values():
+        registered[spec.name] = app.task(
+            _runner(spec), name=spec.name, bind=True, base=DeadLetteringTask, shared=False,
+            **retry.task_options(policy),
+        )
+    return registered
+
+
+def _runner(spec: TaskType):
+    def run(self: Task, duration_s: float | None = None, fail_first: int = 0, fail_probability: float = 0.0,
+            seed: int | None = None, payload: str = "") -> dict[str, Any]:
+        return simulate(self, spec, duration_s, fail_first, fail_probability, seed, payload)
+
+    run.__name__ = run.__qualname__ = spec.name
+    run.__doc__ = f"{spec.message!r} after {spec.default_duration_s} s of simulated work (routed to {spec.queue})."
+    return run

@@ -1,0 +1,58 @@
+"""Which task goes to which queue, and the RabbitMQ entities behind them.
+
+Each work queue is durable, on its own direct exchange, and dead-letters into one `dlx` exchange:
+whatever the broker rejects from queue_a or queue_b (an unknown task, a message a worker cannot
+decode) lands in `dead_letter` with RabbitMQ's own x-death header. Tasks that fail for good are
+published there by the worker itself (see deadletter.py) so that they carry their reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kombu import Exchange, Queue
+
+DLX_EXCHANGE = "dlx"
+DEAD_LETTER_QUEUE = "dead_letter"
+
+
+@dataclass(frozen=True)
+class TaskType:
+    name: str
+    queue: str
+    default_duration_s: float
+    message: str
+
+
+TASKS: dict[str, TaskType] = {
+    "task_a": TaskType("task_a", "queue_a", 0.1, "Hello from Task A"),
+    "task_b": TaskType("task_b", "queue_b", 0.2, "Hello from Task B"),
+}
+QUEUES: tuple[str, ...] = tuple(dict.fromkeys(t.queue for t in TASKS.values()))
+
+dlx = Exchange(DLX_EXCHANGE, type="direct", durable=True)
+dead_letter_queue = Queue(DEAD_LETTER_QUEUE, exchange=dlx, routing_key=DEAD_LETTER_QUEUE, durable=True)
+
+
+def work_queue(name: str, queue_type: str = "classic") -> Queue:
+    arguments = {
+        "x-dead-letter-exchange": DLX_EXCHANGE,
+        "x-dead-letter-routing-key": DEAD_LETTER_QUEUE,
+    }
+    if queue_type != "classic":
+        arguments["x-queue-type"] = queue_type
+    return Queue(
+        name,
+        exchange=Exchange(name, type="direct", durable=True),
+        routing_key=name,
+        durable=True,
+        queue_arguments=arguments,
+    )
+
+
+def work_queues() -> list[Queue]:
+    return [work_queue(name) for name in QUEUES]
+
+
+def routes() -> dict[str, dict[str, str]]:
+    return {t.name: {"queue": t.queue, "routing_key": t.queue} for t in TASKS.values()}

@@ -1,0 +1,65 @@
+"""Start one worker replica of a service: `python -m conveyor.worker --service worker-a`.
+
+Both stacks start workers through this launcher, so a replica is the same process everywhere. It
+execs `celery worker` in place (the worker is then PID 1 in a container and receives SIGTERM
+itself, for a warm shutdown) with a node name that is unique per replica: replicas on one host,
+or containers sharing the host network, must never collide on their remote-control queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import uuid
+from pathlib import Path
+
+from .config import ServiceConfig, load_config
+
+NODE_FILE_ENV = "CONVEYOR_NODE_FILE"
+
+
+def node_name(service: str, suffix: str | None = None) -> str:
+    return f"{service}-{suffix or uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+
+
+def command(service: ServiceConfig, node: str, loglevel: str = "INFO") -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "celery_app", "worker",
+        "--queues", ",".join(service.queues),
+        "--concurrency", str(service.concurrency),
+        "--pool", service.pool,
+        "--prefetch-multiplier", str(service.prefetch_multiplier),
+        "--hostname", node,
+        # Gossip and mingle cost every worker a round of broadcasts at start and nothing here uses
+        # them; remote control (ping, inspect) and task events stay on.
+        "--without-gossip", "--without-mingle", "--task-events",
+        "--loglevel", loglevel,
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m conveyor.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--service", default=os.environ.get("WORKER_SERVICE"), required="WORKER_SERVICE" not in os.environ)
+    parser.add_argument("--node", help="full Celery node name (default: SERVICE-<random>@HOST)")
+    parser.add_argument("--config", help="config file (default: CONVEYOR_CONFIG or test-config.yml)")
+    parser.add_argument("--loglevel", default=os.environ.get("WORKER_LOGLEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    from .cli import run
+
+    def start() -> None:
+        service = load_config(args.config).service(args.service)
+        node = args.node or node_name(service.name)
+        if os.environ.get(NODE_FILE_ENV):
+            Path(os.environ[NODE_FILE_ENV]).write_text(node + "\n")
+        if args.config:
+            os.environ["CONVEYOR_CONFIG"] = str(Path(args.config).resolve())
+        cmd = command(service, node, args.loglevel)
+        os.execv(cmd[0], cmd)
+
+    run(start)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Asking the workers themselves, over Celery's remote control: who answers, and which service they serve."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable
+
+from celery import Celery
+
+log = logging.getLogger(__name__)
+
+
+def service_of(node: str) -> str:
+    """`worker-a-3@host` and `worker-a-1f2e3d4c@host` both belong to service `worker-a`."""
+    return node.split("@", 1)[0].rsplit("-", 1)[0]
+
+
+def ping(app: Celery, timeout_s: float = 1.0) -> list[str]:
+    """Node names of every worker that answered a broadcast ping within the timeout."""
+    replies = app.control.ping(timeout=timeout_s) or []
+    return sorted(node for reply in replies for node in reply)
+
+
+def responding(app: Celery, timeout_s: float = 1.0) -> Counter[str]:
+    return Counter(service_of(node) for node in ping(app, timeout_s))
+
+
+def wait_responding(app: Celery, want: dict[str, int], timeout_s: float) -> Counter[str]:
+    """Ping until every service has at least the wanted number of workers answering, or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        seen = responding(app)
+        if all(seen[name] >= count for name, count in want.items()) or time.monotonic() >= deadline:
+            return seen
+        log.debug("Waiting for workers: want %s, answering %s.", want, dict(seen))
+
+
+def nodes_of(nodes: Iterable[str], service: str) -> list[str]:
+    return [n for n in nodes if service_of(n) == service]

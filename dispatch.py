@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""Dispatch the tasks of a config file and report what became of each.
+
+    python dispatch.py [--config FILE] [--json] [--timeout S] [--start-stack]
+
+Exit status 0 only when every task succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from conveyor import broker, cli
+from conveyor.app import create_app
+from conveyor.config import config_path, load_config
+from conveyor.dispatch import dispatch
+from conveyor.errors import UsageError
+from conveyor.progress import progress_bar
+from conveyor.report import print_report
+from conveyor.stack.session import stack_session
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="config file (default: CONVEYOR_CONFIG or test-config.yml)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for all results (default 300)")
+    parser.add_argument("--start-stack", action="store_true",
+                        help="start the worker stack first if none answers, and stop it afterwards")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args()
+    cli.setup_logging(args.verbose)
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout must be more than 0, got {args.timeout:g}")
+
+    config = load_config(args.config)
+    settings = broker.resolve()
+    broker.check(settings)
+    if settings.embedded or not settings.explicit:
+        cli.say(settings.describe())
+    app = create_app(config, settings)
+    total = sum(t.count for t in config.tasks)
+    with stack_session(app, config, start=args.start_stack):
+        with progress_bar(total, enabled=not args.json) as advance:
+            report = dispatch(app, config, args.timeout, on_done=lambda _outcome: advance())
+    if args.json:
+        json.dump(report.as_dict(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print_report(report, sys.stdout, str(config_path(args.config)))
+    return 0 if report.succeeded == len(report.tasks) else 1
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Run and resize the worker services, on Docker Compose or as local processes.
+
+    python scale.py up | down | ps | logs [--no-follow]
+    python scale.py scale --service worker-a --count 3     (a queue name works too: queue_a)
+    python scale.py scale-all --count 4
+    python scale.py status [--json]
+
+The backend is Docker Compose when a Docker engine answers, local processes otherwise;
+STACK=compose|local (or --stack) chooses, and every command says which it uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from conveyor import broker, cli, status
+from conveyor.app import create_app
+from conveyor.config import load_config
+from conveyor.stack import open_stack
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="config file (default: CONVEYOR_CONFIG or test-config.yml)")
+    parser.add_argument("--stack", choices=["compose", "local"], help="backend (default: STACK, or auto)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="start every service at its configured replica count")
+    sub.add_parser("down", help="stop and remove every replica this stack started")
+    sub.add_parser("ps", help="list replicas and whether each answers a ping")
+    logs = sub.add_parser("logs", help="follow the workers' logs")
+    logs.add_argument("--no-follow", action="store_true")
+    one = sub.add_parser("scale", help="set the replica count of one service")
+    one.add_argument("--service", required=True, help="service name (worker-a) or its queue (queue_a)")
+    one.add_argument("--count", required=True, type=int)
+    every = sub.add_parser("scale-all", help="set the replica count of every service")
+    every.add_argument("--count", required=True, type=int)
+    st = sub.add_parser("status", help="replicas per service and depth per queue")
+    st.add_argument("--json", action="store_true")
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    cli.setup_logging(args.verbose)
+    config = load_config(args.config)
+    settings = broker.resolve()
+    broker.check(settings)
+    app = create_app(config, settings)
+    stack = open_stack(app, config, args.stack)
+    quiet = args.command == "status" and args.json
+    if not quiet:
+        cli.say(f"Stack: {stack.name}. {settings.describe()}")
+
+    if args.command == "up":
+        stack.up()
+        print(status.render(status.collect(stack)))
+    elif args.command == "down":
+        stack.down()
+        print(f"Stopped the {stack.name} stack.")
+    elif args.command == "ps":
+        print_replicas(stack)
+    elif args.command == "logs":
+        stack.logs(follow=not args.no_follow)
+    elif args.command == "scale":
+        stack.scale(args.service, args.count)
+        print(f"{config.service(args.service).name}: {args.count} replica(s).")
+    elif args.command == "scale-all":
+        for svc in config.services:
+            stack.scale(svc.name, args.count)
+        print(f"Every service: {args.count} replica(s).")
+    elif args.command == "status":
+        snapshot = status.collect(stack)
+        if args.json:
+            json.dump(snapshot, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            print(status.render(snapshot))
+    return 0
+
+
+def print_replicas(stack) -> None:
+    from conveyor import workers
+
+    answering = set(workers.ping(stack.app))
+    by_service = workers.responding(stack.app)
+    print(f"{'SERVICE':<12} {'ID':<14} {'NODE':<40} {'STATE':<8} ANSWERS")
+    for r in stack.replicas():
+        if r.node:
+            answers = "yes" if r.node in answering else "no"
+        else:  # containers: node names are random, so count by service
+            answers = f"{by_service[r.service]} of service"
+        print(f"{r.service:<12} {r.ident[:12]:<14} {r.node or '-':<40} {'running' if r.running else 'exited':<8} {answers}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

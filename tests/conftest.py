@@ -1,0 +1,159 @@
+"""Shared fixtures. Two tiers: unit tests need nothing; tests marked `broker` need RabbitMQ on
+127.0.0.1:5672 and tests marked `docker` a Docker engine. On a laptop without them they skip;
+with CI set they fail instead, so CI can never pass by skipping them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from conveyor import broker, queues  # noqa: E402
+from conveyor.app import create_app  # noqa: E402
+from conveyor.config import load_config  # noqa: E402
+
+IN_CI = bool(os.environ.get("CI"))
+RABBIT = ("127.0.0.1", 5672)
+
+
+def unavailable(what: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{what} is required when CI is set")
+    pytest.skip(f"{what} is not available")
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.1):
+    """Poll until predicate() is truthy; fail naming `what` on timeout. The tests' only way to wait."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def _listening(addr: tuple[str, int]) -> bool:
+    try:
+        with socket.create_connection(addr, timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> Iterator[str]:
+    """A private RabbitMQ virtual host for this test session, deleted afterwards, so the tests
+    never touch (or are disturbed by) the queues of a stack the user is running."""
+    if not _listening(RABBIT):
+        unavailable("RabbitMQ on 127.0.0.1:5672")
+    base = "amqp://guest:guest@127.0.0.1:5672/"
+    vhost = f"conveyor-test-{uuid.uuid4().hex[:8]}"
+    try:
+        _management(base, "PUT", f"vhosts/{vhost}")
+        _management(base, "PUT", f"permissions/{vhost}/guest", b'{"configure":".*","write":".*","read":".*"}')
+    except (OSError, urllib.error.URLError) as exc:
+        if IN_CI:
+            pytest.fail(f"the RabbitMQ management API is required when CI is set: {exc}")
+        yield base + "/"  # no management API: share the default vhost
+        return
+    yield base + vhost
+    _management(base, "DELETE", f"vhosts/{vhost}")
+
+
+def _management(base_url: str, method: str, path: str, body: bytes | None = None) -> None:
+    import base64
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:15672/api/{path}", data=body, method=method)
+    request.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
+    request.add_header("content-type", "application/json")
+    urllib.request.urlopen(request, timeout=10).close()
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "run"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def broker_env(rabbitmq_url: str, run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Environment (also applied to this process) pointing everything at the test vhost."""
+    env = {"BROKER_URL": rabbitmq_url, broker.RUN_DIR_ENV: str(run_dir)}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("RESULT_BACKEND", raising=False)
+    return env
+
+
+@pytest.fixture
+def embedded_env(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    env = {"BROKER_URL": broker.EMBEDDED_URL, broker.RUN_DIR_ENV: str(run_dir)}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("RESULT_BACKEND", raising=False)
+    return env
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def make_app(run_dir: Path):
+    """Build an app for a config file, against whatever broker the environment names."""
+    apps = []
+
+    def make(config_file: Path | str | None = None):
+        config = load_config(config_file or ROOT / "test-config.yml")
+        app = create_app(config, broker.resolve())
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.close()
+
+
+@pytest.fixture
+def local_stack(make_app):
+    """Start a local worker stack for a config; stops exactly what it started afterwards."""
+    from conveyor.stack.local import LocalStack
+
+    stacks = []
+
+    def start(config_file: Path | str | None = None, wait_s: float = 60):
+        app = make_app(config_file)
+        stack = LocalStack(app, app.conveyor_config)
+        stacks.append(stack)
+        stack.up(wait_s=wait_s)
+        return stack
+
+    yield start
+    for stack in stacks:
+        stack.down()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run a top-level script the way a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def queue_depth(app, name: str) -> int:
+    return queues.stats(app, [name])[0].messages_ready or 0

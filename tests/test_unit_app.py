@@ -1,0 +1,150 @@
+"""Unit: the retry policy reaches Celery's autoretry, routing, and broker resolution. No broker needed."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from celery.utils.time import get_exponential_backoff_interval
+
+from conveyor import broker, retry
+from conveyor.app import create_app
+from conveyor.config import RetryPolicy, load_config
+from conveyor.tasks import InvalidTaskArguments, SimulatedFailure
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    monkeypatch.setenv(broker.RUN_DIR_ENV, str(tmp_path))
+    cfg = tmp_path / "c.yml"
+    cfg.write_text((ROOT / "test-config.yml").read_text().replace(
+        "backoff_s: 1 ", "backoff_s: 3 ").replace("backoff_max_s: 60", "backoff_max_s: 10").replace("jitter: true", "jitter: false"))
+    app = create_app(load_config(cfg), broker.resolve({"BROKER_URL": "filesystem://", broker.RUN_DIR_ENV: str(tmp_path)}))
+    yield app
+    app.close()
+
+
+def test_retry_policy_values_reach_the_celery_tasks(app):
+    for name in ("task_a", "task_b"):
+        task = app.tasks[name]
+        assert task.max_retries == 3
+        assert task.retry_backoff == 3
+        assert task.retry_backoff_max == 10
+        assert task.retry_jitter is False
+        assert task.autoretry_for == (retry.TransientTaskError,)
+        # Celery wrapped run() with its autoretry behaviour, which reads the values above.
+        assert hasattr(task, "_orig_run")
+
+
+def test_backoff_is_celerys_own_exponential_interval():
+    policy = RetryPolicy(max_retries=3, backoff_s=3, backoff_max_s=10, jitter=False)
+    assert [retry.delay_s(policy, n) for n in range(4)] == [3, 6, 10, 10]
+    assert [get_exponential_backoff_interval(3, n, 10) for n in range(4)] == [3, 6, 10, 10]
+
+
+def test_autoretry_schedules_countdowns_from_the_policy(app, monkeypatch):
+    """Drive Celery's autoretry wrapper and capture the countdown it hands to Task.retry."""
+    task = app.tasks["task_a"]
+    seen = []
+
+    class Scheduled(Exception):
+        pass
+
+    def fake_retry(*args, **kwargs):
+        seen.append(kwargs["countdown"])
+        raise Scheduled()
+
+    monkeypatch.setattr(task, "retry", fake_retry)
+    for retries in range(3):
+        task.push_request(retries=retries, hostname="unit@test")
+        try:
+            with pytest.raises(Scheduled):
+                task.run(duration_s=0, fail_first=5)
+        finally:
+            task.pop_request()
+    assert seen == [3, 6, 10]
+
+
+def test_bad_arguments_are_not_retried(app):
+    task = app.tasks["task_a"]
+    assert not issubclass(InvalidTaskArguments, retry.TransientTaskError)
+    assert issubclass(SimulatedFailure, retry.TransientTaskError)
+    task.push_request(retries=0, hostname="unit@test")
+    try:
+        with pytest.raises(InvalidTaskArguments):
+            task.run(duration_s="slow")
+    finally:
+        task.pop_request()
+
+
+def test_routing_sends_each_task_to_its_own_queue(app):
+    router = app.amqp.router
+    assert router.route({}, "task_a")["queue"].name == "queue_a"
+    assert router.route({}, "task_b")["queue"].name == "queue_b"
+    queue = router.route({}, "task_a")["queue"]
+    assert queue.durable and queue.queue_arguments["x-dead-letter-exchange"] == "dlx"
+
+
+def test_only_json_is_accepted(app):
+    assert app.conf.accept_content == ["json"]
+    assert app.conf.result_accept_content == ["json"]
+    assert app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
+
+
+def test_task_result_shape(app):
+    task = app.tasks["task_b"]
+    task.push_request(retries=2, hostname="w@h")
+    try:
+        result = task.run(duration_s=0, payload="abc")
+    finally:
+        task.pop_request()
+    assert result["task"] == "task_b" and result["message"] == "Hello from Task B"
+    assert result["retries"] == 2 and result["worker"] == "w@h" and result["payload_bytes"] == 3
+
+
+def test_seeded_failures_are_reproducible(app):
+    task = app.tasks["task_a"]
+
+    def outcome(seed: int, attempt: int) -> bool:
+        task.push_request(retries=attempt, hostname="w@h")
+        try:
+            task._orig_run(duration_s=0, fail_probability=0.5, seed=seed)
+            return True
+        except SimulatedFailure:
+            return False
+        finally:
+            task.pop_request()
+
+    first = [outcome(seed, 0) for seed in range(40)]
+    assert first == [outcome(seed, 0) for seed in range(40)]
+    assert 5 < sum(first) < 35
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_embedded_broker_when_nothing_listens_and_no_url(tmp_path):
+    settings = broker.resolve({broker.RUN_DIR_ENV: str(tmp_path)}, probe=("127.0.0.1", free_port()))
+    assert settings.embedded and settings.broker_url == "filesystem://"
+    assert settings.result_backend == f"file://{tmp_path / 'results'}"
+    assert "embedded" in settings.describe()
+
+
+def test_explicit_url_is_used_as_given_and_password_is_masked(tmp_path):
+    env = {"BROKER_URL": "amqp://alice:s3cret@127.0.0.1:5999/prod", broker.RUN_DIR_ENV: str(tmp_path)}
+    settings = broker.resolve(env, probe=("127.0.0.1", free_port()))
+    assert not settings.embedded and settings.explicit
+    assert settings.result_backend == "rpc://"
+    assert "s3cret" not in settings.safe_url and "s3cret" not in settings.describe()
+
+
+def test_explicit_unreachable_url_fails_loudly(tmp_path):
+    env = {"BROKER_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}//", broker.RUN_DIR_ENV: str(tmp_path)}
+    with pytest.raises(broker.BrokerError, match="cannot reach the broker .* start RabbitMQ or fix BROKER_URL"):
+        broker.check(broker.resolve(env), timeout_s=2)
