@@ -5,6 +5,9 @@
     python scale.py scale --service worker-a --count 3     (a queue name works too: queue_a)
     python scale.py scale-all --count 4
     python scale.py status [--json]
+    python scale.py auto [--once] [--rounds N]                 (autoscale on queue backlog)
+    python scale.py rebalance --workers N [--weights FILE]     (share N replicas by queue weights)
+    python scale.py build                                      (build the worker image; compose only)
 
 The backend is Docker Compose when a Docker engine answers, local processes otherwise;
 STACK=compose|local (or --stack) chooses, and every command says which it uses.
@@ -16,8 +19,10 @@ import argparse
 import json
 import sys
 
-from conveyor import broker, cli, status
+from conveyor import broker, cli, rebalance, status
 from conveyor.app import create_app
+from conveyor.autoscale import Autoscaler
+from conveyor.errors import UsageError
 from conveyor.config import load_config
 from conveyor.stack import open_stack
 
@@ -40,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     every.add_argument("--count", required=True, type=int)
     st = sub.add_parser("status", help="replicas per service and depth per queue")
     st.add_argument("--json", action="store_true")
+    auto = sub.add_parser("auto", help="autoscale every service on its queues' backlog")
+    auto.add_argument("--once", action="store_true", help="make one decision and exit")
+    auto.add_argument("--rounds", type=int, help="stop after this many decisions (default: run until interrupted)")
+    reb = sub.add_parser("rebalance", help="share N replicas among the services by queue weights")
+    reb.add_argument("--workers", required=True, type=int)
+    reb.add_argument("--weights", help="YAML file of queue weights (queue_a: 3, queue_b: 1); default: the config's")
+    sub.add_parser("build", help="build the worker image (compose stack)")
     return parser
 
 
@@ -72,6 +84,27 @@ def main() -> int:
         for svc in config.services:
             stack.scale(svc.name, args.count)
         print(f"Every service: {args.count} replica(s).")
+    elif args.command == "auto":
+        rounds = 1 if args.once else args.rounds
+        if rounds is not None and rounds < 1:
+            raise UsageError(f"--rounds must be 1 or more, got {rounds}")
+        scaler = Autoscaler(stack)
+        if args.once:
+            for d in scaler.step():
+                print(f"{d.service}: {d.current} -> {d.desired} ({d.reason})")
+        else:
+            cli.say(f"Autoscaling every {config.autoscale.interval_s:g} s; Ctrl-C stops. Decisions are logged.")
+            cli.setup_logging_info()
+            scaler.run(rounds)
+    elif args.command == "rebalance":
+        weights = rebalance.load_weights(args.weights) if args.weights else None
+        shares = rebalance.plan(config, args.workers, weights)
+        changed = rebalance.apply(stack, shares)
+        for name, count in shares.items():
+            note = f" (was {changed[name][0]})" if name in changed else " (unchanged)"
+            print(f"{name}: {count} replica(s){note}")
+    elif args.command == "build":
+        stack.build()
     elif args.command == "status":
         snapshot = status.collect(stack)
         if args.json:

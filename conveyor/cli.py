@@ -17,6 +17,11 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def setup_logging_info() -> None:
+    """For long-running commands whose log lines are their output (the autoscaler's decisions)."""
+    logging.getLogger("conveyor").setLevel(logging.INFO)
+
+
 def run(main: Callable[[], int | None]) -> None:
     """Run a CLI entry point: user errors print one line on stderr and exit non-zero."""
     try:

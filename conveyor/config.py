@@ -65,6 +65,16 @@ class ServiceConfig(Strict):
     replicas: int = Field(1, ge=0)
     pool: Literal["prefork", "threads", "solo"] = "prefork"
     prefetch_multiplier: int = Field(1, ge=1, le=1000)
+    # Autoscaler bounds: it keeps between min and max replicas, aiming at this many outstanding
+    # (ready + unacknowledged) messages per replica. max_replicas defaults to limits.max_replicas.
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int | None = Field(None, ge=1)
+    target_backlog_per_replica: int = Field(20, ge=1)
+
+
+class Autoscale(Strict):
+    interval_s: float = Field(5.0, gt=0, description="how often the autoscaler reads the queues")
+    cooldown_s: float = Field(60.0, ge=0, description="how long a backlog must stay low before scaling down")
 
 
 class Limits(Strict):
@@ -79,6 +89,9 @@ class Config(Strict):
     retry: RetryPolicy = RetryPolicy()
     services: list[ServiceConfig] = Field(min_length=1)
     limits: Limits = Limits()
+    autoscale: Autoscale = Autoscale()
+    # How `scale.py rebalance` shares workers among the services: a service weighs the sum of its queues' weights.
+    weights: dict[Literal[tuple(QUEUES)], float] = Field(default_factory=dict)  # type: ignore[valid-type]
     stop_grace_s: float = Field(30.0, gt=0, description="warm-shutdown time before a worker is killed")
     _source: Path | None = PrivateAttr(None)
 
@@ -94,6 +107,12 @@ class Config(Strict):
         known = ", ".join(s.name for s in self.services)
         raise UsageError(f"unknown service {name!r}: the config defines {known}")
 
+    def max_replicas_of(self, svc: ServiceConfig) -> int:
+        return svc.max_replicas or self.limits.max_replicas
+
+    def weight_of(self, svc: ServiceConfig) -> float:
+        return sum(self.weights.get(q, 1.0) for q in svc.queues)
+
     def problems(self) -> list[tuple[tuple[Any, ...], str]]:
         """Checks across fields, each with the path of the field to blame."""
         found: list[tuple[tuple[Any, ...], str]] = []
@@ -107,6 +126,13 @@ class Config(Strict):
             names.add(svc.name)
             if svc.replicas > self.limits.max_replicas:
                 found.append((("services", i, "replicas"), f"{svc.replicas} is over limits.max_replicas ({self.limits.max_replicas})"))
+            if svc.max_replicas is not None and svc.max_replicas > self.limits.max_replicas:
+                found.append((("services", i, "max_replicas"), f"{svc.max_replicas} is over limits.max_replicas ({self.limits.max_replicas})"))
+            if svc.min_replicas > self.max_replicas_of(svc):
+                found.append((("services", i, "min_replicas"), f"{svc.min_replicas} is over the service's max_replicas ({self.max_replicas_of(svc)})"))
+        for queue, weight in self.weights.items():
+            if weight <= 0:
+                found.append((("weights", queue), f"weight must be more than 0, got {weight:g}"))
         served = {q for s in self.services for q in s.queues}
         for i, spec in enumerate(self.tasks):
             queue = TASKS[spec.task].queue

@@ -56,6 +56,10 @@ class Stack(abc.ABC):
     def logs(self, follow: bool = True) -> None:
         """Print (and with follow, keep printing) the workers' logs."""
 
+    def build(self) -> None:
+        """Build what the replicas run; local processes run this checkout, so nothing to build."""
+        log.info("The %s stack runs this checkout directly; there is nothing to build.", self.name)
+
     # --- shared behaviour --------------------------------------------------------------
     def scale(self, service: str, count: int, wait_s: float = 60.0) -> None:
         svc = self.config.service(service)
