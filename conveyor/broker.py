@@ -23,7 +23,7 @@ from .errors import BrokerError
 log = logging.getLogger(__name__)
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
-EMBEDDED_URL = "filesystem://"
+EMBEDDED_URL = "filesystem://localhost/"  # the host means nothing to this transport, but kombu warns without one
 RUN_DIR_ENV = "CONVEYOR_RUN_DIR"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,6 +62,8 @@ def resolve(env: Mapping[str, str] = os.environ, probe: tuple[str, int] = ("127.
     if not url:
         url = DEFAULT_BROKER_URL if _listening(*probe) else EMBEDDED_URL
     embedded = url.startswith("filesystem:")
+    if embedded:
+        url = EMBEDDED_URL
     root = run_dir(env)
     options: dict = {}
     if embedded:

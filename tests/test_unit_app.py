@@ -131,7 +131,7 @@ def free_port() -> int:
 
 def test_embedded_broker_when_nothing_listens_and_no_url(tmp_path):
     settings = broker.resolve({broker.RUN_DIR_ENV: str(tmp_path)}, probe=("127.0.0.1", free_port()))
-    assert settings.embedded and settings.broker_url == "filesystem://"
+    assert settings.embedded and settings.broker_url == broker.EMBEDDED_URL
     assert settings.result_backend == f"file://{tmp_path / 'results'}"
     assert "embedded" in settings.describe()
 
