@@ -51,6 +51,9 @@ scale-all: install ## Set every service's replicas: make scale-all COUNT=4.
 	@if [ -z "$(COUNT)" ]; then echo "error: usage: make scale-all COUNT=4" >&2; exit 2; fi
 	$(PY) scale.py scale-all --count "$(COUNT)"
 
+autoscale: install ## Scale every service on its queues' backlog until interrupted (bounds in the config).
+	$(PY) scale.py auto
+
 build: install ## Build the worker image (Docker).
 	$(PY) scale.py --stack compose build
 
@@ -62,4 +65,4 @@ clean: ## Stop our workers and remove what the project created here (.run, cache
 	rm -rf .run .pytest_cache
 	find . -name __pycache__ -type d -not -path './$(VENV)/*' -prune -exec rm -rf {} +
 
-.PHONY: help install run test up down ps logs status scale scale-all build monitor clean
+.PHONY: help install run test up down ps logs status scale scale-all autoscale build monitor clean

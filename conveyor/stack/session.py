@@ -18,10 +18,14 @@ log = logging.getLogger(__name__)
 
 @contextmanager
 def stack_session(app: Celery, config: Config, start: bool, wait_s: float = 90.0) -> Iterator[None]:
+    answering = workers.responding(app)
     if not start:
+        idle = [s.name for s in config.services if s.replicas > 0 and not answering[s.name]]
+        if idle:
+            say(f"No worker of {', '.join(idle)} answers; their tasks will wait in the queue until one "
+                "starts (`make up`, or pass --start-stack).")
         yield
         return
-    answering = workers.responding(app)
     if all(answering[s.name] > 0 for s in config.services if s.replicas > 0):
         say(f"Using the workers already running ({sum(answering.values())} answering).")
         yield
