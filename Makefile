@@ -7,8 +7,12 @@ VENV = .venv
 PY = $(VENV)/bin/python
 STAMP = $(VENV)/.installed-stamp
 TASKS = 1000
+SCENARIO = scenarios/seed.yml
+BENCH_TASKS = 10000
 QUEUE =
 COUNT =
+CHAOS_TASKS = 10000
+CHAOS_ARGS =
 
 help: ## Show every target and what it does (the default).
 	@echo "Usage: make TARGET [VAR=value]"; echo
@@ -24,6 +28,12 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 run: install ## Dispatch test-config.yml and print the report (starts workers for the run if none answer).
 	$(PY) dispatch.py --start-stack
+
+load-test: install ## Load-test the stack: make load-test TASKS=1000 [SCENARIO=scenarios/flood.yml]; report in reports/load-test/.
+	$(PY) load_test.py --scenario "$(SCENARIO)" --tasks "$(TASKS)" --start-stack --report reports/load-test
+
+bench: install ## Benchmark vs the peers in ../shared/bench and the targets (BENCH_TASKS=10000, about 3 min); JSON in bench-results/.
+	$(PY) bench/bench.py --tasks "$(BENCH_TASKS)"
 
 test: install ## Run the unit and integration tests.
 	$(PY) -m pytest
@@ -57,12 +67,16 @@ autoscale: install ## Scale every service on its queues' backlog until interrupt
 build: install ## Build the worker image (Docker).
 	$(PY) scale.py --stack compose build
 
-monitor: install ## Follow the workers' logs (a live dashboard comes with the monitoring work).
-	$(PY) scale.py logs
+monitor: install ## Live dashboard of queues, workers and task types; Prometheus metrics on 127.0.0.1:9808.
+	$(PY) monitor.py
+
+chaos: install ## Fault injection: 10000 tasks (CHAOS_TASKS), 10 % failing, replicas SIGKILLed, a broker restart; exit 0 only if none is lost (CHAOS_ARGS=--partition).
+	$(PY) chaos.py --tasks "$(CHAOS_TASKS)" $(CHAOS_ARGS)
 
 clean: ## Stop our workers and remove what the project created here (.run, caches); never a global prune.
 	if [ -x $(PY) ]; then $(PY) scale.py down || true; fi
+	if [ -x $(PY) ]; then $(PY) chaos.py --sweep || true; fi
 	rm -rf .run .pytest_cache
 	find . -name __pycache__ -type d -not -path './$(VENV)/*' -prune -exec rm -rf {} +
 
-.PHONY: help install run test up down ps logs status scale scale-all autoscale build monitor clean
+.PHONY: help install run load-test bench test up down ps logs status scale scale-all autoscale build monitor chaos clean

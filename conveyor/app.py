@@ -7,7 +7,8 @@ import logging
 from celery import Celery
 from celery.signals import worker_ready
 
-from . import broker, deadletter, tasks
+from . import broker, deadletter, ledger, rpc_backend, tasks
+from .lifecycle import signals as _record_signals  # noqa: F401  (connects the task-record receivers)
 from .config import Config, load_config
 from .topology import routes, work_queues
 
@@ -18,12 +19,14 @@ def create_app(config: Config | None = None, settings: broker.BrokerSettings | N
     config = config or load_config()
     settings = settings or broker.resolve()
     app = Celery("conveyor", broker=settings.broker_url, backend=settings.result_backend, set_as_current=True)
+    if settings.result_backend.startswith("rpc://"):
+        app.backend_cls = rpc_backend.RPCBackend  # the same backend, minus a round trip per task sent
     transport_options = dict(settings.transport_options)
     if not settings.embedded:
         # Every publish waits for the broker's confirm: a task is never reported sent unless it is stored.
         transport_options["confirm_publish"] = True
     app.conf.update(
-        task_queues=work_queues(),
+        task_queues=work_queues(config.queue_type),
         task_routes=routes(),
         task_default_queue="queue_a",
         task_create_missing_queues=False,
@@ -38,16 +41,25 @@ def create_app(config: Config | None = None, settings: broker.BrokerSettings | N
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,
+        # Delivery under faults (docs/reliability.md): a publish rides out a broker restart before it
+        # fails; a silent broker (or a cut link) is noticed within about two heartbeats; tasks running
+        # when the connection drops are stopped, since the broker hands their messages to another worker.
+        task_publish_retry_policy=broker.publish_retry_policy(config.publish_retry_s),
+        broker_heartbeat=config.heartbeat_s,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # Dead-letters, with their reason, the messages Celery's consumer would acknowledge away.
+        worker_consumer="conveyor.consumer:Consumer",
         result_extended=True,
         result_expires=24 * 3600,
-        task_track_started=True,
-        task_send_sent_event=True,
-        worker_send_task_events=True,
+        task_track_started=config.tuning.track_started,
+        task_send_sent_event=config.tuning.task_events,
+        worker_send_task_events=config.tuning.task_events,
         worker_hijack_root_logger=False,
     )
     app.conveyor_config = config
     app.conveyor_broker = settings
-    tasks.register(app, config.retry)
+    tasks.register(app, config.retry, config.time_limits)
+    ledger.attach_from_env()
     return app
 
 

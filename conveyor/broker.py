@@ -1,8 +1,11 @@
-"""Which broker and result backend to use, and whether they answer.
+"""Which broker, result backend and task-record store to use, and whether they answer.
 
 BROKER_URL set: use it, and fail loudly when it does not answer (never fall back silently).
 BROKER_URL unset: RabbitMQ on 127.0.0.1:5672 if something listens there, otherwise the embedded
 broker: kombu's filesystem transport and Celery's file result backend inside the run directory.
+RECORDS_URL (redis://..., sqlite:///FILE or `off`) likewise names where task records live; unset:
+the run directory's SQLite file with the embedded broker, else Redis on 127.0.0.1:6379 if something
+listens there, else that SQLite file (see conveyor/lifecycle/store.py and docs/tasks.md).
 Workers started by a stack are handed the resolved URLs, so they never decide differently.
 """
 
@@ -15,7 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from amqp.exceptions import MessageNacked
 from kombu import Connection
+from kombu.exceptions import OperationalError
+from kombu.utils.functional import fxrange
 from kombu.utils.url import maybe_sanitize_url
 
 from .errors import BrokerError
@@ -25,6 +31,8 @@ log = logging.getLogger(__name__)
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
 EMBEDDED_URL = "filesystem://localhost/"  # the host means nothing to this transport, but kombu warns without one
 RUN_DIR_ENV = "CONVEYOR_RUN_DIR"
+RECORDS_URL_ENV = "RECORDS_URL"
+DEFAULT_REDIS = ("127.0.0.1", 6379)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -40,6 +48,7 @@ class BrokerSettings:
     embedded: bool
     transport_options: dict = field(default_factory=dict)
     explicit: bool = False
+    records_url: str = ""
 
     @property
     def safe_url(self) -> str:
@@ -48,7 +57,10 @@ class BrokerSettings:
 
     def worker_env(self) -> dict[str, str]:
         """Environment that makes a worker process use exactly these settings."""
-        return {"BROKER_URL": self.broker_url, "RESULT_BACKEND": self.result_backend}
+        env = {"BROKER_URL": self.broker_url, "RESULT_BACKEND": self.result_backend}
+        if self.records_url:
+            env[RECORDS_URL_ENV] = self.records_url
+        return env
 
     def describe(self) -> str:
         if self.embedded:
@@ -79,7 +91,18 @@ def resolve(env: Mapping[str, str] = os.environ, probe: tuple[str, int] = ("127.
             (folder / path).mkdir(parents=True, exist_ok=True)
         (root / "results").mkdir(parents=True, exist_ok=True)
     backend = env.get("RESULT_BACKEND", "").strip() or _default_backend(url, root)
-    return BrokerSettings(url, backend, embedded, options, explicit)
+    return BrokerSettings(url, backend, embedded, options, explicit, records_url(env, embedded, root))
+
+
+def records_url(env: Mapping[str, str], embedded: bool, root: Path) -> str:
+    """Where task records live. Redis is shared by workers on every host and in containers; the
+    SQLite file only by processes on this machine, hence Redis first whenever it answers."""
+    url = env.get(RECORDS_URL_ENV, "").strip()
+    if url:
+        return url
+    if not embedded and _listening(*DEFAULT_REDIS):
+        return f"redis://{DEFAULT_REDIS[0]}:{DEFAULT_REDIS[1]}/0"
+    return f"sqlite:///{root / 'records.sqlite3'}"
 
 
 def _default_backend(url: str, root: Path) -> str:
@@ -105,7 +128,13 @@ def check(settings: BrokerSettings, timeout_s: float = 5.0) -> None:
     """Connect once; raise BrokerError with what went wrong and what to do."""
     if settings.embedded:
         return
-    conn = Connection(settings.broker_url, connect_timeout=timeout_s)
+    try:
+        conn = Connection(settings.broker_url, connect_timeout=timeout_s)
+        conn.transport  # resolves the scheme
+    except (ValueError, KeyError) as exc:  # urllib's and kombu's words for a malformed URL or an unknown scheme
+        source = "BROKER_URL" if settings.explicit else "the default broker URL"
+        raise BrokerError(f"{source} is not a usable broker URL ({exc.args[0] if exc.args else exc}); "
+                          "expected amqp://USER:PASSWORD@HOST:PORT/VHOST") from None
     try:
         conn.connect()
     except Exception as exc:  # kombu surfaces transport-specific classes; sort them by meaning.
@@ -125,3 +154,20 @@ def _explain(settings: BrokerSettings, exc: Exception) -> str:
     if isinstance(exc, (OSError, socket.timeout)) or "refused" in text.lower() or "timed out" in text.lower():
         return f"cannot reach the broker at {where} ({exc.__class__.__name__}: {text}); start RabbitMQ or fix {source}"
     return f"cannot connect to the broker at {where}: {exc.__class__.__name__}: {text}"
+
+
+# What a publish raises once its retries are spent (kombu wraps connection errors in OperationalError),
+# or at once when the broker refuses the message (a nack under publisher confirms).
+PUBLISH_ERRORS = (OperationalError, MessageNacked)
+
+
+def publish_retry_policy(total_s: float, start_s: float = 0.2, step_s: float = 0.4, most_s: float = 2.0) -> dict:
+    """Celery's task_publish_retry_policy for a publish that finds the broker away: kombu reconnects
+    with waits growing from start_s by step_s up to most_s; this many retries add up to about total_s
+    (a RabbitMQ restart takes seconds). Celery's default gives up after 0.6 s."""
+    waits = (min(w, most_s) for w in fxrange(start_s, most_s + start_s, step_s, repeatlast=True))
+    retries, waited = 0, 0.0
+    while waited < total_s:
+        waited += next(waits)
+        retries += 1
+    return {"max_retries": retries, "interval_start": start_s, "interval_step": step_s, "interval_max": most_s}

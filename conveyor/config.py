@@ -39,6 +39,36 @@ class TaskSpec(Strict):
     task: Literal[tuple(TASKS)]  # type: ignore[valid-type]
     count: int = Field(gt=0)
     params: TaskParams = TaskParams()
+    unique_key: str | None = Field(None, min_length=1, max_length=200, description=(
+        "while a task with this key is queued or running, dispatching another sends nothing; "
+        "{index} becomes the task's index within this entry"))
+
+    @model_validator(mode="after")
+    def _unique_key_template(self) -> TaskSpec:
+        if self.unique_key is not None:
+            try:
+                self.unique_key.format(index=0)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(f"unique_key may use only the placeholder {{index}} ({exc!r} is not one)") from None
+        return self
+
+
+class TimeLimit(Strict):
+    """Celery's per-task time limits. At soft_s the task gets SoftTimeLimitExceeded and is retried
+    (with the retry policy) under limits retry_factor times longer; at hard_s the worker kills the
+    pool process and the task is recorded failed. Enforced by the prefork pool only."""
+
+    soft_s: float | None = Field(None, gt=0, le=24 * 3600)
+    hard_s: float | None = Field(None, gt=0, le=24 * 3600)
+    retry_factor: float = Field(1.5, ge=1, le=10, description="a retry after a soft timeout gets limits this much longer")
+
+    @model_validator(mode="after")
+    def _soft_below_hard(self) -> TimeLimit:
+        if self.soft_s is None and self.hard_s is None:
+            raise ValueError("give soft_s, hard_s or both")
+        if self.soft_s is not None and self.hard_s is not None and self.soft_s >= self.hard_s:
+            raise ValueError("soft_s must be less than hard_s, or the soft limit never fires")
+        return self
 
 
 class RetryPolicy(Strict):
@@ -80,6 +110,36 @@ class Autoscale(Strict):
 class Limits(Strict):
     max_tasks_per_run: int = Field(10_000, ge=1)
     max_replicas: int = Field(8, ge=1)
+    # RabbitMQ holds whole messages in memory and on disk: big payloads belong in storage, passed by reference.
+    max_payload_bytes: int = Field(1024 * 1024, ge=1, le=64 * 1024 * 1024,
+                                   description="largest payload a dispatcher sends and a worker accepts")
+
+
+class Monitoring(Strict):
+    """`make monitor` (conveyor/monitor/): sample the broker and the workers every collect_interval_s,
+    write the buffered samples every emit_interval_s. Reference: docs/monitoring.md."""
+
+    collect_interval_s: float = Field(5.0, gt=0, le=3600, description="sample queues and workers this often")
+    emit_interval_s: float = Field(60.0, gt=0, le=24 * 3600, description="write the buffered samples this often")
+    refresh_interval_s: float = Field(1.0, gt=0, le=60, description="redraw the dashboard this often")
+    prometheus_host: str = Field("127.0.0.1", min_length=1, description="the endpoint has no authentication")
+    prometheus_port: int | None = Field(9808, ge=0, le=65535, description="null: no endpoint; 0: any free port")
+    influx: str | None = Field(None, min_length=1, description="InfluxDB line protocol: '-' for stdout, or a file to append to")
+    latency_window_tasks: int = Field(1000, ge=1, le=1_000_000, description="p50/p95 over this many latest tasks per type")
+
+    @model_validator(mode="after")
+    def _emit_not_below_collect(self) -> Monitoring:
+        if self.emit_interval_s < self.collect_interval_s:
+            raise ValueError("emit_interval_s must be at least collect_interval_s")
+        return self
+
+
+class Tuning(Strict):
+    """Per-task work on the hot path beyond running the task and returning its result. Both are on by
+    default because `make monitor` and Flower read them; docs/performance.md measures what they cost."""
+
+    task_events: bool = Field(True, description="callers send task-sent and workers task-received/started/succeeded events")
+    track_started: bool = Field(True, description="workers report a STARTED state for each task (one more result message)")
 
 
 class Config(Strict):
@@ -93,6 +153,15 @@ class Config(Strict):
     # How `scale.py rebalance` shares workers among the services: a service weighs the sum of its queues' weights.
     weights: dict[Literal[tuple(QUEUES)], float] = Field(default_factory=dict)  # type: ignore[valid-type]
     stop_grace_s: float = Field(30.0, gt=0, description="warm-shutdown time before a worker is killed")
+    # Delivery guarantees (docs/reliability.md). Quorum queues are replicated and also survive a node's
+    # disk; changing the type of an existing queue needs the queue deleted first (RabbitMQ refuses).
+    queue_type: Literal["classic", "quorum"] = "classic"
+    heartbeat_s: float = Field(30.0, ge=0, le=3600, description="worker-broker heartbeat; a silent peer is dropped after about twice this; 0: off")
+    publish_retry_s: float = Field(30.0, ge=0, le=3600, description="how long a publish retries a broker that is away before it fails")
+    monitoring: Monitoring = Monitoring()
+    tuning: Tuning = Tuning()
+    time_limits: dict[Literal[tuple(TASKS)], TimeLimit] = Field(default_factory=dict)  # type: ignore[valid-type]
+    records_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="task records are kept this long after their last change")
     _source: Path | None = PrivateAttr(None)
 
     @property
@@ -138,6 +207,14 @@ class Config(Strict):
             queue = TASKS[spec.task].queue
             if queue not in served:
                 found.append((("tasks", i, "task"), f"{spec.task} goes to {queue}, which no service consumes"))
+            if spec.params.payload_bytes > self.limits.max_payload_bytes:
+                found.append((("tasks", i, "params", "payload_bytes"), f"{spec.params.payload_bytes} is over "
+                              f"limits.max_payload_bytes ({self.limits.max_payload_bytes}); workers would refuse it"))
+        for task in self.time_limits:
+            for i, svc in enumerate(self.services):
+                if TASKS[task].queue in svc.queues and svc.pool != "prefork":
+                    found.append((("services", i, "pool"), f"time_limits.{task} needs the prefork pool: "
+                                  f"Celery enforces no time limit in a {svc.pool} pool"))
         return found
 
 

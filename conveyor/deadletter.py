@@ -11,6 +11,8 @@ publisher confirms, before the original delivery is acknowledged.
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -27,7 +29,7 @@ def declare(app: Celery) -> None:
     with app.connection_for_write() as conn:
         channel = conn.default_channel
         dead_letter_queue(channel).declare()
-        for queue in work_queues():
+        for queue in work_queues(app.conveyor_config.queue_type):
             queue(channel).declare()
 
 
@@ -35,14 +37,8 @@ def publish(task: Task, exc: BaseException) -> dict[str, Any]:
     """Send the current request of `task` to the dead-letter queue with its reason."""
     req = task.request
     attempts = (req.retries or 0) + 1
-    headers = {
-        "x-exception": f"{type(exc).__name__}: {exc}"[:2000],
-        "x-exception-type": type(exc).__name__,
-        "x-attempts": attempts,
-        "x-original-queue": (req.delivery_info or {}).get("routing_key") or "",
-        "x-worker": req.hostname or "",
-        "x-dead-lettered-at": datetime.now(timezone.utc).isoformat(),
-    }
+    headers = reason_headers(type(exc).__name__, str(exc), (req.delivery_info or {}).get("routing_key"),
+                             req.hostname, attempts)
     task.app.send_task(
         task.name,
         args=req.args,
@@ -58,6 +54,27 @@ def publish(task: Task, exc: BaseException) -> dict[str, Any]:
     return headers
 
 
+_DELAY_BITS = re.compile(r"^(?:[01]\.)+")
+
+
+def reason_headers(kind: str, reason: str, routing_key: str | None, worker: str | None,
+                   attempts: int | None = None) -> dict[str, Any]:
+    """The headers that say why a message is dead-lettered: by a task that failed for good (above),
+    or by the worker's consumer for a message it cannot run at all (conveyor/consumer.py)."""
+    headers: dict[str, Any] = {
+        "x-exception": f"{kind}: {reason}"[:2000],
+        "x-exception-type": kind,
+        # A retry delayed through Celery's native delayed delivery (quorum queues) arrives with
+        # the delay bits in front of the queue's routing key.
+        "x-original-queue": _DELAY_BITS.sub("", routing_key or ""),
+        "x-worker": worker or "",
+        "x-dead-lettered-at": datetime.now(timezone.utc).isoformat(),
+    }
+    if attempts is not None:
+        headers["x-attempts"] = attempts
+    return headers
+
+
 @dataclass
 class DeadLetter:
     task_id: str
@@ -66,27 +83,54 @@ class DeadLetter:
     attempts: int | None
     original_queue: str
     headers: dict[str, Any]
+    body: Any = None  # the Celery message body: [args, kwargs, embed]
 
 
 def drain(app: Celery, limit: int = 10_000) -> list[DeadLetter]:
     """Take every message out of the dead-letter queue (acknowledging it) and return them."""
-    found: list[DeadLetter] = []
+    return sift(app, lambda _letter: True, limit)
+
+
+def browse(app: Celery, limit: int = 10_000) -> list[DeadLetter]:
+    """Every message in the dead-letter queue, left there."""
+    return sift(app, lambda _letter: False, limit, keep_all=True)
+
+
+def sift(app: Celery, take: Callable[[DeadLetter], bool], limit: int = 10_000, keep_all: bool = False) -> list[DeadLetter]:
+    """Go through the dead-letter queue once: acknowledge (remove) the messages `take` returns True
+    for, which it may first republish, and put the others back when done, in their order. Returns
+    the messages taken (with keep_all, every message seen). Messages are only held unacknowledged
+    meanwhile, so if this process dies, the broker puts them all back."""
+    taken: list[DeadLetter] = []
+    seen: list[DeadLetter] = []
+    kept = []
     with app.connection_for_read() as conn:
         queue = conn.SimpleQueue(dead_letter_queue, no_ack=False, serializer="json")
         try:
-            while len(found) < limit:
+            while len(seen) < limit:
                 try:
                     message = queue.get(block=False)
                 except queue.Empty:
                     break
-                found.append(_parse(message.headers or {}))
-                message.ack()
+                try:
+                    body = message.decode()
+                except Exception:  # undecodable: the broker may have dead-lettered it for exactly that
+                    body = None
+                letter = _parse(message.headers or {}, body)
+                seen.append(letter)
+                if take(letter):
+                    message.ack()
+                    taken.append(letter)
+                else:
+                    kept.append(message)
         finally:
+            for message in kept:
+                message.requeue()
             queue.close()
-    return found
+    return seen if keep_all else taken
 
 
-def _parse(headers: dict[str, Any]) -> DeadLetter:
+def _parse(headers: dict[str, Any], body: Any = None) -> DeadLetter:
     death = (headers.get("x-death") or [{}])[0]
     return DeadLetter(
         task_id=headers.get("id", ""),
@@ -95,7 +139,8 @@ def _parse(headers: dict[str, Any]) -> DeadLetter:
         attempts=headers.get("x-attempts"),
         original_queue=headers.get("x-original-queue") or death.get("queue", ""),
         headers=headers,
+        body=body,
     )
 
 
-__all__ = ["DEAD_LETTER_QUEUE", "DeadLetter", "declare", "drain", "dlx", "publish"]
+__all__ = ["DEAD_LETTER_QUEUE", "DeadLetter", "browse", "declare", "drain", "dlx", "publish", "sift"]

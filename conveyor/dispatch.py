@@ -17,14 +17,17 @@ from celery import Celery, states
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult, ResultSet
 
-from . import deadletter
+from . import broker, deadletter
 from .config import Config, TaskSpec
+from .errors import BrokerError
+from .lifecycle import unique
 from .tasks import DeadLettered
 from .topology import TASKS
 
 log = logging.getLogger(__name__)
 
 DEAD_LETTERED = "DEAD_LETTERED"
+DUPLICATE = "DUPLICATE"  # a unique key's task already queued or running: this one was not sent
 
 
 @dataclass
@@ -110,30 +113,54 @@ def task_kwargs(spec: TaskSpec, index: int) -> dict[str, Any]:
     return kwargs
 
 
-def send_all(app: Celery, config: Config) -> list[tuple[TaskOutcome, AsyncResult]]:
+def send_all(app: Celery, config: Config) -> list[tuple[TaskOutcome, AsyncResult | None]]:
+    """Publish every task; each send returns only once the broker confirmed it. A broker that goes
+    away is retried for publish_retry_s (app.py); then this fails loudly, saying how many got through."""
+    sent: list[tuple[TaskOutcome, AsyncResult | None]] = []
+    try:
+        return _send_all(app, config, sent)
+    except broker.PUBLISH_ERRORS as exc:
+        total = sum(spec.count for spec in config.tasks)
+        raise BrokerError(
+            f"the broker at {app.conveyor_broker.safe_url} did not confirm task {len(sent) + 1} of {total}, "
+            f"even after retrying (publish_retry_s: {config.publish_retry_s:g}) ({type(exc).__name__}: {exc}); "
+            f"the {len(sent)} confirmed before it will run; check RabbitMQ, then dispatch the rest") from None
+
+
+def _send_all(app: Celery, config: Config, sent: list) -> list[tuple[TaskOutcome, AsyncResult | None]]:
     deadletter.declare(app)
-    sent = []
     with app.producer_or_acquire() as producer:
         for spec in config.tasks:
             queue = TASKS[spec.task].queue
             for index in range(spec.count):
-                result = app.send_task(spec.task, kwargs=task_kwargs(spec, index), producer=producer)
+                if spec.unique_key:
+                    key = spec.unique_key.format(index=index)
+                    done = unique.send_unique(app, spec.task, key, kwargs=task_kwargs(spec, index), producer=producer)
+                    if not done.sent:  # nothing was sent, so there is no result to wait for
+                        sent.append((TaskOutcome(spec.task, done.id, queue, state=DUPLICATE, error=(
+                            f"not sent: task {done.id} with unique key {key!r} is still queued or running")), None))
+                        continue
+                    result = app.AsyncResult(done.id)
+                else:
+                    result = app.send_task(spec.task, kwargs=task_kwargs(spec, index), producer=producer)
                 sent.append((TaskOutcome(spec.task, result.id, queue, sent_at=time.monotonic()), result))
     log.info("Sent %d tasks.", len(sent))
     return sent
 
 
-def collect(app: Celery, sent: list[tuple[TaskOutcome, AsyncResult]], timeout_s: float,
+def collect(app: Celery, sent: list[tuple[TaskOutcome, AsyncResult | None]], timeout_s: float,
             on_done: Callable[[TaskOutcome], None] | None = None) -> None:
     """Fill in each outcome as its result arrives, until all are in or the deadline passes."""
-    by_id = {outcome.id: outcome for outcome, _ in sent}
-    pending = ResultSet([result for _, result in sent], app=app)
+    by_id = {outcome.id: outcome for outcome, result in sent if result is not None}
+    pending = ResultSet([result for _, result in sent if result is not None], app=app)
+    if not pending.results:  # every task was a unique key's duplicate: nothing to wait for
+        return
     try:
         for task_id, meta in app.backend.iter_native(pending, timeout=timeout_s, interval=0.05):
             outcome = by_id.get(task_id)
             if outcome is None or outcome.state != states.PENDING:
                 continue
-            _fill(outcome, meta)
+            fill_outcome(outcome, meta)
             if on_done:
                 on_done(outcome)
     except CeleryTimeout:
@@ -144,7 +171,8 @@ def collect(app: Celery, sent: list[tuple[TaskOutcome, AsyncResult]], timeout_s:
             outcome.error = f"no result within {timeout_s:g} s"
 
 
-def _fill(outcome: TaskOutcome, meta: dict[str, Any]) -> None:
+def fill_outcome(outcome: TaskOutcome, meta: dict[str, Any]) -> None:
+    """Classify a result (`status` and `result` as the backend gives them) into the outcome: shared with conveyor.loadtest."""
     outcome.latency_s = round(time.monotonic() - outcome.sent_at, 6)
     status, value = meta.get("status"), meta.get("result")
     if status == states.SUCCESS and isinstance(value, dict):

@@ -36,3 +36,9 @@ class DispatchTimeout(ConveyorError):
     """Tasks did not finish within the time the caller allowed."""
 
     exit_code = 5
+
+
+class RecordStoreError(ConveyorError):
+    """The task-record store (Redis or the SQLite file) cannot be reached or refused us."""
+
+    exit_code = 3

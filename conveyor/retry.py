@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.time import get_exponential_backoff_interval
 
 from .config import RetryPolicy
@@ -17,9 +18,14 @@ class TransientTaskError(Exception):
     """A failure that another attempt may cure; only these are retried."""
 
 
+# A task that ran past its soft time limit may well finish under a longer one, which its retry gets
+# (conveyor/lifecycle/task.py), so a soft timeout is retried like a transient error.
+RETRYABLE = (TransientTaskError, SoftTimeLimitExceeded)
+
+
 def task_options(policy: RetryPolicy) -> dict[str, Any]:
     return {
-        "autoretry_for": (TransientTaskError,),
+        "autoretry_for": RETRYABLE,
         "max_retries": policy.max_retries,
         "retry_backoff": policy.backoff_s,
         "retry_backoff_max": policy.backoff_max_s,

@@ -17,7 +17,8 @@ from celery import Celery, Task
 from celery.exceptions import Ignore, Reject, Retry
 
 from . import deadletter, retry
-from .config import RetryPolicy
+from .config import RetryPolicy, TimeLimit
+from .lifecycle.task import LifecycleTask
 from .topology import TASKS, TaskType
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class DeadLettered(Exception):
         return f"dead-lettered after {self.attempts} attempt(s): {self.reason}"
 
 
-class DeadLetteringTask(Task):
+class DeadLetteringTask(LifecycleTask):
     """Sends a task that failed for good to the dead-letter queue, then records DeadLettered as its result.
 
     Hooked on __call__ (which Celery's tracer calls around the autoretry-wrapped run) rather than
@@ -61,7 +62,14 @@ class DeadLetteringTask(Task):
         except Exception as exc:
             if self.request.called_directly:
                 raise
-            headers = deadletter.publish(self, exc)
+            try:
+                headers = deadletter.publish(self, exc)
+            except Exception as publish_error:
+                # Could not publish with the reason: let RabbitMQ dead-letter the original message
+                # through the queue's DLX instead (x-death only), rather than acknowledge it away.
+                log.error("Could not publish task %s[%s] to the dead-letter queue (%s); rejecting it to the DLX.",
+                          self.name, self.request.id, publish_error)
+                raise Reject(f"dead-letter publish failed: {publish_error}", requeue=False) from exc
             raise DeadLettered(headers["x-exception"], headers["x-attempts"], headers["x-original-queue"]) from exc
 
 
@@ -84,8 +92,10 @@ def simulate(task: Task, spec: TaskType, duration_s: float | None = None, fail_f
         raise InvalidTaskArguments(f"payload must be a string, got {type(payload).__name__}")
 
     attempt = task.request.retries or 0
+    started_at = time.time()  # wall clock, so that a caller on this host can tell queue time from run time
     started = time.perf_counter()
-    time.sleep(duration_s)
+    if duration_s:  # time.sleep(0) still gives up the CPU, which costs a no-op task a time slice
+        time.sleep(duration_s)
     if attempt < fail_first:
         raise SimulatedFailure(f"{spec.name} failed attempt {attempt + 1} on purpose (fail_first={fail_first})")
     if fail_probability and random.Random(f"{seed}:{attempt}").random() < fail_probability:
@@ -94,26 +104,32 @@ def simulate(task: Task, spec: TaskType, duration_s: float | None = None, fail_f
         "task": spec.name,
         "message": spec.message,
         "execution_time_s": round(time.perf_counter() - started, 6),
+        "started_at": started_at,
         "retries": attempt,
         "worker": task.request.hostname,
         "payload_bytes": len(payload),
     }
 
 
-def register(app: Celery, policy: RetryPolicy) -> dict[str, Task]:
-    """Define task_a and task_b on `app` with the retry policy from the config."""
+def register(app: Celery, policy: RetryPolicy, time_limits: dict[str, TimeLimit] | None = None) -> dict[str, Task]:
+    """Define task_a and task_b on `app` with the retry policy and time limits from the config."""
     registered = {}
     for spec in TASKS.values():
+        limits = (time_limits or {}).get(spec.name)
         registered[spec.name] = app.task(
             _runner(spec), name=spec.name, bind=True, base=DeadLetteringTask, shared=False,
             **retry.task_options(policy),
+            **({"soft_time_limit": limits.soft_s, "time_limit": limits.hard_s,
+                "timeout_retry_factor": limits.retry_factor} if limits else {}),
         )
     return registered
 
 
 def _runner(spec: TaskType):
-    def run(self: Task, duration_s: float | None = None, fail_first: int = 0, fail_probability: float = 0.0,
-            seed: int | None = None, payload: str = "") -> dict[str, Any]:
+    # `upstream`: in a pipeline (a Celery chain) the previous stage's result, which Celery passes as
+    # the first positional argument; the simulated work does not depend on it.
+    def run(self: Task, upstream: Any = None, duration_s: float | None = None, fail_first: int = 0,
+            fail_probability: float = 0.0, seed: int | None = None, payload: str = "") -> dict[str, Any]:
         return simulate(self, spec, duration_s, fail_first, fail_probability, seed, payload)
 
     run.__name__ = run.__qualname__ = spec.name

@@ -39,19 +39,27 @@ def work_queue(name: str, queue_type: str = "classic") -> Queue:
         "x-dead-letter-exchange": DLX_EXCHANGE,
         "x-dead-letter-routing-key": DEAD_LETTER_QUEUE,
     }
-    if queue_type != "classic":
-        arguments["x-queue-type"] = queue_type
+    exchange_type = "direct"
+    if queue_type == "quorum":
+        # A quorum queue dead-letters at most once unless asked; at-least-once needs reject-publish
+        # overflow. Celery delays retries on quorum queues through its native delayed delivery,
+        # which binds only topic exchanges (on a direct one a retry would hold a worker slot until due).
+        arguments.update({"x-queue-type": "quorum", "x-dead-letter-strategy": "at-least-once",
+                          "x-overflow": "reject-publish"})
+        exchange_type = "topic"
     return Queue(
         name,
-        exchange=Exchange(name, type="direct", durable=True),
+        exchange=Exchange(name, type=exchange_type, durable=True),
         routing_key=name,
         durable=True,
         queue_arguments=arguments,
     )
 
 
-def work_queues() -> list[Queue]:
-    return [work_queue(name) for name in QUEUES]
+def work_queues(queue_type: str = "classic") -> list[Queue]:
+    """Every declarer (the app's task_queues, deadletter.declare, hence each worker) passes the
+    config's queue_type: RabbitMQ refuses a declare whose arguments differ from the queue's."""
+    return [work_queue(name, queue_type) for name in QUEUES]
 
 
 def routes() -> dict[str, dict[str, str]]:

@@ -33,8 +33,9 @@ def command(service: ServiceConfig, node: str, loglevel: str = "INFO") -> list[s
         "--prefetch-multiplier", str(service.prefetch_multiplier),
         "--hostname", node,
         # Gossip and mingle cost every worker a round of broadcasts at start and nothing here uses
-        # them; remote control (ping, inspect) and task events stay on.
-        "--without-gossip", "--without-mingle", "--task-events",
+        # them; remote control (ping, inspect) stays on. Task events follow the config's
+        # tuning.task_events (worker_send_task_events in app.py), so there is no --task-events here.
+        "--without-gossip", "--without-mingle",
         "--loglevel", loglevel,
     ]
 

@@ -71,6 +71,15 @@ def rabbitmq_url() -> Iterator[str]:
         return
     yield base + vhost
     _management(base, "DELETE", f"vhosts/{vhost}")
+    _forget_records(vhost)
+
+
+def _forget_records(vhost: str) -> None:
+    """The task records this session's processes wrote to Redis, which keys them by vhost (conveyor/lifecycle)."""
+    if _listening(broker.DEFAULT_REDIS):
+        from conveyor.lifecycle.redis_store import RedisStore
+
+        RedisStore(f"redis://{broker.DEFAULT_REDIS[0]}:{broker.DEFAULT_REDIS[1]}/0", vhost, ttl_s=60).clear()
 
 
 def _management(base_url: str, method: str, path: str, body: bytes | None = None) -> None:

@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.time import get_exponential_backoff_interval
 
 from conveyor import broker, retry
@@ -34,7 +35,7 @@ def test_retry_policy_values_reach_the_celery_tasks(app):
         assert task.retry_backoff == 3
         assert task.retry_backoff_max == 10
         assert task.retry_jitter is False
-        assert task.autoretry_for == (retry.TransientTaskError,)
+        assert task.autoretry_for == (retry.TransientTaskError, SoftTimeLimitExceeded)
         # Celery wrapped run() with its autoretry behaviour, which reads the values above.
         assert hasattr(task, "_orig_run")
 

@@ -1,0 +1,316 @@
+#!/usr/bin/env python3
+"""`make bench`: conveyor against its peers and its own targets, in one run, printed as one table.
+
+    python bench/bench.py [--tasks N] [--seed-s S] [--no-peers] [--out DIR]
+
+1. No-op tasks end to end (results back to the caller, late acks, persistent messages): the peers of
+   ../shared/bench (raw AMQP floor, plain and tuned Celery, Dramatiq), then conveyor with its default
+   settings and tuned (bench/noop.yml). The peers run first and ours right after, so the ratios
+   compare figures taken minutes apart on the same machine.
+2. The seed workload (0.1 s / 0.2 s tasks, bench/seed.yml) against its ideal throughput.
+3. The same with 1, 2 and 4 replicas per service.
+4. The dispatcher's cost per task, and the p99 latency at half the no-op saturation rate.
+
+Everything of ours runs in a private RabbitMQ virtual host with its own run directory, both removed
+afterwards. Results go to bench-results/bench-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from conveyor import broker, cli  # noqa: E402
+from conveyor.app import create_app  # noqa: E402
+from conveyor.config import load_config  # noqa: E402
+from conveyor.errors import ConveyorError, StackError, UsageError  # noqa: E402
+from conveyor.loadtest.metrics import summarize  # noqa: E402
+from conveyor.loadtest.publisher import BatchPublisher  # noqa: E402
+from conveyor.loadtest.runner import Options, Runner  # noqa: E402
+from conveyor.loadtest.scenario import Plan, Scenario  # noqa: E402
+from conveyor.stack.local import LocalStack  # noqa: E402
+from conveyor.topology import TASKS  # noqa: E402
+
+PEERS = ROOT.parent / "shared" / "bench" / "peers.sh"
+PEER_NAMES = {"raw-amqp": "raw AMQP floor (pika)", "celery-prefork-c2": "Celery, plain",
+              "celery-prefork-c2-tuned": "Celery, tuned", "dramatiq-p2-t8": "Dramatiq"}
+MANAGEMENT = "http://127.0.0.1:15672/api/"
+TARGETS = {"vs_dramatiq": 1.0, "vs_raw": 0.5, "seed_efficiency": 0.9, "scale_2x": 1.8,
+           "dispatcher_ms": 0.2, "p99_half_saturation_ms": 50.0}
+
+
+def management(method: str, path: str, body: bytes | None = None) -> None:
+    request = urllib.request.Request(MANAGEMENT + path, data=body, method=method)
+    request.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
+    request.add_header("content-type", "application/json")
+    urllib.request.urlopen(request, timeout=10).close()
+
+
+@contextmanager
+def private_broker() -> Iterator[None]:
+    """A virtual host and a run directory of our own for the whole benchmark, removed afterwards."""
+    vhost = f"conveyor-bench-{uuid.uuid4().hex[:8]}"
+    run_dir = tempfile.mkdtemp(prefix="conveyor-bench-")
+    try:
+        management("PUT", f"vhosts/{vhost}")
+        management("PUT", f"permissions/{vhost}/guest", b'{"configure":".*","write":".*","read":".*"}')
+    except OSError as exc:
+        raise StackError(f"cannot create a RabbitMQ virtual host through {MANAGEMENT} ({exc}); "
+                         "the benchmark needs RabbitMQ with its management plugin on 127.0.0.1") from None
+    try:
+        with environment(BROKER_URL=f"amqp://guest:guest@127.0.0.1:5672/{vhost}", RESULT_BACKEND="rpc://",
+                         **{broker.RUN_DIR_ENV: run_dir}):
+            yield
+    finally:
+        management("DELETE", f"vhosts/{vhost}")
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@contextmanager
+def environment(**values: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# The tuned runs switch task records off (broker.RECORDS_URL_ENV): the peers keep none, and what
+# the records cost is measured apart in docs/performance.md.
+TUNED_ENV = {"RECORDS_URL": "off"}
+
+
+@contextmanager
+def stack(config_file: Path, wait_s: float = 120) -> Iterator[LocalStack]:
+    config = load_config(config_file)
+    app = create_app(config, broker.resolve())
+    local = LocalStack(app, config)
+    try:
+        local.up(wait_s=wait_s)
+        yield local
+    finally:
+        local.down()
+        app.close()
+
+
+def run_peers(n: int) -> dict[str, float]:
+    if not PEERS.is_file():
+        cli.say(f"No peer benchmarks at {PEERS}: comparing with nothing.")
+        return {}
+    cli.say(f"Peers: {PEERS} {n} (raw AMQP, Celery plain and tuned, Dramatiq)...")
+    proc = subprocess.run(["bash", str(PEERS), str(n)], capture_output=True, text=True, timeout=1800)
+    rates = {}
+    for line in proc.stdout.splitlines():
+        try:
+            row = json.loads(line)
+            rates[row["system"]] = row["tasks_per_s"]
+        except (ValueError, KeyError):
+            continue
+    if proc.returncode != 0:
+        cli.say(f"peers.sh failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+    return rates
+
+
+def one_type(task: str, runtime_s: float) -> Scenario:
+    return Scenario(name=f"bench {task}", max_queue_depth=1_000_000, batch_size=500,
+                    mix=[{"task": task, "runtime_s": runtime_s}])
+
+
+def measure(app, scenario: Scenario, counts: dict[str, int] | None, timeout_s: float, **options: Any) -> dict[str, Any]:
+    outcome = Runner(app, scenario, Plan(scenario, counts), Options(timeout_s=timeout_s, **options)).run()
+    summary = summarize(outcome.records, outcome.stats)
+    if summary["pending"] or summary["not_sent"] or summary["failed"]:
+        raise ConveyorError(f"benchmark run {scenario.name!r} did not complete: {summary['pending']} pending, "
+                            f"{summary['not_sent']} not sent, {summary['failed']} failed")
+    return summary
+
+
+def noop(config_file: Path, n: int) -> dict[str, Any]:
+    scenario = one_type("task_a", 0.0)
+    with stack(config_file) as local:
+        measure(local.app, scenario, {"task_a": min(500, n)}, 120)  # warm-up: connections, caches
+        summary = measure(local.app, scenario, {"task_a": n}, 600)
+        result = {"tasks": n, "tasks_per_s": summary["throughput_per_s"], "latency_s": summary["latency_s"],
+                  "sender_ms_per_task": summary["sender"]["per_task_ms"]}
+    return result
+
+
+def half_saturation(config_file: Path, saturation_per_s: float, seconds: float) -> dict[str, Any]:
+    scenario = one_type("task_a", 0.0)
+    rate = saturation_per_s / 2
+    with stack(config_file) as local:
+        measure(local.app, scenario, {"task_a": 200}, 120)
+        summary = measure(local.app, scenario, None, seconds + 60, duration_s=seconds, rate_per_s=rate)
+    return {"rate_per_s": rate, "sent": summary["sent"], "latency_s": summary["latency_s"]}
+
+
+def dispatcher_cost(config_file: Path, n: int) -> dict[str, Any]:
+    """Publishing alone, into a queue no worker consumes (then purged): the batch publisher of the
+    load tester, and dispatch.py's way (the app's producer, a confirm awaited per message)."""
+    config = load_config(config_file)
+    app = create_app(config, broker.resolve())
+    try:
+        from conveyor import deadletter
+
+        deadletter.declare(app)
+        with BatchPublisher(app) as pub:
+            pub.publish(lambda p: app.send_task("task_a", kwargs={"duration_s": 0}, producer=p, declare=[]))
+            pub.flush()  # warm: the reply queue declare, the first frames
+            t0, c0 = time.perf_counter(), time.process_time()
+            for start in range(0, n, 500):
+                for _ in range(min(500, n - start)):
+                    pub.publish(lambda p: app.send_task("task_a", kwargs={"duration_s": 0}, producer=p, declare=[]))
+                pub.flush()
+            batch_ms, batch_cpu_ms = (time.perf_counter() - t0) * 1000 / n, (time.process_time() - c0) * 1000 / n
+        each = max(100, n // 10)
+        with app.producer_or_acquire() as producer:
+            t0 = time.perf_counter()
+            for _ in range(each):
+                app.send_task("task_a", kwargs={"duration_s": 0}, producer=producer)
+            each_ms = (time.perf_counter() - t0) * 1000 / each
+        app.control.purge()
+    finally:
+        app.close()
+    return {"batch_confirm_ms": batch_ms, "batch_confirm_cpu_ms": batch_cpu_ms, "confirm_each_ms": each_ms, "tasks": n}
+
+
+def seed_scaling(config_file: Path, seconds: float, replicas: list[int]) -> list[dict[str, Any]]:
+    """The seed workload at each replica count, sized so that an ideal stack takes `seconds`."""
+    config = load_config(config_file)
+    a, b = TASKS["task_a"], TASKS["task_b"]
+    scenario = Scenario(name="bench seed", max_queue_depth=1_000_000,
+                        mix=[{"task": "task_a", "runtime_s": a.default_duration_s},
+                             {"task": "task_b", "runtime_s": b.default_duration_s}])
+    rows = []
+    with stack(config_file) as local:
+        for count in replicas:
+            for svc in config.services:
+                local.scale(svc.name, count, wait_s=120)
+            slots = {t.name: config.service(t.queue).concurrency * count for t in (a, b)}
+            ideal = {name: slots[name] / TASKS[name].default_duration_s for name in slots}  # tasks/s per type
+            counts = {name: round(ideal[name] * seconds) for name in ideal}
+            summary = measure(local.app, scenario, counts, seconds * 10 + 60)
+            rows.append({"replicas": count, "tasks": sum(counts.values()), "tasks_per_s": summary["throughput_per_s"],
+                         "ideal_per_s": sum(ideal.values()), "efficiency": summary["throughput_per_s"] / sum(ideal.values()),
+                         "latency_s": summary["latency_s"], "workers": summary["workers"]})
+            cli.say(f"Seed workload, {count} replica(s) per service: {rows[-1]['tasks_per_s']:.1f}/s "
+                    f"of an ideal {rows[-1]['ideal_per_s']:.0f}/s.")
+    return rows
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def verdict(value: float | None, target: float, higher_is_better: bool = True) -> str:
+    if value is None:
+        return "n/a"
+    return "met" if (value >= target if higher_is_better else value <= target) else "NOT MET"
+
+
+def table(results: dict[str, Any]) -> str:
+    rows: list[tuple[str, str, str, str]] = []
+    peers, ours = results["peers"], results["noop"]
+    for key, label in PEER_NAMES.items():
+        if key in peers:
+            rows.append((f"no-op: {label}", f"{peers[key]:.0f}/s", "", ""))
+    rows.append(("no-op: conveyor, default settings (test-config.yml)", f"{ours['default']['tasks_per_s']:.0f}/s", "", ""))
+    rows.append(("no-op: conveyor, tuned (bench/noop.yml, RECORDS_URL=off)", f"{ours['tuned']['tasks_per_s']:.0f}/s", "", ""))
+    r = results["ratios"]
+    rows.append(("  tuned vs Dramatiq", _x(r["vs_dramatiq"]), ">= 1.0x", verdict(r["vs_dramatiq"], TARGETS["vs_dramatiq"])))
+    rows.append(("  tuned vs raw AMQP floor", _x(r["vs_raw"]), ">= 0.5x", verdict(r["vs_raw"], TARGETS["vs_raw"])))
+    rows.append(("  tuned vs Celery, plain", _x(r["vs_celery"]), "", ""))
+    for row in results["seed"]:
+        rows.append((f"seed workload (bench/seed.yml), {row['replicas']} replica(s) per service",
+                     f"{row['tasks_per_s']:.1f}/s of {row['ideal_per_s']:.0f}/s", ">= 90 %" if row["replicas"] == 1 else "",
+                     f"{row['efficiency']:.0%}" + (f" {verdict(row['efficiency'], TARGETS['seed_efficiency'])}" if row["replicas"] == 1 else "")))
+    rows.append(("  scale-out 2 vs 1 replica", _x(r["scale_2x"]), ">= 1.8x", verdict(r["scale_2x"], TARGETS["scale_2x"])))
+    rows.append(("  scale-out 4 vs 1 replica", _x(r["scale_4x"]), "", ""))
+    d = results["dispatcher"]
+    rows.append(("dispatcher per task, batched confirms (load tester)", f"{d['batch_confirm_ms']:.3f} ms", "<= 0.2 ms",
+                 verdict(d["batch_confirm_ms"], TARGETS["dispatcher_ms"], higher_is_better=False)))
+    rows.append(("dispatcher per task, a confirm each (dispatch.py)", f"{d['confirm_each_ms']:.3f} ms", "", ""))
+    h = results["half_saturation"]
+    p99 = h["latency_s"]["p99"] * 1000
+    rows.append((f"p99 latency at half saturation ({h['rate_per_s']:.0f}/s)", f"{p99:.1f} ms", "<= 50 ms",
+                 verdict(p99, TARGETS["p99_half_saturation_ms"], higher_is_better=False)))
+    width = max(len(row[0]) for row in rows)
+    lines = [f"{'BENCHMARK':<{width}}  {'RESULT':>22}  {'TARGET':>9}  RATIO/VERDICT"]
+    lines += [f"{a:<{width}}  {b:>22}  {c:>9}  {d}" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=10_000, help="no-op tasks per system (default 10000)")
+    parser.add_argument("--seed-s", type=float, default=8.0, help="ideal duration of each seed-workload run (default 8)")
+    parser.add_argument("--half-saturation-s", type=float, default=5.0, help="length of the half-saturation run (default 5)")
+    parser.add_argument("--no-peers", action="store_true", help="skip ../shared/bench (no ratios against them)")
+    parser.add_argument("--out", default=str(ROOT / "bench-results"), help="directory for the JSON (default bench-results/)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args()
+    cli.setup_logging(args.verbose)
+    if args.tasks < 100 or args.seed_s <= 0 or args.half_saturation_s <= 0:
+        raise UsageError("--tasks must be at least 100, --seed-s and --half-saturation-s more than 0")
+    started = time.time()
+    results: dict[str, Any] = {"started_at": started, "tasks": args.tasks, "targets": TARGETS}
+    results["peers"] = {} if args.no_peers else run_peers(args.tasks)
+    with private_broker():
+        cli.say("conveyor, no-op tasks, default settings...")
+        results["noop"] = {"default": noop(ROOT / "test-config.yml", max(100, args.tasks // 4))}
+        with environment(**TUNED_ENV):
+            cli.say("conveyor, no-op tasks, tuned...")
+            results["noop"]["tuned"] = noop(ROOT / "bench" / "noop.yml", args.tasks)
+            cli.say("Dispatcher cost per task...")
+            results["dispatcher"] = dispatcher_cost(ROOT / "bench" / "noop.yml", 5_000)
+            cli.say("p99 latency at half the no-op saturation rate...")
+            results["half_saturation"] = half_saturation(ROOT / "bench" / "noop.yml",
+                                                         results["noop"]["tuned"]["tasks_per_s"], args.half_saturation_s)
+            cli.say("Seed workload at 1, 2 and 4 replicas per service...")
+            results["seed"] = seed_scaling(ROOT / "bench" / "seed.yml", args.seed_s, [1, 2, 4])
+    tuned, peers, seed = results["noop"]["tuned"]["tasks_per_s"], results["peers"], {r["replicas"]: r for r in results["seed"]}
+    results["ratios"] = {
+        "vs_dramatiq": ratio(tuned, peers.get("dramatiq-p2-t8")),
+        "vs_raw": ratio(tuned, peers.get("raw-amqp")),
+        "vs_celery": ratio(tuned, peers.get("celery-prefork-c2")),
+        "seed_efficiency": seed[1]["efficiency"],
+        "scale_2x": ratio(seed[2]["tasks_per_s"], seed[1]["tasks_per_s"]),
+        "scale_4x": ratio(seed[4]["tasks_per_s"], seed[1]["tasks_per_s"]),
+    }
+    results["duration_s"] = time.time() - started
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"bench-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}.json"
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(table(results))
+    print(f"\n{results['duration_s']:.0f} s in all; figures saved to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,16 @@
+"""Fault injection (`make chaos`): prove that a task the broker confirmed is never lost.
+
+    run.py     the run: its options, its plan, its timeline and the account
+    actors.py  its moving parts: the publisher, the killer, the worker behind the partition
+    node.py    a RabbitMQ node of the run's own, to restart without disturbing anyone else's
+    netns.py   a network namespace and veth pair: a second host whose link can be cut
+    report.py  what the run found
+    sweep.py   removing what runs killed outright left behind
+
+The ledger the workers write during a run is conveyor/ledger.py. Reference: docs/reliability.md.
+"""
+
+from .run import ChaosOptions, ChaosRun
+from .report import ChaosReport
+
+__all__ = ["ChaosOptions", "ChaosReport", "ChaosRun"]

@@ -1,0 +1,159 @@
+"""The chaos run's moving parts: the publisher, the killer, and the worker on the other side of the partition."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from celery import Celery
+
+from .. import broker, workers
+from ..config import Config
+from ..errors import StackError
+from ..stack.local import LocalStack
+from .netns import Namespace
+from .node import BrokerNode
+
+if TYPE_CHECKING:
+    from .run import Planned
+
+log = logging.getLogger(__name__)
+
+PARTITIONED_PID_FILE = "partitioned-worker.pid"
+
+
+class Publisher(threading.Thread):
+    """Sends the plan at a steady rate. A task counts as confirmed only when send_task returned, which
+    with publisher confirms means the broker has stored it; one that raised is sent, not confirmed."""
+
+    def __init__(self, app: Celery, planned: list[Planned], rate_per_s: float) -> None:
+        super().__init__(name="chaos-publisher", daemon=True)
+        self.app, self.planned, self.rate_per_s = app, planned, rate_per_s
+        self.sent = 0
+        self.confirmed: dict[str, Planned] = {}
+        self.unconfirmed: dict[str, str] = {}  # task id -> why
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        next_at = time.monotonic()
+        with self.app.producer_or_acquire() as producer:
+            for index, item in enumerate(self.planned):
+                if self.rate_per_s:  # a steady pace that does not catch up in a burst after a stall
+                    self.stop.wait(max(0.0, next_at - time.monotonic()))
+                    next_at = max(next_at, time.monotonic()) + 1 / self.rate_per_s
+                if self.stop.is_set():
+                    return
+                task_id = str(uuid.uuid4())
+                self.sent += 1
+                try:
+                    self.app.send_task(item.task, kwargs=item.kwargs, task_id=task_id, producer=producer,
+                                       ignore_result=True)  # the ledger is the record here, not the backend
+                except broker.PUBLISH_ERRORS as exc:
+                    self.unconfirmed[task_id] = f"{type(exc).__name__}: {exc}"
+                    log.warning("Task %d of %d was not confirmed by the broker: %s.", index + 1, len(self.planned), exc)
+                    continue
+                self.confirmed[task_id] = item
+        log.info("The publisher sent %d task(s); the broker confirmed %d.", self.sent, len(self.confirmed))
+
+
+class Killer(threading.Thread):
+    """Every `every_s`, SIGKILL one running replica (its whole process group, as the OOM killer or a
+    lost machine would) and start it again at once, as a supervisor's restart policy does."""
+
+    def __init__(self, stack: LocalStack, replicas: int, every_s: float, seed: int) -> None:
+        super().__init__(name="chaos-killer", daemon=True)
+        self.stack, self.replicas, self.every_s = stack, replicas, every_s
+        self.rng = random.Random(seed)
+        self.kills = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        next_at = time.monotonic() + self.every_s
+        while not self.stop.wait(max(0.0, next_at - time.monotonic())):
+            next_at += self.every_s  # on a fixed schedule, however long a restart took
+            running = [r for r in self.stack.replicas() if r.running]
+            if not running:
+                continue
+            victim = self.rng.choice(running)
+            try:
+                os.killpg(int(victim.ident), signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            self.kills += 1
+            log.info("Killed worker %s (pid %s).", victim.node, victim.ident)
+            self._wait_gone(victim.ident)
+            try:
+                self.stack.scale(victim.service, self.replicas, wait_s=self.every_s / 2)
+            except Exception as exc:  # noqa: BLE001 -- the restart is done; only its readiness ping failed
+                log.info("Restarted a replica of %s, not answering yet (%s: %s).", victim.service, type(exc).__name__, exc)
+
+    def _wait_gone(self, ident: str, timeout_s: float = 10.0) -> None:
+        """SIGKILL takes effect asynchronously; a replica still alive would not be restarted."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not any(r.ident == ident and r.running for r in self.stack.replicas()):
+                return
+            time.sleep(0.05)
+
+
+class PartitionedWorker:
+    """One more replica of the first service, inside the namespace, reaching the broker over the veth."""
+
+    def __init__(self, app: Celery, config: Config, namespace: Namespace, node: BrokerNode, home: Path) -> None:
+        self.app, self.service = app, config.services[0]
+        self.node = f"{self.service.name}-partitioned@{socket.gethostname()}"
+        env = {**os.environ, "BROKER_URL": node.url(namespace.host_ip), "CONVEYOR_CONFIG": str(config.source),
+               "PYTHONUNBUFFERED": "1"}
+        argv = namespace.command([sys.executable, "-m", "conveyor.worker", "--service", self.service.name,
+                                  "--node", self.node])
+        with open(home / "partitioned-worker.log", "ab") as out:
+            self.process = subprocess.Popen(argv, cwd=broker.PROJECT_ROOT, env=env, stdout=out,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.pid_file = home / PARTITIONED_PID_FILE
+        self.pid_file.write_text(f"{self.process.pid} {self.node}\n")
+        want = {self.service.name: self.service.replicas + 1}
+        if workers.wait_responding(app, want, 60)[self.service.name] < want[self.service.name]:
+            self.stop()
+            raise StackError(f"the worker in namespace {namespace.name} did not answer within 60 s; "
+                             f"see {home / 'partitioned-worker.log'}")
+        log.info("Started worker %s in namespace %s.", self.node, namespace.name)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()  # warm shutdown, then no mercy
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.pid_file.unlink(missing_ok=True)
+
+    @staticmethod
+    def kill_leftover(home: Path) -> bool:
+        """SIGKILL the partitioned worker a killed run left (its broker is gone: nothing to finish)."""
+        try:
+            pid, node = (home / PARTITIONED_PID_FILE).read_text().split()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return False
+        (home / PARTITIONED_PID_FILE).unlink(missing_ok=True)
+        if node.encode() not in cmdline:  # the pid was reused by another process
+            return False
+        os.killpg(int(pid), signal.SIGKILL)
+        return True
+
+    def __enter__(self) -> PartitionedWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

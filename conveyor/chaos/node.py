@@ -1,0 +1,239 @@
+"""A RabbitMQ node of our own, so that restarting the broker disturbs nobody else's.
+
+The node gets its own name, ports, data and log directories and configuration (a temporary directory),
+a user with a random password, and no plugins. It listens on 127.0.0.1 and on any extra address it is
+given (the host end of a partition's veth pair). `stop` stops exactly this node, by name; the data
+directory outlives a restart, so durable queues and persistent messages do too.
+
+When run as root, the Debian/Ubuntu `rabbitmq-server` script switches to the `rabbitmq` user, which
+therefore owns the directory (and the node shares that user's Erlang cookie with `rabbitmqctl`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import BrokerError
+
+log = logging.getLogger(__name__)
+
+USER = "conveyor-chaos"
+DIR_PREFIX = "conveyor-chaos-node-"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class BrokerNode:
+    def __init__(self, listen: tuple[str, ...] = ("127.0.0.1",), start_timeout_s: float = 90.0,
+                 keep_logs: Path | None = None) -> None:
+        """`keep_logs`: where to copy the node's logs when it is removed (they tell when it noticed what)."""
+        for tool in ("rabbitmq-server", "rabbitmqctl"):
+            if not shutil.which(tool):
+                raise BrokerError(f"{tool} is not installed; the chaos run starts a RabbitMQ node of its own "
+                                  "(so that it can restart it), which needs RabbitMQ on this machine")
+        self.listen, self.keep_logs = listen, keep_logs
+        self.start_timeout_s = start_timeout_s
+        self.home = Path(tempfile.mkdtemp(prefix=DIR_PREFIX))
+        (self.home / "owner").write_text(f"{os.getpid()}\n")  # for leftovers(): is the run that made it alive?
+        self.name = f"conveyor-chaos-{os.getpid()}-{secrets.token_hex(3)}@localhost"
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.password = secrets.token_urlsafe(18)
+        self._process: subprocess.Popen | None = None
+        listeners = "\n".join(f"listeners.tcp.{i} = {host}:{self.port}" for i, host in enumerate(listen, 1))
+        (self.home / "rabbitmq.conf").write_text(
+            f"{listeners}\n"
+            f"default_user = {USER}\ndefault_pass = {self.password}\n"
+            "loopback_users = none\n"  # the only user is ours; the namespaced worker is not on loopback
+            "log.console = false\n"
+        )
+        (self.home / "rabbitmq.conf").chmod(0o600)
+        (self.home / "enabled_plugins").write_text("[].\n")
+        (self.home / "rabbitmq-env.conf").write_text("")  # not the system's, which names the system node
+        (self.home / "nodename").write_text(self.name + "\n")
+        self._server_user = _server_user()
+        if self._server_user:
+            for path in (self.home, *self.home.iterdir()):
+                os.chown(path, self._server_user.pw_uid, self._server_user.pw_gid)
+
+    def url(self, host: str = "127.0.0.1") -> str:
+        return f"amqp://{USER}:{self.password}@{host}:{self.port}/"
+
+    @property
+    def _pid_file(self) -> Path:
+        return self.home / "node.pid"
+
+    def _env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_CONFIG_FILE": str(self.home / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.home / "enabled_plugins"),
+            "RABBITMQ_CONF_ENV_FILE": str(self.home / "rabbitmq-env.conf"),
+            "RABBITMQ_MNESIA_BASE": str(self.home / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.home / "log"),
+            "RABBITMQ_PID_FILE": str(self._pid_file),
+            # Erlang distribution and its port mapper on loopback only.
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        }
+
+    def _ctl(self, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess | None:
+        return _run(["rabbitmqctl", "-n", self.name, *args], self._env(), timeout_s)
+
+    def start(self) -> None:
+        started = time.monotonic()
+        with open(self.home / "server.out", "ab") as out:
+            self._process = subprocess.Popen(["rabbitmq-server"], env=self._env(), stdout=out, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
+        done = self._ctl("wait", str(self._pid_file), "--timeout", str(int(self.start_timeout_s)),
+                         timeout_s=self.start_timeout_s + 10)
+        if done is None or done.returncode != 0:
+            self.stop()
+            raise BrokerError(f"the chaos run's RabbitMQ node {self.name} did not start: {self._tail()}")
+        log.info("RabbitMQ node %s is up on port %d after %.1f s.", self.name, self.port, time.monotonic() - started)
+
+    def stop(self) -> None:
+        """Ask this node, by name, to halt; wait for its process to exit, and kill it if it will not.
+        (Not `rabbitmqctl stop PIDFILE`: for a node that is not running, that waits forever.)"""
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._ctl("stop")  # returns once the node has halted, or at once if it is not running
+            try:
+                self._process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                log.warning("RabbitMQ node %s did not stop; killing it.", self.name)
+                _kill_tree(self._process.pid)
+                self._process.wait()
+        self._process = None
+        log.info("RabbitMQ node %s is stopped.", self.name)
+
+    def restart(self) -> float:
+        """Stop and start again; returns how long the broker was away, in seconds."""
+        started = time.monotonic()
+        self.stop()
+        self.start()
+        return time.monotonic() - started
+
+    def remove(self) -> None:
+        self.stop()
+        if self.keep_logs and (self.home / "log").is_dir():
+            shutil.copytree(self.home / "log", self.keep_logs, dirs_exist_ok=True)
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    def __enter__(self) -> BrokerNode:
+        try:
+            self.start()
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def _tail(self, lines: int = 8) -> str:
+        logs = sorted((self.home / "log").glob("*.log")) + [self.home / "server.out"]
+        text = ""
+        for path in logs:
+            try:
+                text += path.read_text(errors="replace")
+            except OSError:
+                continue
+        kept = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+        return " | ".join(kept).replace(self.password, "****") or "(no log output)"
+
+
+def leftovers() -> list[Path]:
+    """Node directories of runs that died without removing them (their process is gone)."""
+    found = []
+    for home in Path(tempfile.gettempdir()).glob(DIR_PREFIX + "*"):
+        try:
+            owner = int((home / "owner").read_text())
+        except (OSError, ValueError):
+            continue
+        if not alive(owner):
+            found.append(home)
+    return found
+
+
+def remove_leftover(home: Path) -> None:
+    """Stop the node (by its name, as the run would have; killed if it will not) and delete its directory."""
+    try:
+        name = (home / "nodename").read_text().strip()
+        _run(["rabbitmqctl", "-n", name, "stop"], {**os.environ, "RABBITMQ_CONF_ENV_FILE": str(home / "rabbitmq-env.conf")}, 60)
+        pid = int((home / "node.pid").read_text())
+        if f"RABBITMQ_NODENAME={name}".encode() in Path(f"/proc/{pid}/environ").read_bytes():
+            os.kill(pid, signal.SIGKILL)
+    except (OSError, ValueError):  # no name, no pid file or no such process: nothing left to stop
+        pass
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def _run(argv: list[str], env: dict[str, str], timeout_s: float) -> subprocess.CompletedProcess | None:
+    """Run a RabbitMQ command line tool; None if it timed out, after killing everything it started."""
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc.pid)
+        proc.communicate()
+        return None
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and everything below it. Not killpg: run as root, the RabbitMQ scripts switch user
+    with `su`, which puts the Erlang VM in a session (and process group) of its own."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, todo = [pid], [pid]
+    while todo:  # the whole tree first: a killed parent's children are re-parented at once
+        for child in children.get(todo.pop(), []):
+            tree.append(child)
+            todo.append(child)
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def alive(pid: int | str) -> bool:
+    """The process exists and has not exited (a zombie keeps its /proc entry until it is reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _server_user() -> pwd.struct_passwd | None:
+    """The user the node will run as, when it is not us: root's rabbitmq-server runs as `rabbitmq`."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam("rabbitmq")
+    except KeyError:
+        return None

@@ -1,0 +1,43 @@
+"""Removing what chaos runs that were killed outright (SIGKILL) left behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import broker
+from ..app import create_app
+from ..config import load_config
+from ..stack.local import LocalStack
+from .actors import PartitionedWorker
+from .netns import leftovers as netns_leftovers
+from .netns import remove_leftover as remove_netns
+from .node import alive
+from .node import leftovers as node_leftovers
+from .node import remove_leftover as remove_node
+from .run import environ
+
+
+def sweep(runs: Path) -> list[str]:
+    """Remove what runs that were killed outright (SIGKILL) left behind: their broker nodes, network
+    namespaces and worker replicas. Anything whose run is still alive is left alone."""
+    removed = []
+    for owner in runs.glob("*/owner"):
+        home = owner.parent
+        if alive(owner.read_text().strip()):
+            continue
+        if PartitionedWorker.kill_leftover(home):
+            removed.append(f"the partitioned worker of {home}")
+        if list((home / "local").glob("*.pid")):
+            with environ({broker.RUN_DIR_ENV: str(home)}):  # the local stack keeps its pid files there
+                config = load_config(home / "config.yml")
+                app = create_app(config, broker.resolve({"BROKER_URL": broker.EMBEDDED_URL, broker.RUN_DIR_ENV: str(home)}))
+                LocalStack(app, config).down()
+                app.close()
+            removed.append(f"the workers of {home}")
+    for home in node_leftovers():
+        remove_node(home)
+        removed.append(f"broker node directory {home}")
+    for name in netns_leftovers():
+        remove_netns(name)
+        removed.append(f"network namespace {name}")
+    return removed

@@ -1,0 +1,184 @@
+"""A task's record: what became of it, attempt by attempt, and the store that keeps it.
+
+Status goes queued -> running -> (retrying -> running)* -> succeeded | failed | dead_lettered, or
+revoked from any active state; `dlq requeue` makes a dead-lettered task queued again. Each change is
+one write (`Store.transition`) that sets the record's fields and appends an event to its history.
+Two stores implement the same interface: Redis (shared by workers on every host and in containers)
+and a SQLite file (processes on one machine). broker.records_url() chooses; docs/tasks.md explains.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from celery import Celery
+from kombu.utils.url import maybe_sanitize_url, url_to_parts
+
+from ..errors import ConfigError, RecordStoreError
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, RETRYING = "queued", "running", "retrying"
+SUCCEEDED, FAILED, DEAD_LETTERED, REVOKED = "succeeded", "failed", "dead_lettered", "revoked"
+ACTIVE = (QUEUED, RUNNING, RETRYING)
+STATUSES = (*ACTIVE, SUCCEEDED, FAILED, DEAD_LETTERED, REVOKED)
+
+
+@dataclass
+class Event:
+    at: float
+    status: str
+    attempt: int | None = None
+    worker: str | None = None
+    detail: str = ""
+
+
+@dataclass
+class Record:
+    id: str
+    name: str | None = None
+    queue: str | None = None
+    status: str | None = None
+    attempts: int = 0  # runs started, across retries and requeues
+    worker: str | None = None
+    error: str | None = None
+    unique_key: str | None = None
+    soft_time_limit_s: float | None = None  # the limits of the latest (or, while retrying, the next) attempt
+    time_limit_s: float | None = None
+    sent_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    updated_at: float | None = None
+    revoked_at: float | None = None
+    history: list[Event] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+FIELDS = tuple(f.name for f in fields(Record) if f.name not in ("id", "history"))
+FLOAT_FIELDS = ("soft_time_limit_s", "time_limit_s", "sent_at", "started_at", "finished_at", "updated_at", "revoked_at")
+
+
+def from_strings(task_id: str, values: dict[str, Any]) -> Record:
+    """A Record from stored values (Redis keeps strings, SQLite typed columns)."""
+    record = Record(task_id)
+    for name in FIELDS:
+        value = values.get(name)
+        if value is None or value == "":
+            continue
+        if name == "attempts":
+            value = int(value)
+        elif name in FLOAT_FIELDS:
+            value = float(value)
+        setattr(record, name, value)
+    return record
+
+
+class Store(abc.ABC):
+    """Where records live. Every method is one round trip (one transaction)."""
+
+    def __init__(self, ttl_s: int) -> None:
+        self.ttl_s = ttl_s
+
+    @abc.abstractmethod
+    def transition(self, task_id: str, status: str, *, attempt: int | None = None, detail: str = "",
+                   count_attempt: bool = False, **values: Any) -> None:
+        """Set the status and the given fields (None clears one), count a started attempt if asked,
+        and append an event to the history; creates the record if there is none."""
+
+    @abc.abstractmethod
+    def note(self, task_id: str, detail: str) -> None:
+        """Append an event to an existing record's history without changing its status."""
+
+    @abc.abstractmethod
+    def get(self, task_id: str) -> Record | None:
+        """The record with its history, or None."""
+
+    @abc.abstractmethod
+    def query(self, statuses: tuple[str, ...] = (), name: str | None = None, since: float | None = None,
+              limit: int = 50) -> list[Record]:
+        """Records first sent at or after `since`, newest first, without their history."""
+
+    @abc.abstractmethod
+    def claim(self, unique_key: str, task_id: str, name: str) -> str:
+        """Atomically: if the task holding `unique_key` is still active, return its id; otherwise
+        make `task_id` the holder, create its record as queued, and return `task_id`."""
+
+    @abc.abstractmethod
+    def is_revoked(self, task_id: str) -> bool:
+        """Whether `tasks revoke` was asked for this task (one cheap read, made before each run)."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+_stores: dict[tuple[str, str, int], Store] = {}
+_lock = threading.Lock()
+
+
+def open_store(url: str, namespace: str = "default", ttl_s: int = 7 * 24 * 3600) -> Store | None:
+    """The store a URL names, one per process; None when records are turned off (RECORDS_URL=off)."""
+    if url in ("", "off", "none"):
+        return None
+    key = (url, namespace, ttl_s)
+    with _lock:
+        store = _stores.get(key)
+        if store is None:
+            if url.startswith(("redis://", "rediss://", "unix://")):
+                from .redis_store import RedisStore
+
+                store = RedisStore(url, namespace, ttl_s)
+            elif url.startswith("sqlite:///"):
+                from .sqlite_store import SqliteStore
+
+                # As in SQLAlchemy: sqlite:///relative/file, sqlite:////absolute/file.
+                store = SqliteStore(url.removeprefix("sqlite:///"), ttl_s)
+            else:
+                raise ConfigError(f"RECORDS_URL {maybe_sanitize_url(url)!r} is none of redis://..., sqlite:///FILE, off")
+            _stores[key] = store
+    return store
+
+
+def store_for(app: Celery) -> Store | None:
+    """The record store of an app built by conveyor.app.create_app (None for any other app)."""
+    settings = getattr(app, "conveyor_broker", None)
+    config = getattr(app, "conveyor_config", None)
+    if settings is None or config is None:
+        return None
+    return open_store(settings.records_url, namespace(settings.broker_url), config.records_ttl_s)
+
+
+def require_store(app: Celery) -> Store:
+    store = store_for(app)
+    if store is None:
+        raise ConfigError("task records are turned off (RECORDS_URL=off); unset RECORDS_URL or point it at "
+                          "redis://... or sqlite:///FILE")
+    return store
+
+
+def namespace(broker_url: str) -> str:
+    """Records belong to one broker virtual host: stacks (and test sessions) on different vhosts
+    that share one Redis never see each other's tasks."""
+    if broker_url.startswith("filesystem:"):
+        return "embedded"
+    vhost = url_to_parts(broker_url).path
+    return vhost if vhost not in (None, "", "/") else "default"
+
+
+def unavailable(url: str, exc: BaseException) -> RecordStoreError:
+    return RecordStoreError(f"the task-record store at {maybe_sanitize_url(url)} did not answer ({type(exc).__name__}: {exc}); "
+                            "start it, or set RECORDS_URL to another store (sqlite:///FILE, or off)")
+
+
+def now() -> float:
+    return time.time()

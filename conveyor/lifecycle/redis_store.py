@@ -1,0 +1,147 @@
+"""Records in Redis, shared by every worker that reaches it (other hosts, containers).
+
+Keys, under `conveyor:<vhost>:`: `task:<id>` a hash of the record's fields, `task:<id>:history` a
+list of JSON events, `tasks` a sorted set of ids by first write (for listing by time), and
+`unique:<key>` the id of the task holding a unique key. A transition is one MULTI/EXEC pipeline;
+claiming a unique key is one Lua script, so that check-and-set is atomic across dispatchers.
+Every key expires `ttl_s` after its last write.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from typing import Any
+
+import redis
+
+from .records import ACTIVE, QUEUED, Event, Record, Store, from_strings, now, unavailable
+
+log = logging.getLogger(__name__)
+
+# KEYS[1] the unique key; ARGV: new task id, ttl, record key prefix, unique key, task name, now.
+# Whoever holds the key keeps it while its record is active; a finished, failed or expired holder
+# (or none) gives the key to the new task, whose record is created in the same step so that a
+# concurrent claim sees it active.
+CLAIM = """
+local holder = redis.call('GET', KEYS[1])
+if holder then
+  local status = redis.call('HGET', ARGV[3] .. holder, 'status')
+  if status == '%s' or status == '%s' or status == '%s' then return holder end
+end
+local record = ARGV[3] .. ARGV[1]
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('HSET', record, 'status', '%s', 'unique_key', ARGV[4], 'name', ARGV[5], 'updated_at', ARGV[6])
+redis.call('EXPIRE', record, ARGV[2])
+return ARGV[1]
+""" % (*ACTIVE, QUEUED)
+
+
+class RedisStore(Store):
+    def __init__(self, url: str, namespace: str, ttl_s: int) -> None:
+        super().__init__(ttl_s)
+        self.url = url
+        self.prefix = f"conveyor:{namespace}:"
+        # Short timeouts: a worker asks before every run, and a store that hangs must not hang it.
+        self.redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True,
+                                          health_check_interval=30)
+        self._claim = self.redis.register_script(CLAIM)
+
+    def _key(self, task_id: str) -> str:
+        return f"{self.prefix}task:{task_id}"
+
+    def _run(self, what, *args):
+        try:
+            return what(*args)
+        except redis.RedisError as exc:
+            raise unavailable(self.url, exc) from None
+
+    def transition(self, task_id: str, status: str, *, attempt: int | None = None, detail: str = "",
+                   count_attempt: bool = False, **values: Any) -> None:
+        at = now()
+        key = self._key(task_id)
+        values = {"status": status, "updated_at": at, **values}
+        event = Event(at, status, attempt, values.get("worker"), detail)
+
+        def write() -> None:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(key, mapping={k: v for k, v in values.items() if v is not None})
+            cleared = [k for k, v in values.items() if v is None]
+            if cleared:
+                pipe.hdel(key, *cleared)
+            if count_attempt:
+                pipe.hincrby(key, "attempts", 1)
+            pipe.rpush(f"{key}:history", json.dumps(asdict(event)))
+            pipe.expire(key, self.ttl_s)
+            pipe.expire(f"{key}:history", self.ttl_s)
+            pipe.zadd(f"{self.prefix}tasks", {task_id: at}, nx=True)
+            if status == QUEUED:  # forget index entries whose records have expired
+                pipe.zremrangebyscore(f"{self.prefix}tasks", "-inf", at - self.ttl_s)
+            pipe.execute()
+
+        self._run(write)
+
+    def note(self, task_id: str, detail: str) -> None:
+        key = self._key(task_id)
+
+        def write() -> None:
+            status = self.redis.hget(key, "status")
+            if status is not None:
+                self.redis.rpush(f"{key}:history", json.dumps(asdict(Event(now(), status, detail=detail))))
+
+        self._run(write)
+
+    def get(self, task_id: str) -> Record | None:
+        key = self._key(task_id)
+
+        def read():
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hgetall(key)
+            pipe.lrange(f"{key}:history", 0, -1)
+            return pipe.execute()
+
+        values, history = self._run(read)
+        if not values:
+            return None
+        record = from_strings(task_id, values)
+        record.history = [Event(**json.loads(item)) for item in history]
+        return record
+
+    def query(self, statuses: tuple[str, ...] = (), name: str | None = None, since: float | None = None,
+              limit: int = 50) -> list[Record]:
+        index = f"{self.prefix}tasks"
+        found: list[Record] = []
+        start, page = 0, 500
+        # Newest first, a page at a time, filtering here: statuses change too often to keep an index per status.
+        while len(found) < limit:
+            ids = self._run(self.redis.zrevrangebyscore, index, "+inf", since if since is not None else "-inf",
+                            start, page)
+            if not ids:
+                break
+            pipe = self.redis.pipeline(transaction=False)
+            for task_id in ids:
+                pipe.hgetall(self._key(task_id))
+            for task_id, values in zip(ids, self._run(pipe.execute)):
+                record = from_strings(task_id, values) if values else None
+                if record and (not statuses or record.status in statuses) and (not name or record.name == name):
+                    found.append(record)
+            start += page
+        return found[:limit]
+
+    def claim(self, unique_key: str, task_id: str, name: str) -> str:
+        return self._run(self._claim, [f"{self.prefix}unique:{unique_key}"],
+                         [task_id, self.ttl_s, f"{self.prefix}task:", unique_key, name, now()])
+
+    def is_revoked(self, task_id: str) -> bool:
+        return bool(self._run(self.redis.hexists, self._key(task_id), "revoked_at"))
+
+    def clear(self) -> int:
+        """Delete every key of this namespace (a stack's or a test session's records); returns how many."""
+        keys = self._run(lambda: list(self.redis.scan_iter(f"{self.prefix}*", count=1000)))
+        for start in range(0, len(keys), 1000):
+            self._run(self.redis.delete, *keys[start:start + 1000])
+        return len(keys)
+
+    def close(self) -> None:
+        self.redis.close()

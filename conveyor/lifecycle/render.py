@@ -1,0 +1,52 @@
+"""Records and dead letters as text for a terminal (the CLI's --json gives the raw form)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from ..deadletter import DeadLetter
+from .records import Record
+from .signals import describe_limits
+
+
+def when(ts: float | None, precise: bool = False) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S" + (".%f" if precise else ""))[: 23 if precise else 19]
+
+
+def table(rows: list[Record]) -> str:
+    if not rows:
+        return "No task records match."
+    lines = [f"{'ID':<36}  {'NAME':<8} {'STATUS':<13} {'ATT':>3}  {'SENT':<19}  {'UPDATED':<19}  {'WORKER':<24} ERROR"]
+    for r in rows:
+        lines.append(f"{r.id:<36}  {r.name or '-':<8} {r.status or '-':<13} {r.attempts:>3}  {when(r.sent_at):<19}  "
+                     f"{when(r.updated_at):<19}  {r.worker or '-':<24} {(r.error or '')[:80]}")
+    return "\n".join(lines)
+
+
+def detail(r: Record) -> str:
+    fields = [
+        ("id", r.id), ("name", f"{r.name or '-'} (queue {r.queue or '-'})"), ("status", r.status),
+        ("attempts", r.attempts), ("worker", r.worker or "-"), ("unique key", r.unique_key or "-"),
+        ("time limits", describe_limits(r.soft_time_limit_s, r.time_limit_s)),
+        ("sent", when(r.sent_at)), ("started", when(r.started_at)), ("finished", when(r.finished_at)),
+        ("revoked", when(r.revoked_at)), ("error", r.error or "-"),
+    ]
+    lines = [f"{label + ':':<13}{value}" for label, value in fields]
+    lines += ["", "history:"]
+    for e in r.history:
+        attempt = f"#{e.attempt}" if e.attempt else ""
+        lines.append(f"  {when(e.at, precise=True)}  {e.status:<13} {attempt:<4} {e.detail}")
+    return "\n".join(lines)
+
+
+def letters(found: list[DeadLetter]) -> str:
+    if not found:
+        return "The dead-letter queue is empty."
+    lines = [f"{'ID':<36}  {'TASK':<8} {'ATT':>3}  {'FROM':<8} {'DEAD-LETTERED AT':<32} REASON"]
+    for d in found:
+        at = d.headers.get("x-dead-lettered-at") or "-"
+        lines.append(f"{d.task_id or '-':<36}  {d.task or '-':<8} {d.attempts if d.attempts is not None else '-':>3}  "
+                     f"{d.original_queue or '-':<8} {at:<32} {d.reason[:100]}")
+    return "\n".join(lines)

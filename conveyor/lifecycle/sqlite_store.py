@@ -1,0 +1,167 @@
+"""Records in a SQLite file: for the embedded broker, or when no Redis answers.
+
+Every process on this machine (the dispatcher, each worker and its pool processes) opens the same
+file; WAL mode lets them read while one writes, and each write is one short transaction. Workers on
+other hosts or in containers cannot share it: give them Redis (RECORDS_URL).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+from .records import ACTIVE, FIELDS, QUEUED, Event, Record, Store, from_strings, now, unavailable
+
+log = logging.getLogger(__name__)
+
+EXPIRE_EVERY_S = 60.0
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS records (
+    id TEXT PRIMARY KEY, created_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    {", ".join(f"{name} {'REAL' if name.endswith(('_at', '_s')) else 'TEXT'}" for name in FIELDS if name != "attempts")}
+);
+CREATE INDEX IF NOT EXISTS records_by_time ON records (created_at);
+CREATE INDEX IF NOT EXISTS records_by_change ON records (updated_at);
+CREATE TABLE IF NOT EXISTS events (
+    task_id TEXT NOT NULL, at REAL NOT NULL, status TEXT, attempt INTEGER, worker TEXT, detail TEXT
+);
+CREATE INDEX IF NOT EXISTS events_by_task ON events (task_id, at);
+CREATE INDEX IF NOT EXISTS events_by_time ON events (at);
+CREATE TABLE IF NOT EXISTS uniques (key TEXT PRIMARY KEY, task_id TEXT NOT NULL);
+"""
+
+
+class SqliteStore(Store):
+    def __init__(self, path: str, ttl_s: int) -> None:
+        super().__init__(ttl_s)
+        self.path = Path(path)
+        self.url = f"sqlite:///{path}"
+        self._local = threading.local()
+        self._expired_at = 0.0
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """One connection per thread and per process: a connection must not cross a fork."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None or self._local.pid != os.getpid():
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.executescript(SCHEMA)
+            except (OSError, sqlite3.Error) as exc:
+                raise unavailable(self.url, exc) from None
+            self._local.conn, self._local.pid = conn, os.getpid()
+        return conn
+
+    def _write(self, statements: list[tuple[str, tuple]]) -> list[sqlite3.Cursor]:
+        db = self.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                cursors = [db.execute(sql, params) for sql, params in statements]
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise unavailable(self.url, exc) from None
+        return cursors
+
+    def transition(self, task_id: str, status: str, *, attempt: int | None = None, detail: str = "",
+                   count_attempt: bool = False, **values: Any) -> None:
+        at = now()
+        values = {"status": status, "updated_at": at, **values}
+        columns = ", ".join(values)
+        updates = ", ".join(f"{name} = excluded.{name}" for name in values)
+        increment = int(count_attempt)
+        statements = [
+            (f"INSERT INTO records (id, created_at, attempts, {columns}) VALUES (?, ?, ?{', ?' * len(values)}) "
+             f"ON CONFLICT (id) DO UPDATE SET {updates}, attempts = attempts + ?",
+             (task_id, at, increment, *values.values(), increment)),
+            ("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)", (task_id, at, status, attempt, values.get("worker"), detail)),
+        ]
+        if at - self._expired_at > EXPIRE_EVERY_S:  # forget expired records now and then, not on every write
+            self._expired_at = at
+            statements += [("DELETE FROM records WHERE updated_at < ?", (at - self.ttl_s,)),
+                           ("DELETE FROM events WHERE at < ?", (at - self.ttl_s,))]
+        self._write(statements)
+
+    def note(self, task_id: str, detail: str) -> None:
+        self._write([("INSERT INTO events SELECT id, ?, status, NULL, NULL, ? FROM records WHERE id = ?",
+                      (now(), detail, task_id))])
+
+    def get(self, task_id: str) -> Record | None:
+        db = self.db
+        db.row_factory = sqlite3.Row
+        try:
+            row = db.execute("SELECT * FROM records WHERE id = ?", (task_id,)).fetchone()
+            events = db.execute("SELECT at, status, attempt, worker, detail FROM events WHERE task_id = ? "
+                                "ORDER BY at, rowid", (task_id,)).fetchall()
+        except sqlite3.Error as exc:
+            raise unavailable(self.url, exc) from None
+        if row is None:
+            return None
+        record = from_strings(task_id, dict(row))
+        record.history = [Event(**dict(e)) for e in events]
+        return record
+
+    def query(self, statuses: tuple[str, ...] = (), name: str | None = None, since: float | None = None,
+              limit: int = 50) -> list[Record]:
+        where, params = ["created_at >= ?"], [since if since is not None else 0]
+        if statuses:
+            where.append(f"status IN ({', '.join('?' * len(statuses))})")
+            params += statuses
+        if name:
+            where.append("name = ?")
+            params.append(name)
+        db = self.db
+        db.row_factory = sqlite3.Row
+        try:
+            rows = db.execute(f"SELECT * FROM records WHERE {' AND '.join(where)} ORDER BY created_at DESC LIMIT ?",
+                              (*params, limit)).fetchall()
+        except sqlite3.Error as exc:
+            raise unavailable(self.url, exc) from None
+        return [from_strings(row["id"], dict(row)) for row in rows]
+
+    def claim(self, unique_key: str, task_id: str, name: str) -> str:
+        db = self.db
+        try:
+            db.execute("BEGIN IMMEDIATE")  # the write lock, taken before the read: no other claim in between
+            try:
+                row = db.execute("SELECT u.task_id, r.status FROM uniques u LEFT JOIN records r ON r.id = u.task_id "
+                                 "WHERE u.key = ?", (unique_key,)).fetchone()
+                if row is not None and row[1] in ACTIVE:
+                    db.execute("COMMIT")
+                    return row[0]
+                at = now()
+                db.execute("INSERT INTO uniques VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET task_id = excluded.task_id",
+                           (unique_key, task_id))
+                db.execute("INSERT INTO records (id, created_at, status, unique_key, name, updated_at) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", (task_id, at, QUEUED, unique_key, name, at))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise unavailable(self.url, exc) from None
+        return task_id
+
+    def is_revoked(self, task_id: str) -> bool:
+        try:
+            row = self.db.execute("SELECT revoked_at FROM records WHERE id = ?", (task_id,)).fetchone()
+        except sqlite3.Error as exc:
+            raise unavailable(self.url, exc) from None
+        return bool(row and row[0] is not None)
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None

@@ -1,0 +1,128 @@
+"""Publishing many tasks fast: one connection, one channel, publisher confirms awaited per batch.
+
+The app's own producer (confirm_publish=True) waits for the broker's confirm after every message,
+a full round trip each, which caps a sender near a thousand messages a second (docs/performance.md
+has the numbers). Here the channel is put in confirm mode by hand and the confirms of a whole batch
+are awaited together. Nothing counts as sent before the broker has confirmed it, so the guarantee
+is the same as per-message confirms; a message the broker refuses (nacks) counts as not sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery
+
+from ..errors import BrokerError
+
+log = logging.getLogger(__name__)
+
+
+class BatchPublisher:
+    """Send tasks through Celery (`send_task`, a signature's `apply_async`) on one confirmed channel.
+
+    `publish(send)` calls `send(producer)`, which publishes one task and returns what identifies
+    it; `flush()` waits for the broker's confirms and returns (confirmed, refused) identities.
+    """
+
+    def __init__(self, app: Celery, confirm_timeout_s: float = 30.0) -> None:
+        self.app = app
+        self.confirm_timeout_s = confirm_timeout_s
+        self.confirms = not app.conveyor_broker.embedded  # the filesystem transport has none
+        self._tag = 0  # the delivery tag of the last publish on this channel
+        self._low = 1  # every tag below this one is settled
+        self._unsettled: set[int] = set()
+        self._refused: set[int] = set()
+        self._owner: dict[int, Any] = {}
+        self._batch: list[Any] = []
+
+    def __enter__(self) -> BatchPublisher:
+        # Our own connection, without the transport's confirm-per-message: we confirm per batch.
+        self.connection = self.app.connection_for_write(transport_options={"confirm_publish": False})
+        self.connection.ensure_connection(max_retries=1)
+        self.channel = self.connection.channel()
+        if self.confirms:
+            self.channel.confirm_select()
+            self.channel.events["basic_ack"].add(self._on_ack)
+            self.channel.events["basic_nack"].add(self._on_nack)
+            # Count every publish on the channel (Celery may publish more than the task message,
+            # e.g. a task-sent event), so that each delivery tag maps back to its task.
+            basic_publish = self.channel.basic_publish
+
+            def counted(*args: Any, **kwargs: Any) -> Any:
+                self._tag += 1
+                self._unsettled.add(self._tag)
+                return basic_publish(*args, **kwargs)
+
+            self.channel.basic_publish = counted
+        self.producer = self.app.amqp.Producer(self.channel, auto_declare=False)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.channel.close()
+        except Exception:  # a connection that broke has nothing left to close
+            log.debug("Closing the publisher channel failed.", exc_info=True)
+        self.connection.release()
+
+    def publish(self, send: Callable[[Any], Any]) -> Any:
+        first = self._tag + 1
+        identity = send(self.producer)
+        self._batch.append(identity)
+        for tag in range(first, self._tag + 1):
+            self._owner[tag] = identity
+        return identity
+
+    def flush(self) -> tuple[list[Any], list[Any]]:
+        """Wait until the broker has confirmed or refused every message published since the last
+        flush; return what was published, split into (confirmed, refused), in publishing order."""
+        batch, owners = self._batch, self._owner
+        self._batch, self._owner = [], {}
+        deadline = time.monotonic() + self.confirm_timeout_s
+        while self._unsettled:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BrokerError(f"the broker did not confirm {len(self._unsettled)} message(s) within "
+                                  f"{self.confirm_timeout_s:g} s; check RabbitMQ (memory or disk alarms)")
+            try:
+                self.connection.drain_events(timeout=min(left, 1.0))
+            except socket.timeout:
+                continue
+        refused_ids = {id(owners[t]) for t in self._refused if t in owners}
+        self._refused.clear()
+        return ([x for x in batch if id(x) not in refused_ids], [x for x in batch if id(x) in refused_ids])
+
+    def queue_depth(self, name: str) -> int:
+        """Messages ready in a queue, from a passive declare: exact at this instant."""
+        return self._declare(name)[0]
+
+    def consumers(self, name: str) -> int | None:
+        """How many consumers (worker channels) a queue has; None where the transport cannot tell."""
+        return self._declare(name)[1]
+
+    def _declare(self, name: str) -> tuple[int, int | None]:
+        if not self.confirms:  # the filesystem transport counts neither
+            return 0, None
+        _, ready, consumers = self.channel.queue_declare(queue=name, passive=True)
+        return ready, consumers
+
+    def _settle(self, tag: int, multiple: bool, refused: bool) -> None:
+        tags = range(self._low, tag + 1) if multiple else (tag,)
+        for t in tags:
+            if t in self._unsettled:
+                self._unsettled.discard(t)
+                if refused:
+                    self._refused.add(t)
+        if multiple:
+            self._low = max(self._low, tag + 1)
+
+    def _on_ack(self, tag: int, multiple: bool) -> None:
+        self._settle(tag, multiple, refused=False)
+
+    def _on_nack(self, tag: int, multiple: bool) -> None:
+        log.warning("The broker refused (nacked) message %d%s.", tag, " and those before it" if multiple else "")
+        self._settle(tag, multiple, refused=True)

@@ -1,0 +1,10 @@
+"""`make monitor`: a live dashboard and metrics from Celery's task events and the broker's queue figures.
+
+accounting: per task type totals, latency and runtime from events; listener: the event stream;
+snapshot: one dict of everything; collector: the Monitor that samples and emits on a schedule;
+prometheus / influx: the two exporters; dashboard: the rich terminal view.
+"""
+
+from .collector import Monitor
+
+__all__ = ["Monitor"]

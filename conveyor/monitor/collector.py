@@ -1,0 +1,106 @@
+"""The monitor: listens to the event stream, samples the broker and the stack every collect
+interval, hands the samples to the InfluxDB emitter every emit interval, serves Prometheus.
+
+Threads: the event listener (feeds the accounting), the sampler (this module's loop), the
+Prometheus HTTP server; the caller's thread reads `snapshot()` (the dashboard, --once).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from ..config import Monitoring
+from ..errors import BrokerError, ConveyorError
+from ..stack.base import Stack
+from .accounting import Accounting
+from .influx import Emitter
+from .listener import EventListener
+from .snapshot import compose, sample_broker
+
+log = logging.getLogger(__name__)
+
+
+class Monitor:
+    def __init__(self, stack: Stack, settings: Monitoring, influx: str | None = None) -> None:
+        self.stack, self.settings = stack, settings
+        self.accounting = Accounting(settings.latency_window_tasks, rate_window_s=settings.collect_interval_s)
+        self.listener = EventListener(stack.app, self.accounting.record)
+        self.emitter = Emitter(influx) if influx else None
+        self._broker: dict[str, Any] | None = None
+        self._error: str | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._loop, name="conveyor-monitor-sampler", daemon=True)
+
+    def start(self, sample: bool = True) -> Monitor:
+        """Subscribe to events, take the first sample now, then keep sampling in the background."""
+        self.listener.start()
+        self.collect()
+        if sample:
+            self._sampler.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._sampler.is_alive():
+            self._sampler.join(timeout=10)
+        self.listener.stop()
+        if self.emitter:
+            self.emitter.flush()
+
+    def __enter__(self) -> Monitor:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def collect(self) -> dict[str, Any]:
+        """Sample the broker and the stack; buffer the resulting snapshot for the emitter."""
+        try:
+            broker, error = sample_broker(self.stack), None
+        except Exception as exc:  # a monitor outlives a broker restart: report it, keep the last sample
+            if self._broker is None:
+                if isinstance(exc, ConveyorError):
+                    raise
+                raise BrokerError(f"cannot sample the queues and workers: {type(exc).__name__}: {exc}") from None
+            broker, error = self._broker, f"the last sample failed ({type(exc).__name__}: {exc}); showing the one before"
+            if self._error is None:
+                log.warning("Sampling the broker failed (%s: %s); trying again every %g s.",
+                            type(exc).__name__, exc, self.settings.collect_interval_s)
+        if error is None and self._error is not None:
+            log.warning("Sampling the broker works again.")
+        with self._lock:
+            self._broker, self._error = broker, error
+        snap = self.snapshot()
+        if self.emitter and error is None:  # a stale broker sample is not written out as a new one
+            self.emitter.add(snap)
+        return snap
+
+    def snapshot(self) -> dict[str, Any]:
+        """The latest broker sample with task figures as of now."""
+        with self._lock:
+            broker, error = self._broker, self._error
+        if broker is None:
+            raise RuntimeError("Monitor.snapshot() before start()")
+        return compose(broker, self.accounting, error=error)
+
+    def _loop(self) -> None:
+        # Scheduled on a fixed grid (not "interval after the last sample ended"), so that a slow
+        # sample (the ping alone waits a second) does not stretch the period.
+        interval, emit_every = self.settings.collect_interval_s, self.settings.emit_interval_s
+        started = time.monotonic()
+        ticks, next_emit = 0, started + emit_every
+        while True:
+            ticks += 1
+            if self._stop.wait(max(0.0, started + ticks * interval - time.monotonic())):
+                return
+            self.collect()
+            if self.emitter and time.monotonic() >= next_emit:
+                next_emit += emit_every
+                try:
+                    self.emitter.flush()
+                except OSError as exc:
+                    log.warning("Could not write the InfluxDB lines (%s); keeping them for the next try.", exc)

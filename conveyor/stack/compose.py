@@ -1,0 +1,269 @@
+"""The Docker Compose stack: each replica is a container of the worker image, scaled by compose.
+
+Scaling names one service and passes `--no-deps --no-recreate`: plain `compose up --scale` re-applies
+every service's default count, which silently resets the services not named. Everything runs under
+one fixed project name (COMPOSE_PROJECT_NAME, default `conveyor`), so `down` removes exactly our
+containers and networks and nothing else on the engine.
+
+Which compose file: COMPOSE_FILES if set; else docker-compose.host.yml (host network, no broker
+service), which is how tests and CI run and how workers on several hosts join one broker (see
+compose_files). The containers get the host app's BROKER_URL, RESULT_BACKEND and config file, so
+they never decide differently from the app that dispatches to them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import stat
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from ..broker import PROJECT_ROOT, RECORDS_URL_ENV, BrokerSettings, run_dir
+from ..config import ServiceConfig
+from ..errors import StackError
+from .base import Replica, Stack
+
+log = logging.getLogger(__name__)
+
+FILES_ENV = "COMPOSE_FILES"
+PROJECT_ENV = "COMPOSE_PROJECT_NAME"
+DEFAULT_PROJECT = "conveyor"
+FULL_FILE = "docker-compose.yml"
+HOST_FILE = "docker-compose.host.yml"
+BROKER_SERVICE = "rabbitmq"  # the broker service of docker-compose.yml, started before the workers
+CONFIG_FILE_ENV = "CONVEYOR_CONFIG_FILE"  # the host path the compose files mount as the workers' config
+# Time allowed for a compose command beyond the warm-shutdown grace (image builds, container starts).
+COMMAND_SLACK_S = 600
+
+
+@functools.lru_cache(maxsize=1)
+def compose_command() -> tuple[str, ...]:
+    """The `docker compose` v2 plugin when it is installed, else the standalone `docker-compose` (v1)."""
+    if shutil.which("docker"):
+        try:
+            probe = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
+            if probe.returncode == 0:
+                return ("docker", "compose")
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    if shutil.which("docker-compose"):
+        return ("docker-compose",)
+    raise StackError("neither `docker compose` nor `docker-compose` is installed; install Docker Compose or use STACK=local")
+
+
+def project_name(env: Mapping[str, str] = os.environ) -> str:
+    """The project name as compose itself normalises it, which is also the value of its container labels."""
+    raw = env.get(PROJECT_ENV, "").strip() or DEFAULT_PROJECT
+    name = re.sub(r"[^-_a-z0-9]", "", raw.lower())
+    if not name:
+        raise StackError(f"{PROJECT_ENV}={raw!r} has no usable characters; use letters, digits, - and _")
+    return name
+
+
+def compose_files(settings: BrokerSettings, env: Mapping[str, str] = os.environ) -> list[Path]:
+    """COMPOSE_FILES if set. Otherwise the host-network file whenever the app has a real broker, on
+    this machine or another: containers on the host network reach it exactly as the host does, so
+    workers on several hosts all join the one broker. docker-compose.yml, which brings its own
+    RabbitMQ, is then only for COMPOSE_FILES (e.g. Docker Desktop, without host networking) and the
+    no-broker case, where starting workers fails with what to do."""
+    raw = env.get(FILES_ENV, "").strip()
+    if raw:
+        names = [part for part in re.split(rf"[,{re.escape(os.pathsep)}]", raw) if part.strip()]
+        files = [(PROJECT_ROOT / name.strip()).resolve() for name in names]
+        source = f"{FILES_ENV}={raw}"
+    else:
+        files = [PROJECT_ROOT / (FULL_FILE if settings.embedded else HOST_FILE)]
+        source = "the default"
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise StackError(f"compose file {', '.join(missing)} does not exist ({source}); fix {FILES_ENV} or restore the file")
+    return files
+
+
+class ComposeStack(Stack):
+    name = "compose"
+
+    def __init__(self, app, config) -> None:
+        super().__init__(app, config)
+        self.settings: BrokerSettings = app.conveyor_broker
+        self.project = project_name()
+        self.files = compose_files(self.settings)
+        # Warm shutdown gets at least the config's grace before compose kills a container.
+        self.stop_timeout_s = max(1, math.ceil(self.config.stop_grace_s))
+        self._records_warned = False
+
+    # --- running compose ---------------------------------------------------------------
+    def _env(self) -> dict[str, str]:
+        """What the compose files interpolate: the app's own broker settings and config file."""
+        env = {**os.environ, **self.settings.worker_env(), PROJECT_ENV: self.project}
+        if self.config.source:
+            env[CONFIG_FILE_ENV] = str(self.config.source)
+        if self._records_in_a_file():
+            # A SQLite file on this machine is out of the containers' reach; a private copy in each
+            # container would only look like shared records, so the containers keep none.
+            env[RECORDS_URL_ENV] = "off"
+        return env
+
+    def _records_in_a_file(self) -> bool:
+        return self.settings.worker_env().get(RECORDS_URL_ENV, "").startswith("sqlite:")
+
+    def _argv(self, *args: str) -> list[str]:
+        argv = [*compose_command(), "--project-name", self.project]
+        for file in self.files:
+            argv += ["--file", str(file)]
+        return [*argv, *args]
+
+    def _compose(self, *args: str) -> str:
+        argv = self._argv(*args)
+        log.debug("Running %s.", " ".join(argv))
+        try:
+            done = subprocess.run(argv, cwd=PROJECT_ROOT, env=self._env(), capture_output=True, text=True,
+                                  timeout=self.stop_timeout_s + COMMAND_SLACK_S)
+        except subprocess.TimeoutExpired:
+            raise StackError(f"`{' '.join(argv)}` did not finish in time; see `docker ps` and `make logs`") from None
+        except OSError as exc:
+            raise StackError(f"cannot run {argv[0]}: {exc.strerror}; is Docker Compose installed?") from None
+        if done.returncode != 0:
+            raise StackError(f"`{' '.join(argv)}` failed (exit {done.returncode}): {_tail(done.stderr or done.stdout)}")
+        return done.stdout
+
+    @functools.cached_property
+    def services(self) -> list[str]:
+        """The services the compose files define (profiles included)."""
+        return self._compose("config", "--services").split()
+
+    def _check_defined(self, service: str) -> None:
+        if service not in self.services:
+            files = ", ".join(f.name for f in self.files)
+            raise StackError(f"service {service!r} of the config is not defined in {files}; "
+                             "add it there (a copy of worker-a with its own WORKER_SERVICE) or use STACK=local")
+
+    def _check_startable(self) -> None:
+        if self.settings.embedded:
+            raise StackError("the embedded filesystem broker lives in files on this machine that containers cannot "
+                             "reach; start RabbitMQ (e.g. `docker compose -p conveyor-broker up -d rabbitmq` with "
+                             "credentials in .env) and set BROKER_URL=amqp://USER:PASSWORD@127.0.0.1:5672//, "
+                             "or use STACK=local (see docs/deployment.md)")
+        if self._records_in_a_file() and not self._records_warned:
+            self._records_warned = True
+            log.warning("Task records are in a SQLite file, which worker containers cannot reach, so the containers "
+                        "keep none; set RECORDS_URL=redis://... to share task records with them.")
+        source = self.config.source
+        if source and not source.stat().st_mode & stat.S_IROTH:
+            raise StackError(f"{source} is not readable by other users, and the worker containers read it as an "
+                             f"unprivileged user; run `chmod o+r {source}`")
+
+    # --- bookkeeping -------------------------------------------------------------------
+    def _state_file(self) -> Path:
+        return run_dir() / "compose" / f"{self.project}.json"
+
+    def desired(self) -> dict[str, int]:
+        try:
+            return json.loads(self._state_file().read_text())["desired"]
+        except (FileNotFoundError, ValueError, KeyError):
+            # Started by hand with compose: what exists is the best answer there is.
+            counts: dict[str, int] = {}
+            for replica in self.replicas():
+                counts[replica.service] = counts.get(replica.service, 0) + 1
+            return counts
+
+    def _set_desired(self, service: str, count: int) -> None:
+        try:
+            desired = json.loads(self._state_file().read_text())["desired"]
+        except (FileNotFoundError, ValueError, KeyError):
+            desired = {}
+        desired[service] = count
+        self._state_file().parent.mkdir(parents=True, exist_ok=True)
+        self._state_file().write_text(json.dumps({"desired": desired, "files": [str(f) for f in self.files]}, indent=2))
+
+    def replicas(self) -> list[Replica]:
+        """Containers of the config's worker services in our project, running or not (the broker and
+        Flower are not replicas). The node name is left unknown: readiness is judged by pings."""
+        out = _docker("ps", "--all", "--no-trunc",
+                      "--filter", f"label=com.docker.compose.project={self.project}",
+                      "--format", '{{.ID}}\t{{.Label "com.docker.compose.service"}}\t{{.State}}\t{{.Label "com.docker.compose.oneoff"}}')
+        ours = {s.name for s in self.config.services}
+        found = []
+        for line in out.splitlines():
+            ident, service, state, oneoff = (line.split("\t") + ["", "", "", ""])[:4]
+            if service in ours and oneoff.lower() != "true":
+                found.append(Replica(service, ident[:12], None, state == "running"))
+        return sorted(found, key=lambda r: (r.service, r.ident))
+
+    # --- scaling -----------------------------------------------------------------------
+    def up(self, wait_s: float = 60.0) -> None:
+        """Build the image from the current code (cached layers make this quick), start the broker
+        service when the compose file has one, then every worker service at its configured count."""
+        self._check_startable()
+        self.build()
+        if BROKER_SERVICE in self.services:
+            self._compose("up", "--detach", "--no-recreate", BROKER_SERVICE)
+            self._wait_healthy(BROKER_SERVICE, wait_s)
+        super().up(wait_s)
+
+    def build(self) -> None:
+        """Build the worker image from the current code; unchanged layers come from the cache."""
+        workers = [s.name for s in self.config.services]
+        for name in workers:
+            self._check_defined(name)
+        log.info("Building the worker image for %s.", ", ".join(workers))
+        self._compose("build", *workers)
+
+    def _scale(self, service: ServiceConfig, count: int) -> None:
+        if count > 0:
+            self._check_startable()
+        self._check_defined(service.name)
+        self._set_desired(service.name, count)
+        # Only the named service is touched: --no-deps keeps compose from starting (or recreating)
+        # what it depends on, --no-recreate keeps the running replicas as they are, and a scale-down
+        # stops the surplus with SIGTERM and waits up to the timeout for their tasks to finish.
+        self._compose("up", "--detach", "--no-deps", "--no-recreate", "--timeout", str(self.stop_timeout_s),
+                      "--scale", f"{service.name}={count}", service.name)
+        log.info("Compose now runs %d replica(s) of %s in project %s.", count, service.name, self.project)
+
+    def _wait_healthy(self, service: str, timeout_s: float) -> None:
+        """Block until the service's container reports healthy (the workers need the broker first)."""
+        deadline = time.monotonic() + timeout_s
+        status = "missing"
+        while time.monotonic() < deadline:
+            ids = self._compose("ps", "-q", service).split()
+            status = _docker("inspect", "--format", "{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}",
+                             *ids).strip() if ids else "missing"
+            if status in ("healthy", "running"):
+                return
+            time.sleep(1)
+        raise StackError(f"service {service} is {status} after {timeout_s:.0f} s; see `make logs`")
+
+    def down(self) -> None:
+        """Warm shutdown of every container of the project (SIGTERM, then up to the grace period for
+        running tasks), then remove them and the project's networks. Volumes (the broker's data) stay."""
+        self._compose("down", "--remove-orphans", "--timeout", str(self.stop_timeout_s))
+        self._state_file().unlink(missing_ok=True)
+        log.info("Removed the containers and networks of compose project %s.", self.project)
+
+    def logs(self, follow: bool = True) -> None:
+        cmd = self._argv("logs", "--tail", "50", *(["--follow"] if follow else []))
+        os.execvpe(cmd[0], cmd, self._env())
+
+
+def _docker(*args: str) -> str:
+    try:
+        done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise StackError(f"`docker {args[0]}` did not run ({exc}); is the Docker engine up?") from None
+    if done.returncode != 0:
+        raise StackError(f"`docker {' '.join(args[:2])}` failed (exit {done.returncode}): {_tail(done.stderr)}")
+    return done.stdout
+
+
+def _tail(text: str, lines: int = 12) -> str:
+    kept = [line for line in (text or "").strip().splitlines() if line.strip()][-lines:]
+    return " | ".join(kept) or "(no output)"

@@ -1,0 +1,271 @@
+"""The load tester: percentiles, the plan, scenario validation and the report need nothing; the
+end-to-end runs (failure injection, every worker stopped) need RabbitMQ and start real workers."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cli, write_config
+from conveyor import deadletter
+from conveyor.errors import ConfigError
+from conveyor.loadtest import report
+from conveyor.loadtest.metrics import Record, RunStats, Stage, distribution, percentile, summarize, timeline
+from conveyor.loadtest.scenario import Plan, Scenario, load_scenario
+
+# --- percentiles ---------------------------------------------------------------------------
+
+
+def test_percentiles_interpolate_linearly_between_ranks():
+    data = [15, 20, 35, 40, 50]  # shuffled below: order must not matter
+    shuffled = [40, 15, 50, 20, 35]
+    assert percentile(shuffled, 0) == 15
+    assert percentile(shuffled, 50) == 35
+    assert percentile(shuffled, 100) == 50
+    # rank = (5 - 1) * 0.4 = 1.6: 20 + 0.6 * (35 - 20)
+    assert percentile(data, 40) == pytest.approx(29.0)
+    # rank = 4 * 0.95 = 3.8: 40 + 0.8 * 10; rank 3.96 for p99
+    assert percentile(data, 95) == pytest.approx(48.0)
+    assert percentile(data, 99) == pytest.approx(49.6)
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 50) is None
+    with pytest.raises(ValueError):
+        percentile(data, 101)
+
+
+def test_percentiles_of_1_to_1000():
+    values = list(range(1, 1001))
+    assert percentile(values, 50) == pytest.approx(500.5)
+    assert percentile(values, 95) == pytest.approx(950.05)
+    assert percentile(values, 99) == pytest.approx(990.01)
+    d = distribution([*values, None])
+    assert d["count"] == 1000 and d["max"] == 1000 and d["mean"] == pytest.approx(500.5)
+
+
+# --- the plan ------------------------------------------------------------------------------
+
+
+def scenario(**extra) -> Scenario:
+    mix = extra.pop("mix", [{"task": "task_a", "weight": 3}, {"task": "task_b", "runtime_s": [0.1, 0.2], "error_rate": 0.5}])
+    return Scenario(name="unit", mix=mix, **extra)
+
+
+def test_tasks_per_type_is_shared_out_by_weight_and_interleaved():
+    plan = Plan.per_type(scenario(), 10)
+    assert plan.counts == {"task_a": 15, "task_b": 5} and plan.total == 20
+    jobs = list(plan)
+    assert [j.index for j in jobs] == list(range(20))
+    types = [j.type for j in jobs]
+    assert types.count("task_a") == 15 and types.count("task_b") == 5
+    # Interleaved by weight, not all of one type first: every run of four holds one task_b.
+    assert all("task_b" in types[i:i + 4] for i in range(0, 20, 4))
+
+
+def test_jobs_carry_runtimes_in_range_distinct_seeds_and_are_reproducible():
+    jobs = list(Plan.per_type(scenario(), 50))
+    b = [dict(j.steps[0][1]) for j in jobs if j.type == "task_b"]
+    assert all(0.1 <= kw["duration_s"] <= 0.2 for kw in b)
+    assert all(kw["fail_probability"] == 0.5 for kw in b)
+    assert len({kw["seed"] for kw in b}) == len(b)
+    assert [j.steps for j in Plan.per_type(scenario(), 50)] == [j.steps for j in jobs]
+
+
+def test_a_pipeline_entry_becomes_one_job_of_several_stages():
+    s = scenario(mix=[{"name": "p", "task": "task_a", "runtime_s": 0.01, "payload_bytes": 8,
+                       "stages": [{"task": "task_b", "runtime_s": 0.02}, {"task": "task_a"}]}])
+    [job] = list(Plan.per_type(s, 1))
+    assert [name for name, _ in job.steps] == ["task_a", "task_b", "task_a"]
+    assert [kw["duration_s"] for _, kw in job.steps] == [0.01, 0.02, 0.1]
+    assert job.steps[0][1]["payload"] == "x" * 8
+    assert s.queues == ["queue_a", "queue_b"]
+
+
+def test_shipped_scenarios_load():
+    names = {p.stem: load_scenario(p) for p in (ROOT / "scenarios").glob("*.yml")}
+    assert {"seed", "flood", "pipeline"} <= set(names)
+    assert [e.task for e in names["seed"].mix] == ["task_a", "task_b"]
+    [flood] = names["flood"].mix
+    assert flood.task == "task_a" and not flood.stages
+    [pipe] = names["pipeline"].mix
+    assert len(pipe.steps) == 3 and all(step.error_rate == 0.1 for step in pipe.steps)
+
+
+# --- scenario errors -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body, line, field, message", [
+    ("name: bad\nmix:\n  - task: task_a\n    error_rate: 1.5\n", 4, "mix[0].error_rate", "less than or equal to 1"),
+    ("name: bad\nmix:\n  - task: task_a\n    stages:\n      - {task: task_b, runtime: 1}\n", 5,
+     "mix[0].stages[0].runtime", "unknown key"),
+    ("name: bad\nmix:\n  - task: task_a\n    runtime_s: [0.5, 0.1]\n", 3, "mix[0]", "first value of the range"),
+    ("name: bad\nrate_per_s: -3\nmix:\n  - task: task_a\n", 2, "rate_per_s", "greater than 0"),
+    ("name: bad\nmix:\n  - task: task_a\n  - task: task_a\n", 4, "mix[1].task", "appears twice"),
+])
+def test_a_scenario_with_an_error_is_rejected_with_file_line_and_field(tmp_path, body, line, field, message):
+    path = write_config(tmp_path / "bad.yml", body)
+    with pytest.raises(ConfigError) as info:
+        load_scenario(path)
+    text = str(info.value)
+    assert text.startswith(f"{path}:{line}: {field}: "), text
+    assert message in text
+
+
+def test_the_cli_rejects_a_bad_scenario_in_one_line(tmp_path):
+    path = write_config(tmp_path / "bad.yml", "name: bad\nmix:\n  - task: task_q\n")
+    proc = run_cli("load_test.py", "--scenario", str(path), timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith(f"error: {path}:3: mix[0].task: ")
+
+
+def test_the_cli_rejects_bad_numbers_in_one_line():
+    proc = run_cli("load_test.py", "--tasks", "0", timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --tasks must be at least 1, got 0"
+
+
+# --- records, summary and report -----------------------------------------------------------
+
+
+def synthetic_records() -> list[Record]:
+    t0 = 1_000.0
+    ok = Record(0, "task_a", t0, [Stage("task_a", "a", "SUCCESS", t0 + 0.5, 0.1, t0 + 0.7, 0, "w1@h")])
+    retried = Record(1, "task_a", t0, [Stage("task_a", "b", "SUCCESS", t0 + 1.0, 0.1, t0 + 1.2, 2, "w2@h")])
+    dead = Record(2, "pipe", t0 + 0.1, [Stage("task_a", "c", "SUCCESS", t0 + 0.2, 0.1, t0 + 0.4, 0, "w1@h"),
+                                        Stage("task_b", "d", "DEAD_LETTERED", None, None, t0 + 2.1, 3, None, "boom"),
+                                        Stage("task_a", "e")])
+    pending = Record(3, "pipe", t0 + 0.2, [Stage("task_a", "f"), Stage("task_b", "g"), Stage("task_a", "h")])
+    return [ok, retried, dead, pending]
+
+
+def test_a_pipeline_ends_at_its_first_failed_stage_and_wait_excludes_run_time():
+    ok, retried, dead, pending = synthetic_records()
+    assert dead.state == "DEAD_LETTERED" and dead.done and dead.latency_s == pytest.approx(2.0)
+    assert dead.retries == 3 and dead.outcome.error == "boom"
+    assert pending.state == "PENDING" and not pending.done and pending.latency_s is None
+    assert ok.wait_s == pytest.approx(0.5) and ok.execution_s == pytest.approx(0.1)
+    assert retried.latency_s == pytest.approx(1.2)
+
+
+def test_summary_counts_add_up():
+    records = synthetic_records()
+    stats = RunStats(planned=6, started_at=1_000.0, ended_at=1_003.0, timed_out=True, not_sent=2, send_s=0.004)
+    s = summarize(records, stats)
+    assert (s["sent"], s["succeeded"], s["failed"], s["dead_lettered"], s["pending"]) == (4, 2, 0, 1, 1)
+    assert s["sent"] == s["succeeded"] + s["failed"] + s["dead_lettered"] + s["pending"]
+    assert s["sent"] + s["not_sent"] == s["planned"]
+    assert s["retried"] == 2 and s["retries"] == 5 and s["workers"] == 2
+    assert s["window_s"] == pytest.approx(2.1) and s["throughput_per_s"] == pytest.approx(3 / 2.1)
+    assert s["types"]["pipe"]["stages"][1]["dead_lettered"] == 1
+    assert s["sender"]["per_task_ms"] == pytest.approx(1.0)
+    line = timeline(records)
+    assert sum(line["sent"]) == 4 and sum(line["succeeded"]) == 2 and sum(line["failed"]) == 1
+
+
+def test_report_directory_has_the_plots_and_one_self_contained_page(tmp_path):
+    records = synthetic_records()
+    summary = summarize(records, RunStats(planned=4, started_at=1_000.0, ended_at=1_003.0, timed_out=True))
+    written = report.write_dir(tmp_path / "out", summary, records, "unit")
+    names = sorted(p.name for p in written)
+    assert names == ["jobs.csv", "latency.png", "report.html", "summary.json", "throughput.png"]
+    assert_report(tmp_path / "out")
+
+
+def assert_report(directory: Path) -> None:
+    for png in ("throughput.png", "latency.png"):
+        data = (directory / png).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5_000
+    page = (directory / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 2
+    assert "src=\"http" not in page and "<link" not in page  # nothing to fetch: it stands alone
+    assert json.loads((directory / "summary.json").read_text())["sent"] >= 1
+
+
+# --- end to end, against RabbitMQ with real workers ------------------------------------------
+
+STACK_CONFIG = """\
+name: loadtest
+expected_workers: 2
+tasks: [{task: task_a, count: 1}]
+retry: {max_retries: 1, backoff_s: 1, backoff_max_s: 1, jitter: false}
+services:
+  - {name: worker-a, queues: [queue_a], concurrency: 4, replicas: 1, pool: threads}
+  - {name: worker-b, queues: [queue_b], concurrency: 4, replicas: 1, pool: threads}
+stop_grace_s: 10
+"""
+
+FAILING = """\
+name: failing
+mix:
+  - name: single
+    task: task_a
+    runtime_s: [0, 0.01]
+    error_rate: 0.5
+  - name: pipe
+    task: task_b
+    runtime_s: 0.005
+    error_rate: 0.3
+    stages:
+      - {task: task_a, runtime_s: 0.005, error_rate: 0.3}
+"""
+
+
+@pytest.fixture
+def empty_queues(broker_env, make_app):
+    """The session's vhost is shared with the other broker tests: start and leave the work queues
+    and the dead-letter queue empty, whatever these runs left there."""
+    app = make_app()
+
+    def empty() -> None:
+        app.control.purge()
+        deadletter.drain(app)
+
+    empty()
+    yield
+    empty()
+
+
+@pytest.mark.broker
+@pytest.mark.usefixtures("empty_queues")
+def test_counts_add_up_on_a_run_with_injected_failures(broker_env, local_stack, tmp_path):
+    config = write_config(tmp_path / "stack.yml", STACK_CONFIG)
+    local_stack(config)
+    scenario_file = write_config(tmp_path / "failing.yml", FAILING)
+    out = tmp_path / "report"
+    proc = run_cli("load_test.py", "--scenario", str(scenario_file), "--config", str(config), "--tasks", "40",
+                   "--json", "--report", str(out), "--timeout", "60", env=broker_env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
+    assert s["sent"] == s["planned"] == 80 and s["not_sent"] == 0 and not s["timed_out"]
+    assert s["sent"] == s["succeeded"] + s["failed"] + s["dead_lettered"] + s["pending"]
+    assert s["pending"] == 0 and s["failed"] == 0
+    # p = 0.5 per attempt, two attempts: a quarter of the single tasks are dead-lettered, and
+    # half are retried; with 40 of them, both are certain to happen (seeds are fixed).
+    single, pipe = s["types"]["single"], s["types"]["pipe"]
+    assert single["dead_lettered"] > 0 and single["retried"] > single["dead_lettered"]
+    assert s["dead_lettered"] == single["dead_lettered"] + pipe["dead_lettered"]
+    assert [st["task"] for st in pipe["stages"]] == ["task_b", "task_a"]
+    assert pipe["stages"][1]["succeeded"] == pipe["succeeded"]
+    assert s["workers"] == 2 and s["latency_s"]["count"] == 80
+    assert s["latency_s"]["p50"] <= s["latency_s"]["p99"] <= s["latency_s"]["max"]
+    assert_report(out)
+
+
+@pytest.mark.broker
+@pytest.mark.usefixtures("empty_queues")
+def test_with_every_worker_stopped_it_ends_at_its_timeout_and_says_so(broker_env):
+    started = time.monotonic()
+    proc = run_cli("load_test.py", "--tasks", "20", "--timeout", "3", "--max-depth", "15", env=broker_env, timeout=60)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 5, proc.stderr
+    assert elapsed < 20
+    out = proc.stdout
+    assert "TIMED OUT after 3.0 s" in out and "no worker consumed queue_a, queue_b" in out
+    # Backpressure: the sender filled the queues up to the bound, then waited for room until the timeout.
+    sent, pending = map(int, re.search(r"Sent (\d+) of 40: 0 succeeded, 0 failed, 0 dead-lettered, (\d+) pending", out).groups())
+    assert sent == pending and 15 <= sent <= 30
+    assert f"{40 - sent} never sent" in out
+    assert float(re.search(r"paused ([\d.]+) s on backpressure", out).group(1)) >= 2.0

@@ -1,0 +1,298 @@
+"""Delivery guarantees: the settings that give them, and runs that inject faults to prove them.
+
+Worker SIGKILLs run against the session's vhost; a broker restart needs a RabbitMQ node of the test's
+own (conveyor/chaos/node.py), never the shared one. The big runs are `make chaos`; these are small.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, _management, run_cli, unavailable, write_config
+from conveyor import broker, deadletter, dispatch, ledger
+from conveyor.app import create_app
+from conveyor.chaos import ChaosOptions, ChaosRun
+from conveyor.chaos.netns import Namespace
+from conveyor.config import load_config
+from conveyor.errors import BrokerError, ConfigError, UsageError
+from conveyor.tasks import DeadLettered
+from conveyor.topology import QUEUES, work_queues
+from test_cli_errors import free_port
+
+SHIPPED = (ROOT / "test-config.yml").read_text()
+
+
+def config_with(tmp_path: Path, extra: str = "", name: str = "c.yml"):
+    return load_config(write_config(tmp_path / name, SHIPPED + extra))
+
+
+def offline_app(config, tmp_path: Path):
+    """An app for an AMQP broker that is not there: building it connects to nothing."""
+    env = {"BROKER_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}//", broker.RUN_DIR_ENV: str(tmp_path)}
+    return create_app(config, broker.resolve(env))
+
+
+# --- the settings -----------------------------------------------------------------------------------
+
+def test_every_delivery_guarantee_is_on_by_default(tmp_path):
+    config = config_with(tmp_path)
+    app = offline_app(config, tmp_path)
+    conf = app.conf
+    assert conf.broker_transport_options["confirm_publish"] is True  # publisher confirms
+    assert conf.task_default_delivery_mode == "persistent"
+    assert all(q.durable and q.exchange.durable for q in conf.task_queues)
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1  # a dying worker holds at most one task per pool process
+    assert conf.worker_cancel_long_running_tasks_on_connection_loss
+    assert conf.broker_heartbeat == config.heartbeat_s == 30
+    assert conf.accept_content == ["json"] and conf.task_serializer == "json"
+    assert conf.worker_consumer == "conveyor.consumer:Consumer"
+    app.close()
+
+
+def test_a_publish_retries_for_about_publish_retry_s():
+    from kombu.utils.functional import fxrange
+
+    for total in (1, 10, 30, 120):
+        policy = broker.publish_retry_policy(total)
+        waits = fxrange(policy["interval_start"], policy["interval_max"] + policy["interval_start"],
+                        policy["interval_step"], repeatlast=True)
+        waited = sum(min(next(waits), policy["interval_max"]) for _ in range(policy["max_retries"]))
+        assert total <= waited < total + policy["interval_max"], (total, waited)
+
+
+def test_a_dispatch_the_broker_never_confirms_fails_loudly_after_retrying(tmp_path):
+    config = config_with(tmp_path, "publish_retry_s: 2\n")
+    app = offline_app(config, tmp_path)
+    started = time.monotonic()
+    with pytest.raises(BrokerError, match=r"did not confirm task 1 of 20, even after retrying \(publish_retry_s: 2\) .* the 0 confirmed"):
+        dispatch.send_all(app, config)
+    assert time.monotonic() - started >= 2  # it retried with backoff before giving up
+    app.close()
+
+
+def test_quorum_queues_are_declared_alike_by_every_declarer(tmp_path):
+    config = config_with(tmp_path, "queue_type: quorum\n")
+    app = offline_app(config, tmp_path)
+    declared = {q.name: q for q in app.conf.task_queues}
+    assert set(declared) == set(QUEUES)
+    for queue in work_queues(config.queue_type):  # what deadletter.declare uses
+        assert declared[queue.name].queue_arguments == queue.queue_arguments
+        assert queue.queue_arguments["x-queue-type"] == "quorum"
+        assert queue.queue_arguments["x-dead-letter-strategy"] == "at-least-once"
+        assert queue.durable and not queue.exclusive and not queue.auto_delete
+        # Celery's native delayed delivery (retry countdowns on quorum queues) binds only topic exchanges.
+        assert queue.exchange.type == "topic"
+    app.close()
+
+
+def test_an_unknown_queue_type_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"c.yml:\d+: queue_type: Input should be 'classic' or 'quorum'"):
+        config_with(tmp_path, "queue_type: mirrored\n")
+
+
+def test_the_ledger_records_each_execution_and_counts_duplicates(tmp_path):
+    """Real Celery tracing (eager), real signals, a real SQLite file."""
+    config = config_with(tmp_path, "retry: {max_retries: 1, backoff_s: 1, backoff_max_s: 1, jitter: false}\n", "l.yml")
+    app = create_app(config, broker.resolve({"BROKER_URL": "filesystem://", broker.RUN_DIR_ENV: str(tmp_path)}))
+    path = tmp_path / "ledger.sqlite3"
+    ledger.attach(path)
+    try:
+        task = app.tasks["task_a"]
+        task.apply(kwargs={"duration_s": 0}, task_id="ok")
+        task.apply(kwargs={"duration_s": 0}, task_id="twice")
+        task.apply(kwargs={"duration_s": 0}, task_id="twice")  # the broker delivered it again
+        task.apply(kwargs={"duration_s": 0, "fail_first": 9}, task_id="doomed")  # retried once, then dead-lettered
+    finally:
+        ledger.detach()
+    with ledger.Ledger(path) as book:
+        assert book.succeeded() == {"ok", "twice"}
+        assert book.dead_lettered() == {"doomed"}
+        assert book.finished() == {"ok", "twice", "doomed"}
+        assert book.duplicated() == 1
+        assert book.count(ledger.RETRIED) == 1 and book.count("") == 0
+        assert {e.attempt for e in book.executions() if e.task_id == "doomed"} == {0, 1}
+    app.close()
+
+
+# --- fault injection ---------------------------------------------------------------------------------
+
+def _needs_own_node() -> None:
+    if not (shutil.which("rabbitmq-server") and shutil.which("rabbitmqctl")):
+        unavailable("rabbitmq-server (for a RabbitMQ node of the test's own)")
+
+
+@pytest.mark.broker
+def test_workers_sigkilled_during_a_burst_lose_nothing(broker_env, tmp_path):
+    options = ChaosOptions(tasks=240, fail_rate=0.1, replicas=2, kill_every_s=1.5, broker_restart=False,
+                           rate_per_s=0, duration_s=0.2, seed=1, timeout_s=240)
+    config = config_with(tmp_path, "stop_grace_s: 10\n")
+    report = ChaosRun(options, config, tmp_path / "chaos", broker_url=broker_env["BROKER_URL"]).run()
+    assert report.lost == 0, report.render()
+    assert report.sent == report.confirmed == 240
+    assert report.succeeded + report.dead_lettered == 240
+    assert report.dead_lettered == report.set_to_fail > 0 and report.mismatched == 0
+    assert report.kills >= 3 and report.cut_off >= 1, report.render()  # the kills did hit running tasks
+
+
+@pytest.mark.broker
+def test_a_broker_restart_during_a_burst_loses_nothing(tmp_path, monkeypatch):
+    _needs_own_node()
+    monkeypatch.delenv("BROKER_URL", raising=False)
+    # 20 tasks a second: the restart, when half are confirmed, strikes the publisher and the workers alike.
+    options = ChaosOptions(tasks=200, fail_rate=0.1, replicas=2, kill_every_s=0, broker_restart=True,
+                           rate_per_s=20, duration_s=0.1, seed=2, timeout_s=240)
+    config = config_with(tmp_path, "stop_grace_s: 10\n")
+    run = ChaosRun(options, config, tmp_path / "chaos")
+    report = run.run()
+    assert report.lost == 0, report.render()
+    assert report.broker_restarts == 1 and report.broker_away_s > 1
+    # The publisher rode out the restart: each send was retried until the broker confirmed it.
+    assert report.sent == report.confirmed == 200
+    assert report.dead_lettered == report.set_to_fail and report.mismatched == 0
+    # Every replica reconnected and went on working.
+    assert len(report.workers_after_restart) == 4, report.render()
+    assert not run.node_home.exists(), "the run left its broker node's directory behind"
+
+
+@pytest.mark.broker
+def test_a_partitioned_worker_s_tasks_are_delivered_to_the_others(tmp_path, monkeypatch):
+    _needs_own_node()
+    try:
+        Namespace.check_possible()
+    except UsageError as exc:
+        unavailable(f"a network namespace ({exc})")
+    monkeypatch.delenv("BROKER_URL", raising=False)
+    options = ChaosOptions(tasks=200, fail_rate=0, replicas=1, kill_every_s=0, broker_restart=False, partition=True,
+                           partition_s=12, rate_per_s=15, duration_s=0.3, seed=3, timeout_s=240)
+    run = ChaosRun(options, config_with(tmp_path, "stop_grace_s: 10\n"), tmp_path / "chaos")
+    report = run.run()
+    assert report.lost == 0 and report.sent == report.confirmed == 200, report.render()
+    found = report.partition
+    # It was cut off in the middle of a task, which the broker gave to another worker once the heartbeat
+    # timed out; after the link came back, it reconnected and went on working.
+    assert found.in_flight >= 1 and found.in_flight_redelivered == found.in_flight, report.render()
+    assert found.finished_after_heal >= 1, report.render()
+    broker_log = "".join(p.read_text() for p in (tmp_path / "chaos" / "broker-log").glob("*.log"))
+    assert "missed heartbeats from client" in broker_log
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    assert run.namespace_name and run.namespace_name not in namespaces, "the run left its namespace behind"
+    assert not run.node_home.exists()
+
+
+def test_sweep_removes_only_what_runs_that_are_gone_left_behind(tmp_path):
+    from conveyor.chaos.node import DIR_PREFIX
+    from conveyor.chaos.sweep import sweep
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer runs
+    dead_node = Path(tempfile.mkdtemp(prefix=DIR_PREFIX))
+    live_node = Path(tempfile.mkdtemp(prefix=DIR_PREFIX))
+    try:
+        (dead_node / "owner").write_text(f"{gone.pid}\n")
+        (dead_node / "nodename").write_text("conveyor-chaos-test-gone@localhost\n")  # no such node is running
+        (live_node / "owner").write_text(f"{os.getpid()}\n")
+        removed = sweep(tmp_path / "runs")
+        assert f"broker node directory {dead_node}" in removed and not dead_node.exists()
+        assert live_node.exists() and not any(str(live_node) in line for line in removed)
+    finally:
+        shutil.rmtree(dead_node, ignore_errors=True)
+        shutil.rmtree(live_node, ignore_errors=True)
+
+
+@pytest.fixture
+def quorum_vhost(monkeypatch, tmp_path):
+    """A vhost of the test's own: the session vhost has classic queues of the same names, and RabbitMQ
+    refuses to declare a queue again as another type. Requested before local_stack, so torn down after."""
+    vhost = f"conveyor-quorum-{uuid.uuid4().hex[:8]}"
+    try:
+        _management("", "PUT", f"vhosts/{vhost}")
+        _management("", "PUT", f"permissions/{vhost}/guest", b'{"configure":".*","write":".*","read":".*"}')
+    except (OSError, urllib.error.URLError):
+        unavailable("the RabbitMQ management API")
+    monkeypatch.setenv("BROKER_URL", f"amqp://guest:guest@127.0.0.1:5672/{vhost}")
+    monkeypatch.setenv(broker.RUN_DIR_ENV, str(tmp_path / "run"))
+    monkeypatch.delenv("RESULT_BACKEND", raising=False)
+    yield vhost
+    _management("", "DELETE", f"vhosts/{vhost}")
+
+
+@pytest.mark.broker
+def test_quorum_queues_run_retry_and_dead_letter(quorum_vhost, local_stack, tmp_path):
+    config_file = write_config(tmp_path / "q.yml", SHIPPED.replace("max_retries: 3", "max_retries: 1") + "queue_type: quorum\n")
+    app = local_stack(config_file).app
+    assert app.send_task("task_a", kwargs={"duration_s": 0}).get(timeout=30)["retries"] == 0
+    # A retry's countdown goes through Celery's native delayed delivery on quorum queues.
+    assert app.send_task("task_b", kwargs={"duration_s": 0, "fail_first": 1}).get(timeout=60)["retries"] == 1
+    with pytest.raises(DeadLettered):
+        app.send_task("task_a", kwargs={"duration_s": 0, "fail_first": 9}).get(timeout=60)
+    [letter] = deadletter.drain(app)
+    assert letter.attempts == 2 and letter.original_queue == "queue_a"
+    info = _management_get(f"queues/{quorum_vhost}/queue_a")
+    assert info["type"] == "quorum" and info["durable"]
+    assert info["arguments"]["x-dead-letter-strategy"] == "at-least-once"
+
+
+def _management_get(path: str) -> dict:
+    vhost_and_rest = path.split("/")
+    quoted = "/".join(urllib.parse.quote(part, safe="") for part in vhost_and_rest)
+    request = urllib.request.Request(f"http://127.0.0.1:15672/api/{quoted}")
+    request.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+# --- credentials ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def secret_user(rabbitmq_url):
+    """A user of the session vhost with a password distinctive enough to search every output for."""
+    vhost = urllib.parse.unquote(rabbitmq_url.rsplit("/", 1)[1]) or "/"
+    user, password = f"conveyor-cred-{uuid.uuid4().hex[:6]}", f"Zebra{uuid.uuid4().hex}Quartz"
+    try:
+        _management("", "PUT", f"users/{user}", json.dumps({"password": password, "tags": ""}).encode())
+        _management("", "PUT", f"permissions/{urllib.parse.quote(vhost, safe='')}/{user}",
+                    b'{"configure":".*","write":".*","read":".*"}')
+    except (OSError, urllib.error.URLError):
+        unavailable("the RabbitMQ management API")
+    yield user, password, f"amqp://{user}:{password}@127.0.0.1:5672/{urllib.parse.quote(vhost, safe='')}"
+    _management("", "DELETE", f"users/{user}")
+
+
+@pytest.mark.broker
+def test_credentials_from_the_environment_appear_in_no_log_line_or_report(secret_user, tmp_path):
+    user, password, url = secret_user
+    run = tmp_path / "run"
+    env = {"BROKER_URL": url, broker.RUN_DIR_ENV: str(run), "STACK": "local", "LOG_LEVEL": "DEBUG",
+           "WORKER_LOGLEVEL": "DEBUG"}
+    outputs = []
+    try:
+        for args in (["scale.py", "up"], ["dispatch.py", "--timeout", "60"], ["dispatch.py", "--json"],
+                     ["scale.py", "status"], ["scale.py", "status", "--json"], ["scale.py", "ps"]):
+            proc = run_cli(*args, env=env, timeout=180)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            outputs += [proc.stdout, proc.stderr]
+    finally:
+        outputs += [(down := run_cli("scale.py", "down", env=env, timeout=120)).stdout, down.stderr]
+    for wrong in (url.replace(password, password + "x"), url.replace(":5672/", f":{free_port()}/")):
+        proc = run_cli("dispatch.py", env={**env, "BROKER_URL": wrong})
+        assert proc.returncode == 3 and "error: " in proc.stderr
+        outputs += [proc.stdout, proc.stderr]
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".log" for p in files)  # the workers' own logs are among them
+    everything = "\n".join(outputs).encode() + b"\n".join(p.read_bytes() for p in files)
+    assert password.encode() not in everything
+    assert f"amqp://{user}:**@".encode() in everything  # the URL is there, masked: the search was meaningful
