@@ -12,9 +12,8 @@ import argparse
 import json
 import sys
 
-from conveyor import broker, cli
-from conveyor.app import create_app
-from conveyor.config import config_path, load_config
+from conveyor import cli
+from conveyor.config import config_path
 from conveyor.dispatch import dispatch
 from conveyor.errors import UsageError
 from conveyor.progress import progress_bar
@@ -35,12 +34,8 @@ def main() -> int:
     if args.timeout <= 0:
         raise UsageError(f"--timeout must be more than 0, got {args.timeout:g}")
 
-    config = load_config(args.config)
-    settings = broker.resolve()
-    broker.check(settings)
-    if settings.embedded or not settings.explicit:
-        cli.say(settings.describe())
-    app = create_app(config, settings)
+    app = cli.open_app(args.config)
+    config = app.conveyor_config
     total = sum(t.count for t in config.tasks)
     with stack_session(app, config, start=args.start_stack):
         with progress_bar(total, enabled=not args.json) as advance:

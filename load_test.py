@@ -16,8 +16,6 @@ import sys
 from pathlib import Path
 
 from conveyor import broker, cli
-from conveyor.app import create_app
-from conveyor.config import load_config
 from conveyor.errors import BrokerError, DispatchTimeout, UsageError
 from conveyor.loadtest import live, report
 from conveyor.loadtest.metrics import summarize
@@ -62,12 +60,8 @@ def main() -> int:
     check(args)
     scenario = load_scenario(args.scenario)
     plan = Plan(scenario, None) if args.duration else Plan.per_type(scenario, args.tasks or 20)
-    config = load_config(args.config)
-    settings = broker.resolve()
-    broker.check(settings)
-    if settings.embedded or not settings.explicit:
-        cli.say(settings.describe())
-    app = create_app(config, settings)
+    app = cli.open_app(args.config)
+    config = app.conveyor_config
     options = Options(timeout_s=args.timeout, duration_s=args.duration, rate_per_s=args.rate,
                       concurrency=args.concurrency, max_queue_depth=args.max_depth, batch_size=args.batch)
     with app.connection_for_write() as conn:
@@ -82,7 +76,7 @@ def main() -> int:
                     if not isinstance(exc.__cause__, lost):
                         raise
                     exc = exc.__cause__
-                raise BrokerError(f"lost the broker at {settings.safe_url} during the run ({type(exc).__name__}: "
+                raise BrokerError(f"lost the broker at {app.conveyor_broker.safe_url} during the run ({type(exc).__name__}: "
                                   f"{exc}); check RabbitMQ, then run the load test again") from None
     summary = {"scenario": scenario.name, **summarize(outcome.records, outcome.stats), "idle_queues": outcome.idle_queues}
     if args.json:

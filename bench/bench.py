@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -74,26 +73,12 @@ def private_broker() -> Iterator[None]:
         raise StackError(f"cannot create a RabbitMQ virtual host through {MANAGEMENT} ({exc}); "
                          "the benchmark needs RabbitMQ with its management plugin on 127.0.0.1") from None
     try:
-        with environment(BROKER_URL=f"amqp://guest:guest@127.0.0.1:5672/{vhost}", RESULT_BACKEND="rpc://",
-                         **{broker.RUN_DIR_ENV: run_dir}):
+        with cli.environ(dict(BROKER_URL=f"amqp://guest:guest@127.0.0.1:5672/{vhost}", RESULT_BACKEND="rpc://",
+                         **{broker.RUN_DIR_ENV: run_dir})):
             yield
     finally:
         management("DELETE", f"vhosts/{vhost}")
         shutil.rmtree(run_dir, ignore_errors=True)
-
-
-@contextmanager
-def environment(**values: str) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 # The tuned runs switch task records off (broker.RECORDS_URL_ENV): the peers keep none, and what
@@ -283,7 +268,7 @@ def main() -> int:
     with private_broker():
         cli.say("conveyor, no-op tasks, default settings...")
         results["noop"] = {"default": noop(ROOT / "test-config.yml", max(100, args.tasks // 4))}
-        with environment(**TUNED_ENV):
+        with cli.environ(TUNED_ENV):
             cli.say("conveyor, no-op tasks, tuned...")
             results["noop"]["tuned"] = noop(ROOT / "bench" / "noop.yml", args.tasks)
             cli.say("Dispatcher cost per task...")

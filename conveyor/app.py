@@ -21,6 +21,8 @@ def create_app(config: Config | None = None, settings: broker.BrokerSettings | N
     app = Celery("conveyor", broker=settings.broker_url, backend=settings.result_backend, set_as_current=True)
     if settings.result_backend.startswith("rpc://"):
         app.backend_cls = rpc_backend.RPCBackend  # the same backend, minus a round trip per task sent
+    elif settings.result_backend.startswith("file://"):
+        app.backend_cls = f"conveyor.file_backend:AtomicFilesystemBackend+{settings.result_backend}"  # whole files only
     transport_options = dict(settings.transport_options)
     if not settings.embedded:
         # Every publish waits for the broker's confirm: a task is never reported sent unless it is stored.

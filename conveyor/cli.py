@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from .errors import ConveyorError
 
@@ -38,3 +39,33 @@ def run(main: Callable[[], int | None]) -> None:
 def say(message: str) -> None:
     """A one-line notice for the user (which broker, which stack), kept off stdout so --json stays clean."""
     print(message, file=sys.stderr)
+
+
+@contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for a block: the app, the stacks and the workers they start read them."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def open_app(config_file: str | None, announce: bool = True):
+    """What a CLI does first: load the config, resolve and check the broker (failing in one line),
+    and build the app; say which broker it is unless it is the one the user named."""
+    from . import broker
+    from .app import create_app
+    from .config import load_config
+
+    config = load_config(config_file)
+    settings = broker.resolve()
+    broker.check(settings)
+    if announce and (settings.embedded or not settings.explicit):
+        say(settings.describe())
+    return create_app(config, settings)

@@ -22,8 +22,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 import yaml
 from celery import Celery
 
-from .. import broker, deadletter, ledger
+from .. import broker, cli, deadletter, ledger
 from ..app import create_app
 from ..config import Config, load_config
 from ..errors import UsageError
@@ -105,21 +104,6 @@ def plan(options: ChaosOptions, config: Config) -> list[Planned]:
     return planned
 
 
-@contextmanager
-def environ(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the run (the app, the stack and the workers it starts read them)."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 @dataclass
 class _Faults:
     broker_restarts: int = 0
@@ -154,7 +138,7 @@ class ChaosRun:
                 listen = ("127.0.0.1", namespace.host_ip) if namespace else ("127.0.0.1",)
                 node = cleanup.enter_context(BrokerNode(listen, keep_logs=self.home / "broker-log"))
                 self.node_home = node.home
-            cleanup.enter_context(environ({
+            cleanup.enter_context(cli.environ({
                 "BROKER_URL": self.broker_url or node.url(),
                 "RESULT_BACKEND": "rpc://",
                 broker.RECORDS_URL_ENV: f"sqlite:///{self.home / 'records.sqlite3'}",
@@ -169,7 +153,7 @@ class ChaosRun:
             # Only the workers (which inherit the environment) write the ledger; this process reads it.
             ledger_path = self.home / "ledger.sqlite3"
             ledger.connect(ledger_path).close()
-            cleanup.enter_context(environ({ledger.LEDGER_ENV: str(ledger_path)}))
+            cleanup.enter_context(cli.environ({ledger.LEDGER_ENV: str(ledger_path)}))
             stack = LocalStack(app, config)
             cleanup.callback(stack.down)
             stack.up(wait_s=120)

@@ -14,7 +14,7 @@ from .netns import remove_leftover as remove_netns
 from .node import alive
 from .node import leftovers as node_leftovers
 from .node import remove_leftover as remove_node
-from .run import environ
+from ..cli import environ
 
 
 def sweep(runs: Path) -> list[str]:
