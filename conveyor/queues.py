@@ -49,16 +49,20 @@ def stats(app: Celery, names: list[str]) -> list[QueueStats]:
     return found
 
 
-def management_request(broker_url: str, path: str) -> object:
-    """GET a management API path (e.g. `queues/{vhost}/{name}`) with the broker's own credentials."""
+def management_request(broker_url: str, path: str, method: str = "GET", body: bytes | None = None,
+                       timeout_s: float = 3.0) -> object:
+    """Call a management API path (e.g. `queues/{vhost}/{name}`) with the broker's own credentials;
+    return the parsed JSON answer, or None when the answer is empty (PUT, DELETE)."""
     _, host, _, user, password, vhost, _ = url_to_parts(broker_url)
     base = os.environ.get(MANAGEMENT_URL_ENV) or f"http://{host or '127.0.0.1'}:15672"
     vhost = urllib.parse.quote(vhost or "/", safe="")
-    request = urllib.request.Request(f"{base.rstrip('/')}/api/{path.format(vhost=vhost)}")
+    request = urllib.request.Request(f"{base.rstrip('/')}/api/{path.format(vhost=vhost)}", data=body, method=method)
     token = base64.b64encode(f"{user or 'guest'}:{password or 'guest'}".encode()).decode()
     request.add_header("Authorization", f"Basic {token}")
-    with urllib.request.urlopen(request, timeout=3) as response:
-        return json.load(response)
+    request.add_header("content-type", "application/json")
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        text = response.read()
+    return json.loads(text) if text else None
 
 
 def _unacked(broker_url: str, name: str) -> int:

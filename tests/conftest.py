@@ -62,15 +62,15 @@ def rabbitmq_url() -> Iterator[str]:
     base = "amqp://guest:guest@127.0.0.1:5672/"
     vhost = f"conveyor-test-{uuid.uuid4().hex[:8]}"
     try:
-        _management(base, "PUT", f"vhosts/{vhost}")
-        _management(base, "PUT", f"permissions/{vhost}/guest", b'{"configure":".*","write":".*","read":".*"}')
+        _management("PUT", f"vhosts/{vhost}")
+        _management("PUT", f"permissions/{vhost}/guest", b'{"configure":".*","write":".*","read":".*"}')
     except (OSError, urllib.error.URLError) as exc:
         if IN_CI:
             pytest.fail(f"the RabbitMQ management API is required when CI is set: {exc}")
         yield base + "/"  # no management API: share the default vhost
         return
     yield base + vhost
-    _management(base, "DELETE", f"vhosts/{vhost}")
+    _management("DELETE", f"vhosts/{vhost}")
     _forget_records(vhost)
 
 
@@ -82,14 +82,9 @@ def _forget_records(vhost: str) -> None:
         RedisStore(f"redis://{broker.DEFAULT_REDIS[0]}:{broker.DEFAULT_REDIS[1]}/0", vhost, ttl_s=60).clear()
 
 
-def _management(base_url: str, method: str, path: str, body: bytes | None = None) -> None:
-    import base64
-    import urllib.request
-
-    request = urllib.request.Request(f"http://127.0.0.1:15672/api/{path}", data=body, method=method)
-    request.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
-    request.add_header("content-type", "application/json")
-    urllib.request.urlopen(request, timeout=10).close()
+def _management(method: str, path: str, body: bytes | None = None) -> None:
+    """A call to the local RabbitMQ's management API as guest (vhosts and users for the tests)."""
+    queues.management_request(broker.DEFAULT_BROKER_URL, path, method, body, timeout_s=10)
 
 
 @pytest.fixture

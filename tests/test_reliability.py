@@ -6,7 +6,6 @@ own (conveyor/chaos/node.py), never the shared one. The big runs are `make chaos
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, _management, run_cli, unavailable, write_config
-from conveyor import broker, deadletter, dispatch, ledger
+from conveyor import broker, deadletter, dispatch, ledger, queues
 from conveyor.app import create_app
 from conveyor.chaos import ChaosOptions, ChaosRun
 from conveyor.chaos.netns import Namespace
@@ -219,15 +218,15 @@ def quorum_vhost(monkeypatch, tmp_path):
     refuses to declare a queue again as another type. Requested before local_stack, so torn down after."""
     vhost = f"conveyor-quorum-{uuid.uuid4().hex[:8]}"
     try:
-        _management("", "PUT", f"vhosts/{vhost}")
-        _management("", "PUT", f"permissions/{vhost}/guest", b'{"configure":".*","write":".*","read":".*"}')
+        _management("PUT", f"vhosts/{vhost}")
+        _management("PUT", f"permissions/{vhost}/guest", b'{"configure":".*","write":".*","read":".*"}')
     except (OSError, urllib.error.URLError):
         unavailable("the RabbitMQ management API")
     monkeypatch.setenv("BROKER_URL", f"amqp://guest:guest@127.0.0.1:5672/{vhost}")
     monkeypatch.setenv(broker.RUN_DIR_ENV, str(tmp_path / "run"))
     monkeypatch.delenv("RESULT_BACKEND", raising=False)
     yield vhost
-    _management("", "DELETE", f"vhosts/{vhost}")
+    _management("DELETE", f"vhosts/{vhost}")
 
 
 @pytest.mark.broker
@@ -247,12 +246,7 @@ def test_quorum_queues_run_retry_and_dead_letter(quorum_vhost, local_stack, tmp_
 
 
 def _management_get(path: str) -> dict:
-    vhost_and_rest = path.split("/")
-    quoted = "/".join(urllib.parse.quote(part, safe="") for part in vhost_and_rest)
-    request = urllib.request.Request(f"http://127.0.0.1:15672/api/{quoted}")
-    request.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.load(response)
+    return queues.management_request(broker.DEFAULT_BROKER_URL, path, timeout_s=10)
 
 
 # --- credentials ---------------------------------------------------------------------------------------
@@ -263,13 +257,13 @@ def secret_user(rabbitmq_url):
     vhost = urllib.parse.unquote(rabbitmq_url.rsplit("/", 1)[1]) or "/"
     user, password = f"conveyor-cred-{uuid.uuid4().hex[:6]}", f"Zebra{uuid.uuid4().hex}Quartz"
     try:
-        _management("", "PUT", f"users/{user}", json.dumps({"password": password, "tags": ""}).encode())
-        _management("", "PUT", f"permissions/{urllib.parse.quote(vhost, safe='')}/{user}",
+        _management("PUT", f"users/{user}", json.dumps({"password": password, "tags": ""}).encode())
+        _management("PUT", f"permissions/{urllib.parse.quote(vhost, safe='')}/{user}",
                     b'{"configure":".*","write":".*","read":".*"}')
     except (OSError, urllib.error.URLError):
         unavailable("the RabbitMQ management API")
     yield user, password, f"amqp://{user}:{password}@127.0.0.1:5672/{urllib.parse.quote(vhost, safe='')}"
-    _management("", "DELETE", f"users/{user}")
+    _management("DELETE", f"users/{user}")
 
 
 @pytest.mark.broker
