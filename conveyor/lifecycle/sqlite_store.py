@@ -11,6 +11,8 @@ import logging
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,19 +62,24 @@ class SqliteStore(Store):
             self._local.conn, self._local.pid = conn, os.getpid()
         return conn
 
-    def _write(self, statements: list[tuple[str, tuple]]) -> list[sqlite3.Cursor]:
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE takes the write lock before any read, so no other writer comes in between."""
         db = self.db
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
-                cursors = [db.execute(sql, params) for sql, params in statements]
+                yield db
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
             raise unavailable(self.url, exc) from None
-        return cursors
+
+    def _write(self, statements: list[tuple[str, tuple]]) -> list[sqlite3.Cursor]:
+        with self._transaction() as db:
+            return [db.execute(sql, params) for sql, params in statements]
 
     def transition(self, task_id: str, status: str, *, attempt: int | None = None, detail: str = "",
                    count_attempt: bool = False, **values: Any) -> None:
@@ -131,26 +138,16 @@ class SqliteStore(Store):
         return [from_strings(row["id"], dict(row)) for row in rows]
 
     def claim(self, unique_key: str, task_id: str, name: str) -> str:
-        db = self.db
-        try:
-            db.execute("BEGIN IMMEDIATE")  # the write lock, taken before the read: no other claim in between
-            try:
-                row = db.execute("SELECT u.task_id, r.status FROM uniques u LEFT JOIN records r ON r.id = u.task_id "
-                                 "WHERE u.key = ?", (unique_key,)).fetchone()
-                if row is not None and row[1] in ACTIVE:
-                    db.execute("COMMIT")
-                    return row[0]
-                at = now()
-                db.execute("INSERT INTO uniques VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET task_id = excluded.task_id",
-                           (unique_key, task_id))
-                db.execute("INSERT INTO records (id, created_at, status, unique_key, name, updated_at) "
-                           "VALUES (?, ?, ?, ?, ?, ?)", (task_id, at, QUEUED, unique_key, name, at))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise unavailable(self.url, exc) from None
+        with self._transaction() as db:
+            row = db.execute("SELECT u.task_id, r.status FROM uniques u LEFT JOIN records r ON r.id = u.task_id "
+                             "WHERE u.key = ?", (unique_key,)).fetchone()
+            if row is not None and row[1] in ACTIVE:
+                return row[0]
+            at = now()
+            db.execute("INSERT INTO uniques VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET task_id = excluded.task_id",
+                       (unique_key, task_id))
+            db.execute("INSERT INTO records (id, created_at, status, unique_key, name, updated_at) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", (task_id, at, QUEUED, unique_key, name, at))
         return task_id
 
     def is_revoked(self, task_id: str) -> bool:
