@@ -51,9 +51,7 @@ def main() -> int:
                         help="only remove what runs killed outright left behind (nodes, namespaces, workers), then exit")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
-    cli.setup_logging(args.verbose)
-    if not args.verbose:
-        cli.setup_logging_info()  # the run's own steps (kills, restarts) are its progress report
+    cli.setup_logging(args.verbose, progress=True)  # the run's own steps (kills, restarts) are its progress report
 
     runs = broker.run_dir() / "chaos"
     for what in sweep(runs):

@@ -41,8 +41,7 @@ import threading
 
 from rich.console import Console
 
-from conveyor import broker, cli
-from conveyor.app import create_app
+from conveyor import cli
 from conveyor.config import load_config
 from conveyor.errors import UsageError
 from conveyor.monitor import Monitor, dashboard, prometheus
@@ -77,9 +76,8 @@ def main() -> int:
     if args.json and influx == STDOUT:
         raise UsageError("--json and InfluxDB lines to stdout (--influx -) would share stdout; send the lines to a file")
     port = None if args.no_prometheus else args.port if args.port is not None else settings.prometheus_port
-    connection = broker.resolve()
-    broker.check(connection)
-    app = create_app(config, connection)
+    app = cli.open_app(config, announce=False)
+    connection = app.conveyor_broker
     stack = open_stack(app, config, args.stack)
     quiet = args.once and args.json
     if not quiet:

@@ -19,11 +19,9 @@ import argparse
 import json
 import sys
 
-from conveyor import broker, cli, rebalance, status
-from conveyor.app import create_app
+from conveyor import cli, rebalance, status
 from conveyor.autoscale import Autoscaler
 from conveyor.errors import UsageError
-from conveyor.config import load_config
 from conveyor.stack import open_stack
 
 
@@ -57,11 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = build_parser().parse_args()
-    cli.setup_logging(args.verbose)
-    config = load_config(args.config)
-    settings = broker.resolve()
-    broker.check(settings)
-    app = create_app(config, settings)
+    cli.setup_logging(args.verbose, progress=args.command == "auto" and not args.once)  # decisions are logged
+    app = cli.open_app(args.config, announce=False)
+    config, settings = app.conveyor_config, app.conveyor_broker
     stack = open_stack(app, config, args.stack)
     quiet = args.command == "status" and args.json
     if not quiet:
@@ -81,21 +77,18 @@ def main() -> int:
         stack.scale(args.service, args.count)
         print(f"{config.service(args.service).name}: {args.count} replica(s).")
     elif args.command == "scale-all":
-        for svc in config.services:
-            stack.scale(svc.name, args.count)
+        stack.scale_to({svc.name: args.count for svc in config.services})
         print(f"Every service: {args.count} replica(s).")
     elif args.command == "auto":
-        rounds = 1 if args.once else args.rounds
-        if rounds is not None and rounds < 1:
-            raise UsageError(f"--rounds must be 1 or more, got {rounds}")
+        if args.rounds is not None and args.rounds < 1:
+            raise UsageError(f"--rounds must be 1 or more, got {args.rounds}")
         scaler = Autoscaler(stack)
         if args.once:
             for d in scaler.step():
                 print(f"{d.service}: {d.current} -> {d.desired} ({d.reason})")
         else:
             cli.say(f"Autoscaling every {config.autoscale.interval_s:g} s; Ctrl-C stops. Decisions are logged.")
-            cli.setup_logging_info()
-            scaler.run(rounds)
+            scaler.run(args.rounds)
     elif args.command == "rebalance":
         weights = rebalance.load_weights(args.weights) if args.weights else None
         shares = rebalance.plan(config, args.workers, weights)

@@ -77,8 +77,9 @@ def private_broker() -> Iterator[None]:
 
 
 # The tuned runs switch task records off (broker.RECORDS_URL_ENV): the peers keep none, and what
-# the records cost is measured apart in docs/performance.md.
-TUNED_ENV = {"RECORDS_URL": "off"}
+# the records cost is measured apart in docs/performance.md. Workers log at WARNING, as the peers'
+# do: at INFO, Celery writes two log lines per task.
+TUNED_ENV = {"RECORDS_URL": "off", "WORKER_LOGLEVEL": "WARNING"}
 
 
 @contextmanager
@@ -140,7 +141,7 @@ def half_saturation(config_file: Path, saturation_per_s: float, seconds: float) 
     scenario = one_type("task_a", 0.0)
     rate = saturation_per_s / 2
     with stack(config_file) as local:
-        measure(local.app, scenario, {"task_a": 200}, 120)
+        measure(local.app, scenario, {"task_a": 1000}, 120)  # warm-up: every replica busy at least once
         summary = measure(local.app, scenario, None, seconds + 60, duration_s=seconds, rate_per_s=rate)
     return {"rate_per_s": rate, "sent": summary["sent"], "latency_s": summary["latency_s"]}
 
@@ -154,13 +155,17 @@ def dispatcher_cost(config_file: Path, n: int) -> dict[str, Any]:
         from conveyor import deadletter
 
         deadletter.declare(app)
+        kwargs = {"duration_s": 0}
         with BatchPublisher(app) as pub:
-            pub.publish(lambda p: app.send_task("task_a", kwargs={"duration_s": 0}, producer=p, declare=[]))
-            pub.flush()  # warm: the reply queue declare, the first frames
+            def send(_producer: Any) -> str:
+                return pub.send_task("task_a", kwargs, repr(kwargs))
+
+            pub.publish(send)
+            pub.flush()  # warm: the first frames
             t0, c0 = time.perf_counter(), time.process_time()
             for start in range(0, n, 500):
                 for _ in range(min(500, n - start)):
-                    pub.publish(lambda p: app.send_task("task_a", kwargs={"duration_s": 0}, producer=p, declare=[]))
+                    pub.publish(send)
                 pub.flush()
             batch_ms, batch_cpu_ms = (time.perf_counter() - t0) * 1000 / n, (time.process_time() - c0) * 1000 / n
         each = max(100, n // 10)
@@ -185,8 +190,7 @@ def seed_scaling(config_file: Path, seconds: float, replicas: list[int]) -> list
     rows = []
     with stack(config_file) as local:
         for count in replicas:
-            for svc in config.services:
-                local.scale(svc.name, count, wait_s=120)
+            local.scale_to({svc.name: count for svc in config.services}, wait_s=120)
             slots = {t.name: config.service(t.queue).concurrency * count for t in (a, b)}
             ideal = {name: slots[name] / TASKS[name].default_duration_s for name in slots}  # tasks/s per type
             counts = {name: round(ideal[name] * seconds) for name in ideal}
@@ -216,7 +220,7 @@ def table(results: dict[str, Any]) -> str:
         if key in peers:
             rows.append((f"no-op: {label}", f"{peers[key]:.0f}/s", "", ""))
     rows.append(("no-op: conveyor, default settings (test-config.yml)", f"{ours['default']['tasks_per_s']:.0f}/s", "", ""))
-    rows.append(("no-op: conveyor, tuned (bench/noop.yml, RECORDS_URL=off)", f"{ours['tuned']['tasks_per_s']:.0f}/s", "", ""))
+    rows.append(("no-op: conveyor, tuned (bench/noop.yml, records off)", f"{ours['tuned']['tasks_per_s']:.0f}/s", "", ""))
     r = results["ratios"]
     rows.append(("  tuned vs Dramatiq", _x(r["vs_dramatiq"]), ">= 1.0x", verdict(r["vs_dramatiq"], TARGETS["vs_dramatiq"])))
     rows.append(("  tuned vs raw AMQP floor", _x(r["vs_raw"]), ">= 0.5x", verdict(r["vs_raw"], TARGETS["vs_raw"])))
@@ -249,7 +253,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=10_000, help="no-op tasks per system (default 10000)")
     parser.add_argument("--seed-s", type=float, default=8.0, help="ideal duration of each seed-workload run (default 8)")
-    parser.add_argument("--half-saturation-s", type=float, default=5.0, help="length of the half-saturation run (default 5)")
+    parser.add_argument("--half-saturation-s", type=float, default=10.0, help="length of the half-saturation run (default 10)")
     parser.add_argument("--no-peers", action="store_true", help="skip ../shared/bench (no ratios against them)")
     parser.add_argument("--out", default=str(ROOT / "bench-results"), help="directory for the JSON (default bench-results/)")
     parser.add_argument("-v", "--verbose", action="store_true")

@@ -17,9 +17,7 @@ import argparse
 import json
 from dataclasses import asdict
 
-from . import broker, cli, deadletter
-from .app import create_app
-from .config import load_config
+from . import cli, deadletter
 from .errors import UsageError
 from .lifecycle import commands, records, render
 
@@ -57,10 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> int:
     args = build_parser().parse_args()
     cli.setup_logging(args.verbose)
-    settings = broker.resolve()
-    app = create_app(load_config(args.config), settings)
-    if args.area == "dlq" or args.command == "revoke":
-        broker.check(settings)
+    # Records live in Redis or SQLite: listing and showing them works while the broker is down.
+    app = cli.open_app(args.config, announce=False, check=args.area == "dlq" or args.command == "revoke")
     return (run_tasks if args.area == "tasks" else run_dlq)(app, args)
 
 

@@ -51,7 +51,7 @@ def create_app(config: Config | None = None, settings: broker.BrokerSettings | N
         worker_cancel_long_running_tasks_on_connection_loss=True,
         # Dead-letters, with their reason, the messages Celery's consumer would acknowledge away.
         worker_consumer="conveyor.consumer:Consumer",
-        result_extended=True,
+        result_extended=config.tuning.result_extended,
         result_expires=24 * 3600,
         task_track_started=config.tuning.track_started,
         task_send_sent_event=config.tuning.task_events,

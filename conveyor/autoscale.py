@@ -87,7 +87,7 @@ class Autoscaler:
                  for q in queues.stats(self.stack.app, sorted({q for s in self.config.services for q in s.queues}))}
         running = self.stack.running()
         low_since = self._load()
-        decisions = []
+        decisions, changes = [], {}
         for svc in self.config.services:
             backlog = sum(depth.get(q, 0) for q in svc.queues)
             decision, since = decide(self.config, svc, backlog, running.get(svc.name, 0), low_since.get(svc.name), now)
@@ -97,8 +97,9 @@ class Autoscaler:
                 low_since[svc.name] = since
             log.info("Autoscaler: %s %s -> %s: %s.", svc.name, decision.current, decision.desired, decision.reason)
             if decision.changes:
-                self.stack.scale(svc.name, decision.desired)
+                changes[svc.name] = decision.desired
             decisions.append(decision)
+        self.stack.scale_to(changes)  # then one wait for every service that changed
         self._save(low_since)
         return decisions
 

@@ -7,20 +7,25 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from .errors import ConveyorError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 log = logging.getLogger(__name__)
 
 
-def setup_logging(verbose: bool = False) -> None:
-    level = logging.DEBUG if verbose else getattr(logging, os.environ.get("LOG_LEVEL", "WARNING").upper(), logging.WARNING)
+def setup_logging(verbose: bool = False, progress: bool = False) -> None:
+    """WARNING and up, or LOG_LEVEL, or DEBUG with -v. `progress`: a long-running command whose own
+    INFO lines are its output (the autoscaler's decisions, the chaos run's steps) shows them too,
+    unless -v or LOG_LEVEL asks for something else."""
+    chosen = os.environ.get("LOG_LEVEL")
+    level = logging.DEBUG if verbose else getattr(logging, (chosen or "WARNING").upper(), logging.WARNING)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
-def setup_logging_info() -> None:
-    """For long-running commands whose log lines are their output (the autoscaler's decisions)."""
-    logging.getLogger("conveyor").setLevel(logging.INFO)
+    if progress and not verbose and not chosen:
+        logging.getLogger("conveyor").setLevel(logging.INFO)
 
 
 def run(main: Callable[[], int | None]) -> None:
@@ -56,16 +61,19 @@ def environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def open_app(config_file: str | None, announce: bool = True):
-    """What a CLI does first: load the config, resolve and check the broker (failing in one line),
-    and build the app; say which broker it is unless it is the one the user named."""
+def open_app(config: Config | str | None, announce: bool = True, check: bool = True):
+    """What a CLI does first: load the config (unless given loaded), resolve the broker and check
+    that it answers (failing in one line; `check=False` for commands that can do without it), and
+    build the app; say which broker it is unless it is the one the user named."""
     from . import broker
     from .app import create_app
-    from .config import load_config
+    from .config import Config, load_config
 
-    config = load_config(config_file)
+    if not isinstance(config, Config):
+        config = load_config(config)
     settings = broker.resolve()
-    broker.check(settings)
+    if check:
+        broker.check(settings)
     if announce and (settings.embedded or not settings.explicit):
         say(settings.describe())
     return create_app(config, settings)

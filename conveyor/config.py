@@ -135,11 +135,16 @@ class Monitoring(Strict):
 
 
 class Tuning(Strict):
-    """Per-task work on the hot path beyond running the task and returning its result. Both are on by
-    default because `make monitor` and Flower read them; docs/performance.md measures what they cost."""
+    """Per-task work on the hot path beyond running the task and returning its result. All are on by
+    default: `make monitor` and Flower read the events and states, and a confirmed result is never
+    lost. docs/performance.md measures what each costs; bench/noop.yml turns them off."""
 
     task_events: bool = Field(True, description="callers send task-sent and workers task-received/started/succeeded events")
     track_started: bool = Field(True, description="workers report a STARTED state for each task (one more result message)")
+    result_extended: bool = Field(True, description="results also carry the task's name, arguments, worker and queue")
+    result_confirms: bool = Field(True, description=(
+        "workers wait for the broker's confirm of each rpc:// result before acknowledging the task; "
+        "off, a broker crash in between can lose a result (never the task), docs/reliability.md"))
 
 
 class Config(Strict):

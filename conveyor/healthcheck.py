@@ -33,14 +33,14 @@ def node_from_file(path: str | None = None) -> str:
 
 def check(node: str, timeout_s: float) -> bool:
     """True when `node` answers a ping within the timeout."""
+    from . import workers
     from .app import create_app
 
     app = create_app()
     try:
-        replies = app.control.ping(destination=[node], timeout=timeout_s) or []
+        return node in workers.ping(app, timeout_s, destination=[node])
     finally:
         app.close()
-    return any(node in reply for reply in replies)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ from typing import Any
 from celery import states
 from celery.signals import task_postrun, task_prerun
 
+from . import sqlite
 from .tasks import DeadLettered
 
 log = logging.getLogger(__name__)
@@ -60,13 +61,7 @@ CREATE INDEX IF NOT EXISTS executions_task ON executions (task_id, attempt);
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=30, isolation_level=None)  # autocommit: one statement, one commit
-    conn.execute("PRAGMA journal_mode=WAL")
-    # A process crash cannot lose a commit in WAL mode even without a sync per commit; a power cut
-    # could, which no fault here injects.
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.executescript(SCHEMA)
-    return conn
+    return sqlite.connect(path, SCHEMA, timeout_s=30)
 
 
 # --- writing: in the worker's pool processes ------------------------------------------------------

@@ -40,12 +40,13 @@ def stats(app: Celery, names: list[str]) -> list[QueueStats]:
     messages from the management API, whose figures lag by its statistics interval (5 s)."""
     found = _from_declare(app, names)
     if not app.conveyor_broker.embedded:
-        for queue in found:
-            try:
-                queue.messages_unacked = _unacked(app.conveyor_broker.broker_url, queue.name)
-            except (OSError, ValueError) as exc:
-                log.info("The RabbitMQ management API did not answer (%s); unacknowledged counts are unknown.", exc)
-                break
+        try:
+            unacked = _unacked(app.conveyor_broker.broker_url)
+        except (OSError, ValueError) as exc:
+            log.info("The RabbitMQ management API did not answer (%s); unacknowledged counts are unknown.", exc)
+        else:
+            for queue in found:
+                queue.messages_unacked = unacked.get(queue.name, 0)  # not declared yet: nothing in it
     return found
 
 
@@ -65,14 +66,10 @@ def management_request(broker_url: str, path: str, method: str = "GET", body: by
     return json.loads(text) if text else None
 
 
-def _unacked(broker_url: str, name: str) -> int:
-    try:
-        data = management_request(broker_url, f"queues/{{vhost}}/{urllib.parse.quote(name, safe='')}")
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:  # not declared yet: nothing in it
-            return 0
-        raise
-    return int(data.get("messages_unacknowledged", 0))
+def _unacked(broker_url: str) -> dict[str, int]:
+    """Unacknowledged messages per queue of the vhost: one request, whatever the number of queues."""
+    listing = management_request(broker_url, "queues/{vhost}?columns=name,messages_unacknowledged")
+    return {q["name"]: int(q.get("messages_unacknowledged", 0)) for q in listing or []}
 
 
 def _from_declare(app: Celery, names: list[str]) -> list[QueueStats]:

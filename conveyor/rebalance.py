@@ -63,7 +63,8 @@ def apply(stack: Stack, shares: dict[str, int]) -> dict[str, tuple[int, int]]:
     before = stack.running()
     changes = {name: (before.get(name, 0), count) for name, count in shares.items() if before.get(name, 0) != count}
     # Shrink first, so that a fixed total never runs over it while replicas move between services.
-    for name, (old, new) in sorted(changes.items(), key=lambda item: item[1][1] - item[1][0]):
+    ordered = sorted(changes.items(), key=lambda item: item[1][1] - item[1][0])
+    for name, (old, new) in ordered:
         log.info("Rebalance: %s from %d to %d replica(s).", name, old, new)
-        stack.scale(name, new)
+    stack.scale_to({name: new for name, (_, new) in ordered})
     return changes

@@ -17,9 +17,9 @@ def service_of(node: str) -> str:
     return node.split("@", 1)[0].rsplit("-", 1)[0]
 
 
-def ping(app: Celery, timeout_s: float = 1.0) -> list[str]:
-    """Node names of every worker that answered a broadcast ping within the timeout."""
-    replies = app.control.ping(timeout=timeout_s) or []
+def ping(app: Celery, timeout_s: float = 1.0, destination: list[str] | None = None) -> list[str]:
+    """Node names of every worker (or of those in `destination`) that answered a ping within the timeout."""
+    replies = app.control.ping(destination=destination, timeout=timeout_s) or []
     return sorted(node for reply in replies for node in reply)
 
 

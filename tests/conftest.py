@@ -12,6 +12,7 @@ import time
 import urllib.error
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,32 @@ def local_stack(make_app):
     yield start
     for stack in stacks:
         stack.down()
+
+
+@contextmanager
+def module_stack(rabbitmq_url: str, run_dir: Path, config_file: Path, **env: str | None) -> Iterator:
+    """A local stack for a whole test module (starting one per test would only repeat the same few
+    seconds), on the session's vhost with a run directory of its own. Its environment (plus `env`;
+    None unsets a variable) holds while the stack runs, so run_cli sees the same broker and stack."""
+    from conveyor.stack.local import LocalStack
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BROKER_URL", rabbitmq_url)
+        patch.setenv(broker.RUN_DIR_ENV, str(run_dir))
+        patch.delenv("RESULT_BACKEND", raising=False)
+        for name, value in env.items():
+            if value is None:
+                patch.delenv(name, raising=False)
+            else:
+                patch.setenv(name, value)
+        app = create_app(load_config(config_file), broker.resolve())
+        stack = LocalStack(app, app.conveyor_config)
+        try:
+            stack.up(wait_s=60)
+            yield stack
+        finally:
+            stack.down()
+            app.close()
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -11,12 +11,9 @@ from pathlib import Path
 import pytest
 from kombu import Exchange, Producer
 
-from conftest import ROOT, queue_depth, run_cli, wait_for, write_config
-from conveyor import broker, deadletter
-from conveyor.app import create_app
-from conveyor.config import load_config
+from conftest import ROOT, module_stack, queue_depth, run_cli, wait_for, write_config
+from conveyor import deadletter
 from conveyor.consumer import ENVELOPE_BYTES
-from conveyor.stack.local import LocalStack
 from conveyor.tasks import DeadLettered
 from test_cli_errors import free_port, one_line_error
 
@@ -102,19 +99,8 @@ def worker(rabbitmq_url, tmp_path_factory):
     """One worker for the module (each test drains the dead-letter queue first): starting one per
     test would only repeat the same few seconds."""
     home = tmp_path_factory.mktemp("bad-input")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("BROKER_URL", rabbitmq_url)
-        patch.setenv(broker.RUN_DIR_ENV, str(home))
-        patch.delenv("RESULT_BACKEND", raising=False)
-        config = load_config(write_config(home / "c.yml", CONFIG))
-        app = create_app(config, broker.resolve())
-        stack = LocalStack(app, config)
-        try:
-            stack.up(wait_s=60)
-            yield stack
-        finally:
-            stack.down()
-            app.close()
+    with module_stack(rabbitmq_url, home, write_config(home / "c.yml", CONFIG)) as stack:
+        yield stack
 
 
 @pytest.fixture

@@ -30,80 +30,73 @@ _NAME_REF = {"type": "object", "required": ["name"], "additionalProperties": Fal
              "properties": {"name": {"type": "string", "minLength": 1}, "kind": {"type": "string"},
                             "apiVersion": {"type": "string"}, "envSourceContainerName": {"type": "string"}}}
 _METADATA = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string", "minLength": 1}}}
-SCALED_OBJECT = {
+
+
+def _keda_resource(kind: str, spec: dict) -> dict:
+    """A KEDA object of `kind`: the envelope every Kubernetes resource has, around its own spec."""
+    return {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {"apiVersion": {"const": KEDA_API}, "kind": {"const": kind}, "metadata": _METADATA, "spec": spec},
+    }
+
+
+SCALED_OBJECT = _keda_resource("ScaledObject", {
     "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "required": ["scaleTargetRef", "triggers"],
+    "additionalProperties": False,
     "properties": {
-        "apiVersion": {"const": KEDA_API},
-        "kind": {"const": "ScaledObject"},
-        "metadata": _METADATA,
-        "spec": {
+        "scaleTargetRef": _NAME_REF,
+        "pollingInterval": {"type": "integer", "minimum": 1},
+        "cooldownPeriod": {"type": "integer", "minimum": 0},
+        "initialCooldownPeriod": {"type": "integer", "minimum": 0},
+        "idleReplicaCount": {"type": "integer", "minimum": 0},
+        "minReplicaCount": {"type": "integer", "minimum": 0},
+        "maxReplicaCount": {"type": "integer", "minimum": 1},
+        "fallback": {"type": "object", "required": ["failureThreshold", "replicas"]},
+        "advanced": {
             "type": "object",
-            "required": ["scaleTargetRef", "triggers"],
             "additionalProperties": False,
             "properties": {
-                "scaleTargetRef": _NAME_REF,
-                "pollingInterval": {"type": "integer", "minimum": 1},
-                "cooldownPeriod": {"type": "integer", "minimum": 0},
-                "initialCooldownPeriod": {"type": "integer", "minimum": 0},
-                "idleReplicaCount": {"type": "integer", "minimum": 0},
-                "minReplicaCount": {"type": "integer", "minimum": 0},
-                "maxReplicaCount": {"type": "integer", "minimum": 1},
-                "fallback": {"type": "object", "required": ["failureThreshold", "replicas"]},
-                "advanced": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {
-                        "restoreToOriginalReplicaCount": {"type": "boolean"},
-                        "horizontalPodAutoscalerConfig": {
-                            "type": "object", "additionalProperties": False,
-                            "properties": {"name": {"type": "string"}, "behavior": {"type": "object"}},
-                        },
-                        "scalingModifiers": {"type": "object"},
-                    },
+                "restoreToOriginalReplicaCount": {"type": "boolean"},
+                "horizontalPodAutoscalerConfig": {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {"name": {"type": "string"}, "behavior": {"type": "object"}},
                 },
-                "triggers": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {
-                        "type": "object",
-                        "required": ["type", "metadata"],
-                        "additionalProperties": False,
-                        "properties": {
-                            "type": {"type": "string"},
-                            "name": {"type": "string"},
-                            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
-                            "authenticationRef": _NAME_REF,
-                            "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
-                            "useCachedMetrics": {"type": "boolean"},
-                        },
-                    },
+                "scalingModifiers": {"type": "object"},
+            },
+        },
+        "triggers": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["type", "metadata"],
+                "additionalProperties": False,
+                "properties": {
+                    "type": {"type": "string"},
+                    "name": {"type": "string"},
+                    "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "authenticationRef": _NAME_REF,
+                    "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                    "useCachedMetrics": {"type": "boolean"},
                 },
             },
         },
     },
-}
-TRIGGER_AUTHENTICATION = {
+})
+TRIGGER_AUTHENTICATION = _keda_resource("TriggerAuthentication", {
     "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
     "properties": {
-        "apiVersion": {"const": KEDA_API},
-        "kind": {"const": "TriggerAuthentication"},
-        "metadata": _METADATA,
-        "spec": {
-            "type": "object",
-            "properties": {
-                "secretTargetRef": {
-                    "type": "array",
-                    "items": {
-                        "type": "object", "required": ["parameter", "name", "key"], "additionalProperties": False,
-                        "properties": {k: {"type": "string", "minLength": 1} for k in ("parameter", "name", "key")},
-                    },
-                },
+        "secretTargetRef": {
+            "type": "array",
+            "items": {
+                "type": "object", "required": ["parameter", "name", "key"], "additionalProperties": False,
+                "properties": {k: {"type": "string", "minLength": 1} for k in ("parameter", "name", "key")},
             },
         },
     },
-}
+})
 KEDA_SCHEMAS = {"ScaledObject": SCALED_OBJECT, "TriggerAuthentication": TRIGGER_AUTHENTICATION}
 
 

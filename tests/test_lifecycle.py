@@ -12,15 +12,13 @@ import uuid
 import pytest
 from celery.exceptions import TaskRevokedError, TimeLimitExceeded
 
-from conftest import queue_depth, run_cli, wait_for, write_config
-from conveyor import broker, deadletter, queues
-from conveyor.app import create_app
-from conveyor.config import TaskSpec, load_config
+from conftest import module_stack, queue_depth, run_cli, wait_for, write_config
+from conveyor import deadletter, queues
+from conveyor.config import TaskSpec
 from conveyor.dispatch import DUPLICATE, dispatch
 from conveyor.lifecycle import records
 from conveyor.lifecycle.records import DEAD_LETTERED, FAILED, QUEUED, RETRYING, REVOKED, RUNNING, SUCCEEDED
 from conveyor.lifecycle.unique import Dispatched, send_unique
-from conveyor.stack.local import LocalStack
 from conveyor.tasks import DeadLettered
 from conveyor.workers import service_of
 from events import EventLog
@@ -45,21 +43,9 @@ stop_grace_s: 10
 def stack(rabbitmq_url, tmp_path_factory):
     home = tmp_path_factory.mktemp("lifecycle")
     config_file = write_config(home / "lifecycle.yml", CONFIG)
-    with pytest.MonkeyPatch.context() as env:
-        # Also seen by run_cli: the CLI talks to the same vhost, run directory and record store.
-        env.setenv("BROKER_URL", rabbitmq_url)
-        env.setenv(broker.RUN_DIR_ENV, str(home / "run"))
-        env.setenv("CONVEYOR_CONFIG", str(config_file))
-        env.delenv("RESULT_BACKEND", raising=False)
-        env.delenv("RECORDS_URL", raising=False)
-        app = create_app(load_config(config_file), broker.resolve())
-        workers = LocalStack(app, app.conveyor_config)
-        try:
-            workers.up(wait_s=60)
-            yield workers
-        finally:
-            workers.down()
-            app.close()
+    # The CLI (run_cli) reads the same config and, with RECORDS_URL unset, the same record store.
+    with module_stack(rabbitmq_url, home / "run", config_file, CONVEYOR_CONFIG=str(config_file), RECORDS_URL=None) as workers:
+        yield workers
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from conftest import ROOT, run_cli, write_config
 from conveyor import deadletter
 from conveyor.errors import ConfigError
 from conveyor.loadtest import report
+from conveyor.loadtest.publisher import BatchPublisher
 from conveyor.loadtest.metrics import Record, RunStats, Stage, distribution, percentile, summarize, timeline
 from conveyor.loadtest.scenario import Plan, Scenario, load_scenario
 
@@ -228,10 +229,16 @@ def empty_queues(broker_env, make_app):
     empty()
 
 
+# The lean tuning takes the fast paths: BatchPublisher.send_task (no task-sent event to send) and
+# results published without a confirm each; the default one goes through app.send_task.
+LEAN_TUNING = "tuning: {task_events: false, track_started: false, result_extended: false, result_confirms: false}\n"
+
+
 @pytest.mark.broker
 @pytest.mark.usefixtures("empty_queues")
-def test_counts_add_up_on_a_run_with_injected_failures(broker_env, local_stack, tmp_path):
-    config = write_config(tmp_path / "stack.yml", STACK_CONFIG)
+@pytest.mark.parametrize("tuning", ["", LEAN_TUNING], ids=["default", "lean"])
+def test_counts_add_up_on_a_run_with_injected_failures(broker_env, local_stack, tmp_path, tuning):
+    config = write_config(tmp_path / "stack.yml", STACK_CONFIG + tuning)
     local_stack(config)
     scenario_file = write_config(tmp_path / "failing.yml", FAILING)
     out = tmp_path / "report"
@@ -269,3 +276,42 @@ def test_with_every_worker_stopped_it_ends_at_its_timeout_and_says_so(broker_env
     assert sent == pending and 15 <= sent <= 30
     assert f"{40 - sent} never sent" in out
     assert float(re.search(r"paused ([\d.]+) s on backpressure", out).group(1)) >= 2.0
+
+
+@pytest.mark.broker
+@pytest.mark.usefixtures("empty_queues")
+def test_the_fast_send_path_publishes_the_message_send_task_would(broker_env, make_app, tmp_path):
+    """BatchPublisher.send_task skips per-message work but must not change the message a worker gets."""
+    app = make_app(write_config(tmp_path / "lean.yml", STACK_CONFIG + LEAN_TUNING))
+    kwargs = {"duration_s": 0.5, "payload": "xyz"}
+    with BatchPublisher(app) as pub:
+        assert pub.fast
+        slow = pub.publish(lambda producer: app.send_task("task_b", kwargs=kwargs, producer=producer, declare=[]).id)
+        fast = pub.publish(lambda _producer: pub.send_task("task_b", kwargs, "{...}"))
+        confirmed, refused = pub.flush()
+    assert confirmed == [slow, fast] and refused == []
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        got = [channel.basic_get("queue_b", no_ack=True) for _ in range(2)]
+    assert [m.headers["id"] for m in got] == [slow, fast]
+    (a, b) = got
+    differ = {"id", "root_id", "kwargsrepr", "argsrepr", "origin"}
+    assert {k: v for k, v in a.headers.items() if k not in differ} == {k: v for k, v in b.headers.items() if k not in differ}
+    assert a.headers.keys() == b.headers.keys()
+    assert a.body == b.body and a.content_type == b.content_type == "application/json"
+    for prop in ("delivery_mode", "reply_to", "content_encoding", "priority"):
+        assert a.properties.get(prop) == b.properties.get(prop), prop
+    assert b.properties["correlation_id"] == fast and b.properties["delivery_mode"] == 2
+
+
+@pytest.mark.broker
+def test_results_skip_the_confirm_only_where_the_config_says(broker_env, make_app, tmp_path):
+    confirmed_app = make_app(write_config(tmp_path / "default.yml", STACK_CONFIG))
+    lean_app = make_app(write_config(tmp_path / "lean.yml", STACK_CONFIG + LEAN_TUNING))
+    with confirmed_app.backend._producers().acquire(block=True) as producer:
+        assert producer.connection.transport_options.get("confirm_publish") is True
+    with lean_app.backend._producers().acquire(block=True) as producer:
+        assert producer.connection.transport_options.get("confirm_publish") is False
+    # The dead-letter publishes keep theirs: they go through the app's own pool.
+    with lean_app.producer_or_acquire() as producer:
+        assert producer.connection.transport_options.get("confirm_publish") is True

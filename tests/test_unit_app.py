@@ -149,3 +149,20 @@ def test_explicit_unreachable_url_fails_loudly(tmp_path):
     env = {"BROKER_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}//", broker.RUN_DIR_ENV: str(tmp_path)}
     with pytest.raises(broker.BrokerError, match="cannot reach the broker .* start RabbitMQ or fix BROKER_URL"):
         broker.check(broker.resolve(env), timeout_s=2)
+
+
+def test_tuning_reaches_celery_settings(tmp_path):
+    """Every `tuning:` knob is on by default and each one turns its own Celery setting off."""
+    settings = broker.resolve({"BROKER_URL": "filesystem://", broker.RUN_DIR_ENV: str(tmp_path)})
+    default = create_app(load_config(ROOT / "test-config.yml"), settings)
+    tuned = create_app(load_config(ROOT / "bench" / "noop.yml"), settings)
+    try:
+        assert (default.conf.task_send_sent_event, default.conf.worker_send_task_events,
+                default.conf.task_track_started, default.conf.result_extended) == (True, True, True, True)
+        assert default.conveyor_config.tuning.result_confirms is True
+        assert (tuned.conf.task_send_sent_event, tuned.conf.worker_send_task_events,
+                tuned.conf.task_track_started, tuned.conf.result_extended) == (False, False, False, False)
+        assert tuned.conveyor_config.tuning.result_confirms is False
+    finally:
+        default.close()
+        tuned.close()

@@ -20,7 +20,7 @@ from celery import Celery
 from .. import broker, workers
 from ..config import Config
 from ..errors import StackError
-from ..stack.local import LocalStack
+from ..stack.local import LocalStack, is_ours, read_pidfile
 from .netns import Namespace
 from .node import BrokerNode
 
@@ -41,7 +41,6 @@ class Publisher(threading.Thread):
         self.app, self.planned, self.rate_per_s = app, planned, rate_per_s
         self.sent = 0
         self.confirmed: dict[str, Planned] = {}
-        self.unconfirmed: dict[str, str] = {}  # task id -> why
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -59,7 +58,6 @@ class Publisher(threading.Thread):
                     self.app.send_task(item.task, kwargs=item.kwargs, task_id=task_id, producer=producer,
                                        ignore_result=True)  # the ledger is the record here, not the backend
                 except broker.PUBLISH_ERRORS as exc:
-                    self.unconfirmed[task_id] = f"{type(exc).__name__}: {exc}"
                     log.warning("Task %d of %d was not confirmed by the broker: %s.", index + 1, len(self.planned), exc)
                     continue
                 self.confirmed[task_id] = item
@@ -141,15 +139,11 @@ class PartitionedWorker:
     @staticmethod
     def kill_leftover(home: Path) -> bool:
         """SIGKILL the partitioned worker a killed run left (its broker is gone: nothing to finish)."""
-        try:
-            pid, node = (home / PARTITIONED_PID_FILE).read_text().split()
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError):
-            return False
+        pid, node = read_pidfile(home / PARTITIONED_PID_FILE)
         (home / PARTITIONED_PID_FILE).unlink(missing_ok=True)
-        if node.encode() not in cmdline:  # the pid was reused by another process
+        if not is_ours(pid, node):  # gone, or the pid was reused by another process
             return False
-        os.killpg(int(pid), signal.SIGKILL)
+        os.killpg(pid, signal.SIGKILL)
         return True
 
     def __enter__(self) -> PartitionedWorker:

@@ -6,7 +6,7 @@ closing any socket, as a failed switch or a partitioned network would. Nothing i
 pair: the /30 has two addresses, one per end, and no gateway.
 
 Needs root (CAP_NET_ADMIN) and iproute2. The namespace and the pair are named after this process, so
-that concurrent runs never collide and `remove()` deletes exactly what `create()` made.
+that concurrent runs never collide and `remove()` deletes exactly what `set_up()` made.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import shutil
 import subprocess
 
 from ..errors import StackError, UsageError
-from .node import alive
+from ..stack.local import alive
+from .node import Owned
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +27,9 @@ POOL = ipaddress.ip_network("10.251.0.0/16")  # where a /30 is picked when none 
 PREFIX = "conveyor-chaos-"  # then the pid of the process that made it
 
 
-class Namespace:
+class Namespace(Owned):
     def __init__(self, subnet: str | None = None) -> None:
-        """`subnet`: the /30 for the pair; by default a free one in 10.251.0.0/16, chosen at create()."""
+        """`subnet`: the /30 for the pair; by default a free one in 10.251.0.0/16, chosen at set_up()."""
         if subnet is not None:
             try:
                 net = ipaddress.ip_network(subnet)
@@ -38,9 +39,7 @@ class Namespace:
                 raise UsageError(f"the partition subnet must be an IPv4 /30, got {subnet}")
         self.subnet = subnet
         self.host_ip = self.ns_ip = ""
-        pid = os.getpid()
-        self.name = f"{PREFIX}{pid}"
-        self.host_end, self.ns_end = f"cvc{pid}h", f"cvc{pid}n"  # interface names: 15 characters at most
+        self.name, self.host_end, self.ns_end = _names(os.getpid())
         self.created = False
 
     @staticmethod
@@ -50,7 +49,7 @@ class Namespace:
         if not shutil.which("ip"):
             raise UsageError("--partition needs the `ip` command (iproute2)")
 
-    def create(self) -> None:
+    def set_up(self) -> None:
         self.check_possible()
         net = self._free_subnet()
         self.subnet = str(net)
@@ -107,24 +106,12 @@ class Namespace:
         log.info("Restored the link to namespace %s.", self.name)
 
     def remove(self) -> None:
-        """Delete the pair and the namespace (deleting either end of a veth pair deletes both)."""
+        """Delete the pair and the namespace."""
         if not self.created:
             return
-        subprocess.run(["ip", "link", "del", self.host_end], capture_output=True)
-        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+        _delete(self.name, self.host_end)
         self.created = False
         log.info("Removed network namespace %s.", self.name)
-
-    def __enter__(self) -> Namespace:
-        try:
-            self.create()
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
 
 
 def leftovers() -> list[str]:
@@ -141,8 +128,18 @@ def leftovers() -> list[str]:
 
 
 def remove_leftover(name: str) -> None:
-    pid = name.removeprefix(PREFIX)
-    subprocess.run(["ip", "link", "del", f"cvc{pid}h"], capture_output=True)
+    _, host_end, _ = _names(name.removeprefix(PREFIX))
+    _delete(name, host_end)
+
+
+def _names(pid: int | str) -> tuple[str, str, str]:
+    """The namespace and its two veth ends, named after the run's process (interfaces: 15 characters at most)."""
+    return f"{PREFIX}{pid}", f"cvc{pid}h", f"cvc{pid}n"
+
+
+def _delete(name: str, host_end: str) -> None:
+    """Delete the veth pair (deleting either end deletes both) and the namespace."""
+    subprocess.run(["ip", "link", "del", host_end], capture_output=True)
     subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 

@@ -22,8 +22,10 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 from ..errors import BrokerError
+from ..stack.local import alive
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,29 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-class BrokerNode:
+class Owned:
+    """What a chaos run sets up for itself and must leave nothing of: entering sets it up (removing
+    whatever part was made if that fails half-way); leaving removes it."""
+
+    def set_up(self) -> None:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.set_up()
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+class BrokerNode(Owned):
     def __init__(self, listen: tuple[str, ...] = ("127.0.0.1",), start_timeout_s: float = 90.0,
                  keep_logs: Path | None = None) -> None:
         """`keep_logs`: where to copy the node's logs when it is removed (they tell when it noticed what)."""
@@ -131,22 +155,14 @@ class BrokerNode:
         self.start()
         return time.monotonic() - started
 
+    def set_up(self) -> None:
+        self.start()
+
     def remove(self) -> None:
         self.stop()
         if self.keep_logs and (self.home / "log").is_dir():
             shutil.copytree(self.home / "log", self.keep_logs, dirs_exist_ok=True)
         shutil.rmtree(self.home, ignore_errors=True)
-
-    def __enter__(self) -> BrokerNode:
-        try:
-            self.start()
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
 
     def _tail(self, lines: int = 8) -> str:
         logs = sorted((self.home / "log").glob("*.log")) + [self.home / "server.out"]
@@ -218,15 +234,6 @@ def _kill_tree(pid: int) -> None:
             os.kill(member, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-def alive(pid: int | str) -> bool:
-    """The process exists and has not exited (a zombie keeps its /proc entry until it is reaped)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def _server_user() -> pwd.struct_passwd | None:

@@ -31,7 +31,6 @@ import yaml
 from celery import Celery
 
 from .. import broker, cli, deadletter, ledger
-from ..app import create_app
 from ..config import Config, load_config
 from ..errors import UsageError
 from ..stack.local import LocalStack
@@ -144,10 +143,8 @@ class ChaosRun:
                 broker.RECORDS_URL_ENV: f"sqlite:///{self.home / 'records.sqlite3'}",
                 broker.RUN_DIR_ENV: str(self.home),
             }))
-            settings = broker.resolve()
-            broker.check(settings)
             config = self._write_config()
-            app = create_app(config, settings)
+            app = cli.open_app(config, announce=False)
             cleanup.callback(app.close)
             deadletter.declare(app)
             # Only the workers (which inherit the environment) write the ledger; this process reads it.

@@ -11,7 +11,7 @@ from ..stack.local import LocalStack
 from .actors import PartitionedWorker
 from .netns import leftovers as netns_leftovers
 from .netns import remove_leftover as remove_netns
-from .node import alive
+from ..stack.local import alive
 from .node import leftovers as node_leftovers
 from .node import remove_leftover as remove_node
 from ..cli import environ

@@ -76,7 +76,7 @@ class RedisStore(Store):
             pipe.expire(key, self.ttl_s)
             pipe.expire(f"{key}:history", self.ttl_s)
             pipe.zadd(f"{self.prefix}tasks", {task_id: at}, nx=True)
-            if status == QUEUED:  # forget index entries whose records have expired
+            if status == QUEUED and self.sweep_due(at):  # forget index entries whose records have expired
                 pipe.zremrangebyscore(f"{self.prefix}tasks", "-inf", at - self.ttl_s)
             pipe.execute()
 

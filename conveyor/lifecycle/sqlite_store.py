@@ -16,11 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .. import sqlite
 from .records import ACTIVE, FIELDS, QUEUED, Event, Record, Store, from_strings, now, unavailable
 
 log = logging.getLogger(__name__)
 
-EXPIRE_EVERY_S = 60.0
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS records (
@@ -44,7 +44,6 @@ class SqliteStore(Store):
         self.path = Path(path)
         self.url = f"sqlite:///{path}"
         self._local = threading.local()
-        self._expired_at = 0.0
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -53,10 +52,7 @@ class SqliteStore(Store):
         if conn is None or self._local.pid != os.getpid():
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(self.path, timeout=10, isolation_level=None)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.executescript(SCHEMA)
+                conn = sqlite.connect(self.path, SCHEMA, timeout_s=10)
             except (OSError, sqlite3.Error) as exc:
                 raise unavailable(self.url, exc) from None
             self._local.conn, self._local.pid = conn, os.getpid()
@@ -94,8 +90,7 @@ class SqliteStore(Store):
              (task_id, at, increment, *values.values(), increment)),
             ("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)", (task_id, at, status, attempt, values.get("worker"), detail)),
         ]
-        if at - self._expired_at > EXPIRE_EVERY_S:  # forget expired records now and then, not on every write
-            self._expired_at = at
+        if self.sweep_due(at):
             statements += [("DELETE FROM records WHERE updated_at < ?", (at - self.ttl_s,)),
                            ("DELETE FROM events WHERE at < ?", (at - self.ttl_s,))]
         self._write(statements)

@@ -155,9 +155,7 @@ class RunStats:
 
 
 def summarize(records: list[Record], run: RunStats) -> dict[str, Any]:
-    counts = Counter(r.state for r in records)
-    done = [r for r in records if r.done]
-    window = _window(records, run)
+    window = _window(records)
     by_type: dict[str, Any] = {}
     for name in dict.fromkeys(r.type for r in records):
         mine = [r for r in records if r.type == name]
@@ -174,25 +172,16 @@ def summarize(records: list[Record], run: RunStats) -> dict[str, Any]:
     sent = len(records)
     return {
         "planned": run.planned,
-        "sent": sent,
+        **_section(records, window),  # the counts, throughput and distributions, as for each type
         "not_sent": run.not_sent,
         "refused_by_broker": run.refused,
-        "succeeded": counts[SUCCESS],
-        "failed": sent - counts[SUCCESS] - counts[DEAD_LETTERED] - counts[PENDING],
-        "dead_lettered": counts[DEAD_LETTERED],
-        "pending": counts[PENDING],
-        "retried": sum(r.retries > 0 for r in records),
         "retries": sum(r.retries for r in records),
         "timed_out": run.timed_out,
         "duration_s": run.ended_at - run.started_at,
         "window_s": window,
-        "throughput_per_s": len(done) / window if window else 0.0,
         "target_rate_per_s": run.rate_per_s,
         "send_rate_per_s": _send_rate(records),
         "concurrency": run.concurrency,
-        "latency_s": distribution(r.latency_s for r in done),
-        "wait_s": distribution(r.wait_s for r in done),
-        "execution_s": distribution(r.execution_s for r in done),
         "types": by_type,
         "workers": len(workers),
         "tasks_per_worker": dict(sorted(workers.items())),
@@ -228,7 +217,7 @@ def _send_rate(records: list[Record]) -> float | None:
     return (len(records) - 1) / span if span > 0 else None
 
 
-def _window(records: list[Record], run: RunStats) -> float:
+def _window(records: list[Record]) -> float:
     """From the first send to the last result: the span over which throughput is measured."""
     received = [r.received_at for r in records if r.received_at is not None]
     if not records or not received:

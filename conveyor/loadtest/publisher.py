@@ -16,6 +16,11 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
+from celery.backends.rpc import RPCBackend
+from celery.signals import after_task_publish, before_task_publish
+from celery.utils.nodenames import anon_nodename
+from kombu.serialization import dumps
+from kombu.utils.uuid import uuid
 
 from ..errors import BrokerError
 
@@ -33,6 +38,8 @@ class BatchPublisher:
         self.app = app
         self.confirm_timeout_s = confirm_timeout_s
         self.confirms = not app.conveyor_broker.embedded  # the filesystem transport has none
+        # Whether `send_task` may be used: it sends no task-sent event and needs publisher confirms.
+        self.fast = self.confirms and not app.conf.task_send_sent_event
         self._tag = 0  # the delivery tag of the last publish on this channel
         self._low = 1  # every tag below this one is settled
         self._unsettled: set[int] = set()
@@ -60,6 +67,11 @@ class BatchPublisher:
 
             self.channel.basic_publish = counted
         self.producer = self.app.amqp.Producer(self.channel, auto_declare=False)
+        self._routes: dict[str, tuple[str, str, int]] = {}
+        self._origin = anon_nodename()
+        self._reply_to = self.app.thread_oid  # where send_task would have the results go
+        if self.confirms and isinstance(self.app.backend, RPCBackend):
+            self.app.backend.binding(self.channel).declare()  # once, where send_task declares it per task
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -76,6 +88,45 @@ class BatchPublisher:
         for tag in range(first, self._tag + 1):
             self._owner[tag] = identity
         return identity
+
+    def send_task(self, name: str, kwargs: dict[str, Any], kwargsrepr: str) -> str:
+        """Publish one task as `app.send_task` would, for a fraction of its cost; return its id.
+
+        The message is Celery's own (protocol 2, built by `app.amqp.as_task_v2`) and the publish
+        signals fire as usual (task records hang on them), but the per-message work that is the same
+        for every message of a run is done once: routing, the reply queue's declaration, and the
+        arguments' repr, which the caller passes (saferepr was 20 of send_task's ~100 us). It then
+        goes straight to the channel rather than through kombu's Producer: retries and reconnects
+        are of no use on a channel whose confirms we count. Only for the AMQP transport and callers
+        that send no task-sent event (`tuning.task_events: false`): see `self.fast`.
+        """
+        exchange, routing_key, delivery_mode = self._route(name)
+        task_id = uuid()
+        headers, properties, body, _ = self.app.amqp.as_task_v2(
+            task_id, name, (), kwargs, reply_to=self._reply_to, origin=self._origin,
+            argsrepr="()", kwargsrepr=kwargsrepr, ignore_result=None)  # None, as send_task leaves it
+        if before_task_publish.receivers:
+            before_task_publish.send(sender=name, body=body, exchange=exchange, routing_key=routing_key,
+                                     declare=[], headers=headers, properties=properties, retry_policy=None)
+        content_type, content_encoding, data = dumps(body, serializer="json")
+        message = self.channel.prepare_message(data, 0, content_type, content_encoding, headers,
+                                               dict(properties, delivery_mode=delivery_mode))
+        self.channel.basic_publish(message, exchange=exchange, routing_key=routing_key)
+        if after_task_publish.receivers:
+            after_task_publish.send(sender=name, body=body, headers=headers, exchange=exchange, routing_key=routing_key)
+        return task_id
+
+    def _route(self, name: str) -> tuple[str, str, int]:
+        if name not in self._routes:
+            queue = self.app.amqp.router.route({}, name)["queue"]
+            # As Celery does: a direct exchange is addressed through the default one, by queue name.
+            if queue.exchange.type == "direct":
+                exchange, routing_key = "", queue.name
+            else:
+                exchange, routing_key = queue.exchange.name, queue.routing_key
+            mode = queue.exchange.delivery_mode or self.app.conf.task_default_delivery_mode
+            self._routes[name] = (exchange, routing_key, 2 if mode in (2, "persistent") else 1)
+        return self._routes[name]
 
     def flush(self) -> tuple[list[Any], list[Any]]:
         """Wait until the broker has confirmed or refused every message published since the last

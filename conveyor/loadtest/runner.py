@@ -10,31 +10,27 @@ by then is reported pending, never waited on.
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, chain
-from celery.backends.asynchronous import AsyncBackendMixin
-from celery.backends.rpc import RPCBackend
-from celery.result import AsyncResult
 
 from .. import deadletter
 from ..dispatch import TaskOutcome, fill_outcome
 from ..topology import TASKS
 from .metrics import PENDING, SUCCESS, Record, RunStats, Stage
 from .publisher import BatchPublisher
+from .results import IDLE_WAIT_S, watcher_for
 from .scenario import Job, Plan, Scenario
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.25  # how often the progress callback runs
 DEPTH_CHECK_S = 0.1  # how often queue depths are read for backpressure
-IDLE_WAIT_S = 0.05  # the longest wait for results before the loop looks again
-MAX_DRAIN = 2000  # result messages taken in one wait at most, so that sending goes on under a flood
 
 
 @dataclass
@@ -70,60 +66,6 @@ class Outcome:
     idle_queues: list[str]  # queues no worker consumed from when the run began
 
 
-class ResultWatcher:
-    """Calls back with each stage's final result. Async backends (rpc, redis) push results, which
-    Celery's own result consumer delivers through AsyncResult.then; the others are polled."""
-
-    def __init__(self, app: Celery, on_result: Callable[[AsyncResult], None]) -> None:
-        self.app, self._on_result = app, on_result
-        self.pushed = isinstance(app.backend, AsyncBackendMixin)
-        self.amqp = isinstance(app.backend, RPCBackend)
-        self._polled: deque[AsyncResult] = deque()
-        self.delivered = 0
-
-    def on_result(self, result: AsyncResult) -> None:
-        self.delivered += 1
-        self._on_result(result)
-
-    def watch(self, result: AsyncResult) -> None:
-        if self.pushed:
-            result.then(self.on_result)
-        else:
-            self._polled.append(result)
-
-    def wait(self, timeout_s: float) -> None:
-        """Deliver the results already here, or else wait up to timeout_s for the next ones."""
-        deadline = time.monotonic() + timeout_s
-        before = self.delivered
-        if not self.pushed:
-            self._poll()
-            if self.delivered == before:
-                time.sleep(min(max(0.0, timeout_s), IDLE_WAIT_S))
-            return
-        consumer = self.app.backend.result_consumer
-        for _ in range(MAX_DRAIN):
-            # Block until the first result; after it, take only what is already there. Each call
-            # handles one message (a STARTED state is one too), and a loop turn per message would
-            # fall behind the results.
-            got = self.delivered != before
-            left = deadline - time.monotonic()
-            seen = self.delivered
-            try:
-                consumer.drain_events(timeout=0.001 if got or left <= 0 else left)
-            except socket.timeout:  # the rpc backend: nothing more came
-                return
-            if not self.amqp and self.delivered == seen and (got or left <= 0):
-                return  # the redis backend returns None instead when nothing came
-
-    def _poll(self, limit: int = 500) -> None:
-        for _ in range(min(limit, len(self._polled))):
-            result = self._polled.popleft()
-            if result.state in ("SUCCESS", "FAILURE", "REVOKED"):
-                self.on_result(result)
-            else:
-                self._polled.append(result)
-
-
 class Runner:
     def __init__(self, app: Celery, scenario: Scenario, plan: Plan, options: Options,
                  on_tick: Callable[[Progress], None] | None = None) -> None:
@@ -137,41 +79,42 @@ class Runner:
         self._done = 0
         self._failed = 0
         self._recent: deque[float] = deque()
-        self.watcher = ResultWatcher(app, self._on_result)
 
     # --- sending ---------------------------------------------------------------------------
-    def _send(self, job: Job, producer: Any) -> Record:
-        # declare=[]: the queues were declared once before the run; by default Celery re-declares
-        # the task's queue on every send (kombu's cache check alone cost ~12 % of a send, profiled).
+    def _send(self, job: Job, pub: BatchPublisher) -> Record:
         record = Record(job.index, job.type, time.time(), [])
-        if len(job.steps) == 1:
+        if len(job.steps) == 1 and pub.fast:
             name, kwargs = job.steps[0]
-            results = [self.app.send_task(name, kwargs=kwargs, producer=producer, declare=[])]
+            ids = [pub.send_task(name, kwargs, _kwargsrepr(kwargs))]
+        elif len(job.steps) == 1:
+            # declare=[]: the queues were declared once before the run; by default Celery re-declares
+            # the task's queue on every send (kombu's cache check alone cost ~12 % of a send, profiled).
+            name, kwargs = job.steps[0]
+            ids = [self.app.send_task(name, kwargs=kwargs, producer=pub.producer, declare=[]).id]
         else:
             # A Celery chain: each stage's result becomes the next stage's first argument.
             stages = chain(*(self.app.signature(name, kwargs=kwargs) for name, kwargs in job.steps))
-            last = stages.apply_async(producer=producer, declare=[])
-            results = []
+            last = stages.apply_async(producer=pub.producer, declare=[])
+            ids = []
             while last is not None:
-                results.append(last)
+                ids.append(last.id)
                 last = last.parent
-            results.reverse()
-        for i, ((name, _), result) in enumerate(zip(job.steps, results)):
-            record.stages.append(Stage(name, result.id))
-            self._where[result.id] = (record, i)
-            self.watcher.watch(result)
+            ids.reverse()
+        for i, ((name, _), task_id) in enumerate(zip(job.steps, ids)):
+            record.stages.append(Stage(name, task_id))
+            self._where[task_id] = (record, i)
+            self.watcher.watch(task_id)
         return record
 
-    def _on_result(self, result: AsyncResult) -> None:
-        found = self._where.pop(result.id, None)
+    def _on_result(self, task_id: str, status: str, value: Any) -> None:
+        found = self._where.pop(task_id, None)
         if found is None:
             return
         record, i = found
         was_done = record.done
         stage = record.stages[i]
         outcome = TaskOutcome(stage.task, stage.id, TASKS[stage.task].queue)
-        value = result.result
-        fill_outcome(outcome, {"status": result.state, "result": value})
+        fill_outcome(outcome, {"status": status, "result": value})
         stage.state, stage.retries, stage.worker, stage.error = outcome.state, outcome.retries, outcome.worker, outcome.error
         stage.execution_s = outcome.execution_time_s
         stage.received_at = time.time()
@@ -197,10 +140,10 @@ class Runner:
         paused_s = send_s = send_cpu_s = 0.0
         depth_checked, headroom = 0.0, 0
         last_tick = 0.0
-        with BatchPublisher(self.app) as pub:
+        with BatchPublisher(self.app) as pub, closing(watcher_for(self.app, self._on_result, pub.connection)) as watcher:
+            self.watcher = watcher
+            # For the report; load_test.py's stack session has already told the user at the start.
             idle = [q for q in self.scenario.queues if pub.consumers(q) == 0]
-            for queue in idle:
-                log.warning("No worker consumes %s: its tasks will wait until one does (or the timeout).", queue)
             while True:
                 now = time.time()
                 if now >= deadline:
@@ -234,7 +177,7 @@ class Runner:
                         if job is None:
                             exhausted = True
                             break
-                        pub.publish(lambda producer, job=job: self._send(job, producer))
+                        pub.publish(lambda _producer, job=job: self._send(job, pub))
                         published += 1
                     confirmed, nacked = pub.flush()
                     send_s += time.perf_counter() - t0
@@ -280,3 +223,8 @@ class Runner:
         span = min(5.0, now - start) or 1.0
         return Progress(now - start, self.plan.total, len(self.records), self._done, self._failed,
                         len(self.records) - self._done, len(self._recent) / span, paused)
+
+
+def _kwargsrepr(kwargs: dict[str, Any]) -> str:
+    """What Celery's saferepr would show of a load-test task's arguments, payload abbreviated."""
+    return repr({k: f"<{len(v)} characters>" if k == "payload" else v for k, v in kwargs.items()})

@@ -57,8 +57,8 @@ class Monitor:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def collect(self) -> dict[str, Any]:
-        """Sample the broker and the stack; buffer the resulting snapshot for the emitter."""
+    def collect(self) -> None:
+        """Sample the broker and the stack; buffer the resulting snapshot for the emitter, if any."""
         try:
             broker, error = sample_broker(self.stack), None
         except Exception as exc:  # a monitor outlives a broker restart: report it, keep the last sample
@@ -74,10 +74,8 @@ class Monitor:
             log.warning("Sampling the broker works again.")
         with self._lock:
             self._broker, self._error = broker, error
-        snap = self.snapshot()
         if self.emitter and error is None:  # a stale broker sample is not written out as a new one
-            self.emitter.add(snap)
-        return snap
+            self.emitter.add(self.snapshot())
 
     def snapshot(self) -> dict[str, Any]:
         """The latest broker sample with task figures as of now."""

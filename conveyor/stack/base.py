@@ -8,8 +8,10 @@ name) and how readiness is judged (the worker answers a remote-control ping) is 
 from __future__ import annotations
 
 import abc
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from celery import Celery
@@ -45,8 +47,12 @@ class Stack(abc.ABC):
         """Make `service` have exactly `count` replicas; leave every other service alone."""
 
     @abc.abstractmethod
-    def desired(self) -> dict[str, int]:
-        """The replica count last asked for, per service."""
+    def _state_file(self) -> Path:
+        """Where the replica counts last asked for are kept."""
+
+    def _unsaved_desired(self) -> dict[str, int]:
+        """What desired() answers when nothing was saved."""
+        return {}
 
     @abc.abstractmethod
     def down(self) -> None:
@@ -61,15 +67,39 @@ class Stack(abc.ABC):
         log.info("The %s stack runs this checkout directly; there is nothing to build.", self.name)
 
     # --- shared behaviour --------------------------------------------------------------
+    def desired(self) -> dict[str, int]:
+        """The replica count last asked for, per service."""
+        saved = self._saved_desired()
+        return self._unsaved_desired() if saved is None else saved
+
+    def _saved_desired(self) -> dict[str, int] | None:
+        try:
+            return json.loads(self._state_file().read_text())["desired"]
+        except (FileNotFoundError, ValueError, KeyError):
+            return None
+
+    def _set_desired(self, service: str, count: int) -> None:
+        desired = self._saved_desired() or {}
+        desired[service] = count
+        self._state_file().parent.mkdir(parents=True, exist_ok=True)
+        self._state_file().write_text(json.dumps({"desired": desired}, indent=2))
+
     def scale(self, service: str, count: int, wait_s: float = 60.0) -> None:
-        svc = self.config.service(service)
-        if count < 0:
-            raise UsageError(f"replica count must be 0 or more, got {count}")
-        if count > self.config.limits.max_replicas:
-            raise UsageError(f"{count} replicas of {svc.name} is over limits.max_replicas ({self.config.limits.max_replicas})")
-        log.info("Scaling %s to %d replica(s) on the %s stack.", svc.name, count, self.name)
-        self._scale(svc, count)
-        self.wait_ready({svc.name: count}, wait_s)
+        self.scale_to({service: count}, wait_s)
+
+    def scale_to(self, counts: dict[str, int], wait_s: float = 60.0) -> None:
+        """Give each named service its count, in the order given (a caller that moves replicas
+        between services puts the shrinking ones first), then wait once for all of them to answer."""
+        targets = [(self.config.service(name), count) for name, count in counts.items()]
+        for svc, count in targets:  # every count checked before anything changes
+            if count < 0:
+                raise UsageError(f"replica count must be 0 or more, got {count}")
+            if count > self.config.limits.max_replicas:
+                raise UsageError(f"{count} replicas of {svc.name} is over limits.max_replicas ({self.config.limits.max_replicas})")
+        for svc, count in targets:
+            log.info("Scaling %s to %d replica(s) on the %s stack.", svc.name, count, self.name)
+            self._scale(svc, count)
+        self.wait_ready({svc.name: count for svc, count in targets}, wait_s)
 
     def up(self, wait_s: float = 60.0) -> None:
         for svc in self.config.services:

@@ -14,7 +14,6 @@ they never decide differently from the app that dispatches to them.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -165,24 +164,12 @@ class ComposeStack(Stack):
     def _state_file(self) -> Path:
         return run_dir() / "compose" / f"{self.project}.json"
 
-    def desired(self) -> dict[str, int]:
-        try:
-            return json.loads(self._state_file().read_text())["desired"]
-        except (FileNotFoundError, ValueError, KeyError):
-            # Started by hand with compose: what exists is the best answer there is.
-            counts: dict[str, int] = {}
-            for replica in self.replicas():
-                counts[replica.service] = counts.get(replica.service, 0) + 1
-            return counts
-
-    def _set_desired(self, service: str, count: int) -> None:
-        try:
-            desired = json.loads(self._state_file().read_text())["desired"]
-        except (FileNotFoundError, ValueError, KeyError):
-            desired = {}
-        desired[service] = count
-        self._state_file().parent.mkdir(parents=True, exist_ok=True)
-        self._state_file().write_text(json.dumps({"desired": desired, "files": [str(f) for f in self.files]}, indent=2))
+    def _unsaved_desired(self) -> dict[str, int]:
+        # Started by hand with compose: what exists is the best answer there is.
+        counts: dict[str, int] = {}
+        for replica in self.replicas():
+            counts[replica.service] = counts.get(replica.service, 0) + 1
+        return counts
 
     def replicas(self) -> list[Replica]:
         """Containers of the config's worker services in our project, running or not (the broker and

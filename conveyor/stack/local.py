@@ -7,7 +7,6 @@ shell, and never a process that merely reused a pid.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -36,18 +35,6 @@ class LocalStack(Stack):
     def _state_file(self) -> Path:
         return self.home / "state.json"
 
-    def desired(self) -> dict[str, int]:
-        try:
-            return json.loads(self._state_file().read_text())["desired"]
-        except (FileNotFoundError, ValueError, KeyError):
-            return {}
-
-    def _set_desired(self, service: str, count: int) -> None:
-        desired = self.desired()
-        desired[service] = count
-        self.home.mkdir(parents=True, exist_ok=True)
-        self._state_file().write_text(json.dumps({"desired": desired}, indent=2))
-
     def _pidfiles(self, service: str | None = None) -> list[Path]:
         files = sorted(self.home.glob(f"{service + '-' if service else ''}*.pid"), key=_index_key)
         return [f for f in files if service is None or f.stem.rsplit("-", 1)[0] == service]
@@ -55,8 +42,8 @@ class LocalStack(Stack):
     def replicas(self) -> list[Replica]:
         found = []
         for pidfile in self._pidfiles():
-            pid, node = _read_pidfile(pidfile)
-            found.append(Replica(pidfile.stem.rsplit("-", 1)[0], str(pid), node, _is_ours(pid, node)))
+            pid, node = read_pidfile(pidfile)
+            found.append(Replica(pidfile.stem.rsplit("-", 1)[0], str(pid), node, is_ours(pid, node)))
         return found
 
     # --- scaling -----------------------------------------------------------------------
@@ -65,8 +52,8 @@ class LocalStack(Stack):
         files = self._pidfiles(service.name)
         live, dead = [], []
         for f in files:
-            pid, node = _read_pidfile(f)
-            (live if _is_ours(pid, node) else dead).append(f)
+            pid, node = read_pidfile(f)
+            (live if is_ours(pid, node) else dead).append(f)
         for f in dead:  # a replica that died: forget it, its slot is reused below
             log.warning("Replica %s had exited; removing its pid file.", f.stem)
             f.unlink(missing_ok=True)
@@ -97,20 +84,20 @@ class LocalStack(Stack):
         With late acks, whatever a killed worker held goes back to its queue."""
         targets = []
         for f in pidfiles:
-            pid, node = _read_pidfile(f)
-            if _is_ours(pid, node):
+            pid, node = read_pidfile(f)
+            if is_ours(pid, node):
                 os.kill(pid, signal.SIGTERM)
                 targets.append((f, pid, node))
             else:
                 f.unlink(missing_ok=True)
         deadline = time.monotonic() + self.config.stop_grace_s
         for f, pid, node in targets:
-            while _is_ours(pid, node) and time.monotonic() < deadline:
+            while is_ours(pid, node) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if _is_ours(pid, node):
+            if is_ours(pid, node):
                 log.warning("Worker %s did not stop within %.0f s; killing it.", node, self.config.stop_grace_s)
                 os.kill(pid, signal.SIGKILL)
-                while _is_ours(pid, node):
+                while is_ours(pid, node):
                     time.sleep(0.05)
             f.unlink(missing_ok=True)
             log.info("Stopped worker %s.", node)
@@ -143,7 +130,8 @@ def _free_indexes(used: list[int], how_many: int) -> list[int]:
     return free
 
 
-def _read_pidfile(path: Path) -> tuple[int, str]:
+def read_pidfile(path: Path) -> tuple[int, str]:
+    """(pid, Celery node name) from a worker's pid file; (-1, "") when it cannot be read."""
     try:
         pid, node = path.read_text().split()
         return int(pid), node
@@ -151,7 +139,7 @@ def _read_pidfile(path: Path) -> tuple[int, str]:
         return -1, ""
 
 
-def _is_ours(pid: int, node: str) -> bool:
+def is_ours(pid: int, node: str) -> bool:
     """The pid is alive, not a zombie, and still the worker we started (pids get reused)."""
     if pid <= 0:
         return False
@@ -159,11 +147,19 @@ def _is_ours(pid: int, node: str) -> bool:
         os.waitpid(pid, os.WNOHANG)  # reap it if it is our own exited child
     except ChildProcessError:
         pass
+    if not alive(pid):
+        return False
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-        return False
     return node.encode() in cmdline
+
+
+def alive(pid: int | str) -> bool:
+    """The process exists and has not exited (a zombie keeps its /proc entry until it is reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
