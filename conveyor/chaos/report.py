@@ -34,6 +34,7 @@ class ChaosReport:
     timed_out: bool
     partition: PartitionFinding | None = None
     workers_after_restart: list[str] | None = None  # workers that finished tasks after the broker came back
+    answering_after_restart: int | None = None  # replicas that answered a ping at the end: they reconnected
     lost_ids: list[str] = field(default_factory=list)  # a sample, for a search in the worker logs
 
     @property
@@ -65,6 +66,8 @@ class ChaosReport:
         if self.workers_after_restart is not None:
             lines.append(f"After the broker restart, {len(self.workers_after_restart)} worker(s) reconnected and "
                          "finished tasks: " + (", ".join(self.workers_after_restart) or "none") + ".")
+        if self.answering_after_restart is not None:
+            lines.append(f"At the end, {self.answering_after_restart} worker replica(s) answered a ping.")
         if self.partition:
             p = self.partition
             lines.append(f"Partition: {p.worker} was running {p.in_flight} task(s) when its link was cut; "

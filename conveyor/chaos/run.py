@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 from celery import Celery
 
-from .. import broker, cli, deadletter, ledger
+from .. import broker, cli, deadletter, ledger, workers
 from ..config import Config, load_config
 from ..errors import UsageError
 from ..stack.local import LocalStack
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 PARTITION_HEARTBEAT_S = 4.0  # the broker drops a silent worker after about two heartbeats
 PARTITION_AT, RESTART_AT = 0.1, 0.5  # fractions of the tasks confirmed when these faults strike
+RECONNECT_WAIT_S = 60.0  # how long, after the run, every replica has to answer once the broker is back
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class _Faults:
     broker_back_at: float | None = None  # wall-clock time, as the ledger's
     cut_at: float | None = None  # wall-clock time, as the ledger's
     healed_at: float | None = None
+    answering_after_restart: int | None = None  # replicas answering a ping at the end of a run with a restart
 
 
 class ChaosRun:
@@ -211,6 +213,11 @@ class ChaosRun:
                     killer.stop.set()
                     killer.join()
                 publisher.join()
+            if self.faults.broker_restarts:
+                # A replica that reconnected late may have found its queue drained and finished
+                # nothing since: asking every replica to answer is what tells it reconnected.
+                answering = workers.wait_responding(app, stack.desired(), RECONNECT_WAIT_S)
+                self.faults.answering_after_restart = sum(answering.values())
             stack.down()  # warm shutdown: whatever runs now finishes and is in the ledger
             if outsider:
                 outsider.stop()
@@ -256,6 +263,7 @@ class ChaosRun:
             elapsed_s=time.monotonic() - started, timed_out=timed_out,
             partition=self._partition_finding(book, outsider), lost_ids=lost[:20],
             workers_after_restart=self._workers_after(book, self.faults.broker_back_at),
+            answering_after_restart=self.faults.answering_after_restart,
         )
 
     @staticmethod
