@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import celeryd_after_setup
 from celery.utils.time import get_exponential_backoff_interval
 
 from conveyor import broker, retry
@@ -166,3 +169,16 @@ def test_tuning_reaches_celery_settings(tmp_path):
     finally:
         default.close()
         tuned.close()
+
+
+@pytest.mark.parametrize("level, events, built", [("WARNING", False, False), ("INFO", False, True), ("WARNING", True, True)])
+def test_the_result_repr_is_built_only_where_something_shows_it(app, level, events, built):
+    app.conf.worker_send_task_events = events
+    trace_logger = logging.getLogger("celery.app.trace")
+    saved = trace_logger.level
+    trace_logger.setLevel(level)
+    try:
+        celeryd_after_setup.send(sender="worker-a-1@test", instance=SimpleNamespace(app=app), conf=app.conf)
+    finally:
+        trace_logger.setLevel(saved)
+    assert (app.tasks["task_a"].resultrepr_maxsize > 0) is built
