@@ -8,7 +8,7 @@ from celery import Celery
 from celery.signals import celeryd_after_setup, worker_ready
 
 from . import broker, deadletter, ledger, rpc_backend, tasks
-from .lifecycle import signals as _record_signals  # noqa: F401  (connects the task-record receivers)
+from .lifecycle import records, signals as record_signals
 from .config import Config, load_config
 from .topology import routes, work_queues
 
@@ -61,6 +61,8 @@ def create_app(config: Config | None = None, settings: broker.BrokerSettings | N
     app.conveyor_config = config
     app.conveyor_broker = settings
     tasks.register(app, config.retry, config.time_limits)
+    if settings.records_url not in records.OFF:
+        record_signals.connect()
     ledger.attach_from_env()
     return app
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -230,3 +232,17 @@ def test_time_limits_need_the_prefork_pool(tmp_path):
     (tmp_path / "t.yml").write_text(text)
     with pytest.raises(ConfigError, match=r"services\[1\].pool: time_limits.task_b needs the prefork pool"):
         load_config(tmp_path / "t.yml")
+
+
+@pytest.mark.parametrize("records_url, connected", [("off", False), ("sqlite:///records.db", True)])
+def test_record_receivers_are_connected_only_for_an_app_with_records(tmp_path, records_url, connected):
+    # In a fresh interpreter: signal receivers are per process, and this one has connected them.
+    code = ("from celery.signals import before_task_publish, task_prerun\n"
+            "from conveyor import broker\nfrom conveyor.app import create_app\n"
+            "create_app(None, broker.resolve())\n"
+            "print(bool(before_task_publish.receivers), bool(task_prerun.receivers))\n")
+    env = dict(os.environ, BROKER_URL="filesystem://", RECORDS_URL=records_url, PYTHONPATH=str(ROOT),
+               **{broker.RUN_DIR_ENV: str(tmp_path)})
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(connected)] * 2

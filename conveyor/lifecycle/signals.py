@@ -71,7 +71,6 @@ def describe_error(exc: BaseException | None, soft: float | None = None) -> str 
     return f"{type(exc).__name__}: {exc}"
 
 
-@before_task_publish.connect
 @_best_effort
 def _published(sender: str | None = None, headers: dict | None = None, routing_key: str | None = None,
                **_: Any) -> None:
@@ -99,7 +98,6 @@ def _published(sender: str | None = None, headers: dict | None = None, routing_k
                      started_at=None, finished_at=None, error=None)
 
 
-@task_prerun.connect
 @_best_effort
 def _started(sender: Task | None = None, task_id: str | None = None, **_: Any) -> None:
     store = records.store_for(sender.app)
@@ -129,7 +127,6 @@ def record_retry(task: Task, exc: BaseException | None, when: Any, soft: float |
         log.warning("The task record was not updated: %s.", exc)
 
 
-@task_success.connect
 @_best_effort
 def _succeeded(sender: Task | None = None, **_: Any) -> None:
     store = records.store_for(sender.app)
@@ -140,7 +137,6 @@ def _succeeded(sender: Task | None = None, **_: Any) -> None:
                      worker=sender.request.hostname, finished_at=now(), error=None)
 
 
-@task_failure.connect
 @_best_effort
 def _failed(sender: Task | None = None, task_id: str | None = None, exception: BaseException | None = None,
             **_: Any) -> None:
@@ -159,7 +155,6 @@ def _failed(sender: Task | None = None, task_id: str | None = None, exception: B
     store.transition(task_id, FAILED, detail=f"failed for good: {error}", error=error, finished_at=now())
 
 
-@task_revoked.connect
 @_best_effort
 def _revoked(sender: Task | None = None, request: Any = None, terminated: bool = False, signum: Any = None,
              expired: bool = False, **_: Any) -> None:
@@ -173,3 +168,16 @@ def _revoked(sender: Task | None = None, request: Any = None, terminated: bool =
     else:
         detail = "discarded by the worker without running"
     store.transition(request.id, REVOKED, detail=detail, finished_at=now())
+
+
+_RECEIVERS = ((before_task_publish, _published), (task_prerun, _started), (task_success, _succeeded),
+              (task_failure, _failed), (task_revoked, _revoked))
+
+
+def connect() -> None:
+    """Receive the signals that write records, from now on, in this process (create_app calls it
+    for an app with records on; again is harmless). A process whose apps all have records off
+    connects nothing, so its publishes and tasks skip Celery's signal dispatch: that was 9 % of the
+    load tester's send path with records off (docs/performance.md)."""
+    for signal, receiver in _RECEIVERS:
+        signal.connect(receiver, weak=False, dispatch_uid=f"conveyor.records.{receiver.__name__}")
