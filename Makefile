@@ -9,6 +9,7 @@ STAMP = $(VENV)/.installed-stamp
 TASKS = 1000
 SCENARIO = scenarios/seed.yml
 BENCH_TASKS = 10000
+BENCH_ROUNDS = 3
 QUEUE =
 COUNT =
 CHAOS_TASKS = 10000
@@ -32,8 +33,8 @@ run: install ## Dispatch test-config.yml and print the report (starts workers fo
 load-test: install ## Load-test the stack: make load-test TASKS=1000 [SCENARIO=scenarios/flood.yml]; report in reports/load-test/.
 	$(PY) load_test.py --scenario "$(SCENARIO)" --tasks "$(TASKS)" --start-stack --report reports/load-test
 
-bench: install ## Benchmark vs the peers in ../shared/bench and the targets (BENCH_TASKS=10000, about 3 min); JSON in bench-results/.
-	$(PY) bench/bench.py --tasks "$(BENCH_TASKS)"
+bench: install ## Benchmark vs the peers in ../shared/bench and the targets (BENCH_TASKS=10000, BENCH_ROUNDS=3, about 6 min); JSON in bench-results/.
+	$(PY) bench/bench.py --tasks "$(BENCH_TASKS)" --rounds "$(BENCH_ROUNDS)"
 
 test: install ## Run the unit and integration tests.
 	$(PY) -m pytest

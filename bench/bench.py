@@ -5,8 +5,10 @@
 
 1. No-op tasks end to end (results back to the caller, late acks, persistent messages): the peers of
    ../shared/bench (raw AMQP floor, plain and tuned Celery, Dramatiq), then conveyor with its default
-   settings and tuned (bench/noop.yml). The peers run first and ours right after, so the ratios
-   compare figures taken minutes apart on the same machine.
+   settings and tuned (bench/noop.yml). The systems the targets name (raw AMQP, Dramatiq, conveyor
+   tuned) run in --rounds paired rounds, one after the other in each: a ratio is taken within each
+   round, seconds apart, and the table gives the median round's and the range, since this machine's
+   speed drifts by tens of per cent between runs minutes apart.
 2. The seed workload (0.1 s / 0.2 s tasks, bench/seed.yml) against its ideal throughput.
 3. The same with 1, 2 and 4 replicas per service.
 4. The dispatcher's cost per task, and the p99 latency at half the no-op saturation rate.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -95,12 +98,12 @@ def stack(config_file: Path, wait_s: float = 120) -> Iterator[LocalStack]:
         app.close()
 
 
-def run_peers(n: int) -> dict[str, float]:
+def run_peers(n: int, systems: list[str]) -> dict[str, float]:
+    """Tasks per second of each of `systems` (peers.sh's names: raw, celery, celery-tuned, dramatiq)."""
     if not PEERS.is_file():
-        cli.say(f"No peer benchmarks at {PEERS}: comparing with nothing.")
         return {}
-    cli.say(f"Peers: {PEERS} {n} (raw AMQP, Celery plain and tuned, Dramatiq)...")
-    proc = subprocess.run(["bash", str(PEERS), str(n)], capture_output=True, text=True, timeout=1800)
+    cli.say(f"Peers: {PEERS} {n} {' '.join(systems)}...")
+    proc = subprocess.run(["bash", str(PEERS), str(n), *systems], capture_output=True, text=True, timeout=1800)
     rates = {}
     for line in proc.stdout.splitlines():
         try:
@@ -207,6 +210,27 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
+def paired_rounds(n: int, rounds: int, peers: bool) -> list[dict[str, float]]:
+    """Raw AMQP, Dramatiq and conveyor tuned, one after the other, `rounds` times: tasks/s by system."""
+    measured = []
+    for number in range(1, rounds + 1):
+        row = run_peers(n, ["raw", "dramatiq"]) if peers else {}
+        cli.say(f"Round {number} of {rounds}: conveyor, no-op tasks, tuned...")
+        row["conveyor-tuned"] = noop(ROOT / "bench" / "noop.yml", n)["tasks_per_s"]
+        measured.append(row)
+    return measured
+
+
+def median_round(rounds: list[dict[str, float]], peer: str) -> dict[str, Any] | None:
+    """conveyor's ratio to `peer` in each round: the median (the middle round's, not a mix of rounds) and the range."""
+    paired = sorted((r["conveyor-tuned"] / r[peer], i) for i, r in enumerate(rounds) if r.get(peer))
+    if not paired:
+        return None
+    value, index = paired[(len(paired) - 1) // 2]
+    return {"ratio": value, "round": index + 1, "low": paired[0][0], "high": paired[-1][0],
+            "ours": rounds[index]["conveyor-tuned"], "peer": rounds[index][peer]}
+
+
 def verdict(value: float | None, target: float, higher_is_better: bool = True) -> str:
     if value is None:
         return "n/a"
@@ -215,15 +239,22 @@ def verdict(value: float | None, target: float, higher_is_better: bool = True) -
 
 def table(results: dict[str, Any]) -> str:
     rows: list[tuple[str, str, str, str]] = []
-    peers, ours = results["peers"], results["noop"]
+    peers, rounds = results["peers"], results["rounds"]
+    n = len(rounds)
     for key, label in PEER_NAMES.items():
         if key in peers:
             rows.append((f"no-op: {label}", f"{peers[key]:.0f}/s", "", ""))
-    rows.append(("no-op: conveyor, default settings (test-config.yml)", f"{ours['default']['tasks_per_s']:.0f}/s", "", ""))
-    rows.append(("no-op: conveyor, tuned (bench/noop.yml, records off)", f"{ours['tuned']['tasks_per_s']:.0f}/s", "", ""))
+        elif any(key in r for r in rounds):
+            rows.append((f"no-op: {label}, {n} rounds", _spread([r[key] for r in rounds if key in r]), "", ""))
+    rows.append(("no-op: conveyor, default settings (test-config.yml)", f"{results['noop']['default']['tasks_per_s']:.0f}/s", "", ""))
+    rows.append((f"no-op: conveyor, tuned (bench/noop.yml, records off), {n} rounds",
+                 _spread([r["conveyor-tuned"] for r in rounds]), "", ""))
     r = results["ratios"]
-    rows.append(("  tuned vs Dramatiq", _x(r["vs_dramatiq"]), ">= 1.0x", verdict(r["vs_dramatiq"], TARGETS["vs_dramatiq"])))
-    rows.append(("  tuned vs raw AMQP floor", _x(r["vs_raw"]), ">= 0.5x", verdict(r["vs_raw"], TARGETS["vs_raw"])))
+    for peer, key, label in (("dramatiq-p2-t8", "vs_dramatiq", "Dramatiq"), ("raw-amqp", "vs_raw", "raw AMQP floor")):
+        paired = results["paired"][peer]
+        shown = "-" if paired is None else f"{paired['ratio']:.2f}x ({paired['low']:.2f}-{paired['high']:.2f})"
+        rows.append((f"  tuned vs {label}, median round (range)", shown, f">= {TARGETS[key]:.1f}x",
+                     verdict(r[key], TARGETS[key])))
     rows.append(("  tuned vs Celery, plain", _x(r["vs_celery"]), "", ""))
     for row in results["seed"]:
         rows.append((f"seed workload (bench/seed.yml), {row['replicas']} replica(s) per service",
@@ -249,39 +280,48 @@ def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _spread(rates: list[float]) -> str:
+    """The median tasks/s and the range: '858/s (701-902)'."""
+    return f"{statistics.median(rates):.0f}/s ({min(rates):.0f}-{max(rates):.0f})"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=10_000, help="no-op tasks per system (default 10000)")
     parser.add_argument("--seed-s", type=float, default=8.0, help="ideal duration of each seed-workload run (default 8)")
     parser.add_argument("--half-saturation-s", type=float, default=10.0, help="length of the half-saturation run (default 10)")
+    parser.add_argument("--rounds", type=int, default=3, help="paired rounds of raw AMQP, Dramatiq and conveyor tuned (default 3)")
     parser.add_argument("--no-peers", action="store_true", help="skip ../shared/bench (no ratios against them)")
     parser.add_argument("--out", default=str(ROOT / "bench-results"), help="directory for the JSON (default bench-results/)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     cli.setup_logging(args.verbose)
-    if args.tasks < 100 or args.seed_s <= 0 or args.half_saturation_s <= 0:
-        raise UsageError("--tasks must be at least 100, --seed-s and --half-saturation-s more than 0")
+    if args.tasks < 100 or args.rounds < 1 or args.seed_s <= 0 or args.half_saturation_s <= 0:
+        raise UsageError("--tasks must be at least 100, --rounds at least 1, --seed-s and --half-saturation-s more than 0")
     started = time.time()
     results: dict[str, Any] = {"started_at": started, "tasks": args.tasks, "targets": TARGETS}
-    results["peers"] = {} if args.no_peers else run_peers(args.tasks)
+    peers = not args.no_peers and PEERS.is_file()
+    if not args.no_peers and not peers:
+        cli.say(f"No peer benchmarks at {PEERS}: comparing with nothing.")
+    results["peers"] = run_peers(args.tasks, ["celery", "celery-tuned"]) if peers else {}
     with private_broker():
         cli.say("conveyor, no-op tasks, default settings...")
         results["noop"] = {"default": noop(ROOT / "test-config.yml", max(100, args.tasks // 4))}
         with cli.environ(TUNED_ENV):
-            cli.say("conveyor, no-op tasks, tuned...")
-            results["noop"]["tuned"] = noop(ROOT / "bench" / "noop.yml", args.tasks)
+            results["rounds"] = paired_rounds(args.tasks, args.rounds, peers)
+            tuned = statistics.median(r["conveyor-tuned"] for r in results["rounds"])
             cli.say("Dispatcher cost per task...")
             results["dispatcher"] = dispatcher_cost(ROOT / "bench" / "noop.yml", 5_000)
             cli.say("p99 latency at half the no-op saturation rate...")
-            results["half_saturation"] = half_saturation(ROOT / "bench" / "noop.yml",
-                                                         results["noop"]["tuned"]["tasks_per_s"], args.half_saturation_s)
+            results["half_saturation"] = half_saturation(ROOT / "bench" / "noop.yml", tuned, args.half_saturation_s)
             cli.say("Seed workload at 1, 2 and 4 replicas per service...")
             results["seed"] = seed_scaling(ROOT / "bench" / "seed.yml", args.seed_s, [1, 2, 4])
-    tuned, peers, seed = results["noop"]["tuned"]["tasks_per_s"], results["peers"], {r["replicas"]: r for r in results["seed"]}
+    seed = {r["replicas"]: r for r in results["seed"]}
+    results["paired"] = {peer: median_round(results["rounds"], peer) for peer in ("dramatiq-p2-t8", "raw-amqp")}
     results["ratios"] = {
-        "vs_dramatiq": ratio(tuned, peers.get("dramatiq-p2-t8")),
-        "vs_raw": ratio(tuned, peers.get("raw-amqp")),
-        "vs_celery": ratio(tuned, peers.get("celery-prefork-c2")),
+        "vs_dramatiq": (results["paired"]["dramatiq-p2-t8"] or {}).get("ratio"),
+        "vs_raw": (results["paired"]["raw-amqp"] or {}).get("ratio"),
+        "vs_celery": ratio(tuned, results["peers"].get("celery-prefork-c2")),
         "seed_efficiency": seed[1]["efficiency"],
         "scale_2x": ratio(seed[2]["tasks_per_s"], seed[1]["tasks_per_s"]),
         "scale_4x": ratio(seed[4]["tasks_per_s"], seed[1]["tasks_per_s"]),
