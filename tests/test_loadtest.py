@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, run_cli, write_config
 from conveyor import deadletter
 from conveyor.errors import ConfigError
-from conveyor.loadtest import report
+from conveyor.loadtest import publisher, report
 from conveyor.loadtest.publisher import BatchPublisher
 from conveyor.loadtest.metrics import Record, RunStats, Stage, distribution, percentile, summarize, timeline
 from conveyor.loadtest.scenario import Plan, Scenario, load_scenario
@@ -302,6 +302,33 @@ def test_the_fast_send_path_publishes_the_message_send_task_would(broker_env, ma
     for prop in ("delivery_mode", "reply_to", "content_encoding", "priority"):
         assert a.properties.get(prop) == b.properties.get(prop), prop
     assert b.properties["correlation_id"] == fast and b.properties["delivery_mode"] == 2
+
+
+@pytest.mark.broker
+def test_a_batch_goes_out_in_a_few_large_writes_in_publishing_order(broker_env, make_app, tmp_path):
+    app = make_app(write_config(tmp_path / "lean.yml", STACK_CONFIG + LEAN_TUNING))
+    deadletter.declare(app)  # the work queues too
+    kwargs = {"duration_s": 0}
+    with BatchPublisher(app) as pub:
+        write, writes = pub._transport.write, []
+        pub._transport.write = lambda data: (writes.append(len(data)), write(data))
+
+        def batch(n: int) -> list[str]:
+            return [pub.publish(lambda producer: app.send_task("task_b", kwargs=kwargs, producer=producer, declare=[]).id)
+                    if i % 50 == 0 else pub.publish(lambda _producer: pub.send_task("task_b", kwargs, "{...}"))
+                    for i in range(n)]
+
+        ids = batch(20)  # well under WRITE_BYTES: all still gathered...
+        assert writes == []
+        assert pub.queue_depth("queue_b") >= 0 and len(writes) == 1  # ...until the broker is asked something
+        assert pub.flush() == (ids, [])
+        ids += batch(400)
+        confirmed, refused = pub.flush()
+        assert confirmed == ids[20:] and refused == []
+        assert 3 <= len(writes) <= 10 and max(writes) <= 2 * publisher.WRITE_BYTES, writes
+        with app.connection_for_read() as conn:
+            channel = conn.default_channel
+            assert [channel.basic_get("queue_b", no_ack=True).headers["id"] for _ in range(420)] == ids
 
 
 @pytest.mark.broker

@@ -26,6 +26,8 @@ from ..errors import BrokerError
 
 log = logging.getLogger(__name__)
 
+WRITE_BYTES = 64 * 1024  # gathered frames are written once they reach this size (about 90 task messages)
+
 
 class BatchPublisher:
     """Send tasks through Celery (`send_task`, a signature's `apply_async`) on one confirmed channel.
@@ -46,6 +48,9 @@ class BatchPublisher:
         self._refused: set[int] = set()
         self._owner: dict[int, Any] = {}
         self._batch: list[Any] = []
+        self._frames: list[bytes] = []  # published, not yet written to the socket
+        self._frames_size = 0
+        self._transport: Any = None
 
     def __enter__(self) -> BatchPublisher:
         # Our own connection, without the transport's confirm-per-message: we confirm per batch.
@@ -57,14 +62,31 @@ class BatchPublisher:
             self.channel.events["basic_ack"].add(self._on_ack)
             self.channel.events["basic_nack"].add(self._on_nack)
             # Count every publish on the channel (Celery may publish more than the task message,
-            # e.g. a task-sent event), so that each delivery tag maps back to its task.
+            # e.g. a task-sent event), so that each delivery tag maps back to its task. And gather
+            # the frames of a batch into a few large writes: py-amqp writes each message with a
+            # sendall of its own, which was 15 % of the sender's time (profiled). Nothing waits on
+            # a gathered frame: everything that does (flush, a passive declare, closing) sends them
+            # first, and they go out in publishing order, so delivery tags stay in step.
             basic_publish = self.channel.basic_publish
+            transport = self.connection.connection.transport
+            write_now = transport._write
+
+            def gather(frame: Any) -> None:
+                self._frames.append(bytes(frame))  # a view of py-amqp's buffer, reused for the next frame
+                self._frames_size += len(frame)
 
             def counted(*args: Any, **kwargs: Any) -> Any:
                 self._tag += 1
                 self._unsettled.add(self._tag)
-                return basic_publish(*args, **kwargs)
+                transport._write = gather
+                try:
+                    return basic_publish(*args, **kwargs)
+                finally:
+                    transport._write = write_now
+                    if self._frames_size >= WRITE_BYTES:
+                        self._write_frames()
 
+            self._transport = transport
             self.channel.basic_publish = counted
         self.producer = self.app.amqp.Producer(self.channel, auto_declare=False)
         self._routes: dict[str, tuple[str, str, int]] = {}
@@ -76,6 +98,7 @@ class BatchPublisher:
 
     def __exit__(self, *exc: object) -> None:
         try:
+            self._write_frames()
             self.channel.close()
         except Exception:  # a connection that broke has nothing left to close
             log.debug("Closing the publisher channel failed.", exc_info=True)
@@ -131,6 +154,7 @@ class BatchPublisher:
     def flush(self) -> tuple[list[Any], list[Any]]:
         """Wait until the broker has confirmed or refused every message published since the last
         flush; return what was published, split into (confirmed, refused), in publishing order."""
+        self._write_frames()
         batch, owners = self._batch, self._owner
         self._batch, self._owner = [], {}
         deadline = time.monotonic() + self.confirm_timeout_s
@@ -158,8 +182,16 @@ class BatchPublisher:
     def _declare(self, name: str) -> tuple[int, int | None]:
         if not self.confirms:  # the filesystem transport counts neither
             return 0, None
+        self._write_frames()  # what is published counts in the depth
         _, ready, consumers = self.channel.queue_declare(queue=name, passive=True)
         return ready, consumers
+
+    def _write_frames(self) -> None:
+        if self._frames:
+            data = b"".join(self._frames)
+            self._frames.clear()
+            self._frames_size = 0
+            self._transport.write(data)  # py-amqp's write: marks the connection broken on an error
 
     def _settle(self, tag: int, multiple: bool, refused: bool) -> None:
         tags = range(self._low, tag + 1) if multiple else (tag,)
