@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import re
 import time
+import uuid
 from pathlib import Path
 
 import pytest
+from celery.app.task import Context
+from celery.backends.rpc import RPCBackend as CeleryRPCBackend
 
 from conftest import ROOT, run_cli, write_config
 from conveyor import deadletter
@@ -342,3 +345,34 @@ def test_results_skip_the_confirm_only_where_the_config_says(broker_env, make_ap
     # The dead-letter publishes keep theirs: they go through the app's own pool.
     with lean_app.producer_or_acquire() as producer:
         assert producer.connection.transport_options.get("confirm_publish") is True
+    # So do the producers each worker thread holds for its results.
+    for app, confirms in ((confirmed_app, True), (lean_app, False)):
+        app.backend._publish_held({"status": "SUCCESS"}, "no-such-queue", "x")
+        assert app.backend._held.producer[1].connection.transport_options.get("confirm_publish") is confirms
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("tuning", ["", LEAN_TUNING], ids=["confirmed", "lean"])
+def test_a_result_goes_out_as_celery_would_send_it_and_survives_a_broken_connection(broker_env, make_app, tmp_path, tuning):
+    app = make_app(write_config(tmp_path / "c.yml", STACK_CONFIG + tuning))
+    backend, reply_to = app.backend, f"results-{uuid.uuid4().hex[:8]}"
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        channel.queue_declare(reply_to, auto_delete=True)
+        try:
+            backend.store_result("t1", {"v": 1}, "SUCCESS", request=Context(reply_to=reply_to, correlation_id="t1"))
+            # The held connection breaks (as in a broker restart): the result goes the retrying way.
+            backend._held.producer[1].connection.connection.transport.sock.close()
+            backend.store_result("t2", {"v": 2}, "SUCCESS", request=Context(reply_to=reply_to, correlation_id="t2"))
+            # What Celery's own RPCBackend.store_result publishes, for comparison.
+            CeleryRPCBackend.store_result(backend, "t3", {"v": 3}, "SUCCESS", request=Context(reply_to=reply_to, correlation_id="t3"))
+            got = [channel.basic_get(reply_to, no_ack=True) for _ in range(3)]
+        finally:
+            channel.queue_delete(reply_to)
+    assert [json.loads(m.body)["task_id"] for m in got] == ["t1", "t2", "t3"]
+    assert [json.loads(m.body)["result"] for m in got] == [{"v": 1}, {"v": 2}, {"v": 3}]
+    ours, celerys = got[0], got[2]
+    assert set(json.loads(ours.body)) == set(json.loads(celerys.body))
+    for prop in ("content_type", "content_encoding", "delivery_mode", "priority", "application_headers"):
+        assert ours.properties.get(prop) == celerys.properties.get(prop), prop
+    assert [m.properties["correlation_id"] for m in got] == ["t1", "t2", "t3"]
