@@ -26,7 +26,6 @@ import logging
 import os
 import threading
 import weakref
-from typing import Any
 
 from celery.backends.rpc import RPCBackend as CeleryRPCBackend
 from kombu import Producer
@@ -68,8 +67,10 @@ class RPCBackend(CeleryRPCBackend):
         if not routing_key:
             return None
         meta = self._to_result(task_id, state, result, traceback, request)
+        # Encoded first, so that a result that cannot be encoded fails as in Celery (EncodeError).
+        content_type, content_encoding, body = dumps(meta, serializer=self.serializer)
         try:
-            self._publish_held(meta, routing_key, correlation_id)
+            self._publish_held(body, content_type, content_encoding, routing_key, correlation_id)
         except Exception as exc:  # noqa: BLE001  (whatever broke, the retrying path below decides)
             log.info("Publishing the result of task %s failed (%r); publishing it again with retries.", task_id, exc)
             self._drop_held()
@@ -81,14 +82,14 @@ class RPCBackend(CeleryRPCBackend):
                 )
         return result
 
-    def _publish_held(self, meta: dict[str, Any], routing_key: str, correlation_id: str) -> None:
+    def _publish_held(self, body: bytes, content_type: str, content_encoding: str, routing_key: str,
+                      correlation_id: str) -> None:
         held = getattr(self._held, "producer", None)
         if held is None or held[0] != os.getpid():
             options = {} if self._confirms() else {"confirm_publish": False}
             producer = Producer(self.app.connection_for_write(transport_options=options), auto_declare=False)
             held = self._held.producer = (os.getpid(), producer)
         channel = held[1].channel
-        content_type, content_encoding, body = dumps(meta, serializer=self.serializer)
         # As kombu's Producer.publish builds it: no headers, priority 0, these two properties.
         message = channel.prepare_message(body, 0, content_type, content_encoding, {},
                                           {"correlation_id": correlation_id, "delivery_mode": self.delivery_mode})

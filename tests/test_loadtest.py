@@ -13,7 +13,7 @@ import pytest
 from celery.app.task import Context
 from celery.backends.rpc import RPCBackend as CeleryRPCBackend
 
-from conftest import ROOT, run_cli, write_config
+from conftest import ROOT, run_cli, wait_for, write_config
 from conveyor import deadletter
 from conveyor.errors import ConfigError
 from conveyor.loadtest import publisher, report
@@ -347,7 +347,7 @@ def test_results_skip_the_confirm_only_where_the_config_says(broker_env, make_ap
         assert producer.connection.transport_options.get("confirm_publish") is True
     # So do the producers each worker thread holds for its results.
     for app, confirms in ((confirmed_app, True), (lean_app, False)):
-        app.backend._publish_held({"status": "SUCCESS"}, "no-such-queue", "x")
+        app.backend._publish_held(b"{}", "application/json", "utf-8", "no-such-queue", "x")
         assert app.backend._held.producer[1].connection.transport_options.get("confirm_publish") is confirms
 
 
@@ -366,7 +366,9 @@ def test_a_result_goes_out_as_celery_would_send_it_and_survives_a_broken_connect
             backend.store_result("t2", {"v": 2}, "SUCCESS", request=Context(reply_to=reply_to, correlation_id="t2"))
             # What Celery's own RPCBackend.store_result publishes, for comparison.
             CeleryRPCBackend.store_result(backend, "t3", {"v": 3}, "SUCCESS", request=Context(reply_to=reply_to, correlation_id="t3"))
-            got = [channel.basic_get(reply_to, no_ack=True) for _ in range(3)]
+            # (Three connections, one of them unconfirmed where lean: the order of arrival may differ.)
+            got = sorted((wait_for(lambda: channel.basic_get(reply_to, no_ack=True), 10, "a result", 0.01) for _ in range(3)),
+                         key=lambda m: json.loads(m.body)["task_id"])
         finally:
             channel.queue_delete(reply_to)
     assert [json.loads(m.body)["task_id"] for m in got] == ["t1", "t2", "t3"]
