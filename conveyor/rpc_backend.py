@@ -52,13 +52,17 @@ class RPCBackend(CeleryRPCBackend):
         config = getattr(self.app, "conveyor_config", None)
         return config is None or config.tuning.result_confirms
 
+    def _new_connection(self):  # not `_connection`: Celery's RPCBackend has an attribute of that name
+        """A new connection for results: confirmed per publish (the app's transport options) unless
+        `tuning.result_confirms` is off."""
+        return self.app.connection_for_write(transport_options={} if self._confirms() else {"confirm_publish": False})
+
     def _producers(self) -> ProducerPool:
         if self._confirms():
             return self.app.amqp.producer_pool
         if self._unconfirmed is None:
-            connection = self.app.connection_for_write(transport_options={"confirm_publish": False})
             limit = self.app.pool.limit
-            self._unconfirmed = ProducerPool(connection.Pool(limit=limit), limit=limit, Producer=self.app.amqp.Producer)
+            self._unconfirmed = ProducerPool(self._new_connection().Pool(limit=limit), limit=limit, Producer=self.app.amqp.Producer)
         return self._unconfirmed
 
     def store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
@@ -86,9 +90,7 @@ class RPCBackend(CeleryRPCBackend):
                       correlation_id: str) -> None:
         held = getattr(self._held, "producer", None)
         if held is None or held[0] != os.getpid():
-            options = {} if self._confirms() else {"confirm_publish": False}
-            producer = Producer(self.app.connection_for_write(transport_options=options), auto_declare=False)
-            held = self._held.producer = (os.getpid(), producer)
+            held = self._held.producer = (os.getpid(), Producer(self._new_connection(), auto_declare=False))
         channel = held[1].channel
         # As kombu's Producer.publish builds it: no headers, priority 0, these two properties.
         message = channel.prepare_message(body, 0, content_type, content_encoding, {},

@@ -7,11 +7,10 @@ from pathlib import Path
 from .. import broker
 from ..app import create_app
 from ..config import load_config
-from ..stack.local import LocalStack
+from ..stack.local import LocalStack, alive
 from .actors import PartitionedWorker
 from .netns import leftovers as netns_leftovers
 from .netns import remove_leftover as remove_netns
-from ..stack.local import alive
 from .node import leftovers as node_leftovers
 from .node import remove_leftover as remove_node
 from ..cli import environ
