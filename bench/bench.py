@@ -170,10 +170,11 @@ def dispatcher_cost(config_file: Path, n: int) -> dict[str, Any]:
             runs = []
             for _ in range(DISPATCHER_RUNS):  # a run takes a second or two: one stall of the machine moves it
                 t0, c0 = time.perf_counter(), time.process_time()
-                for start in range(0, n, 500):
+                for start in range(0, n, 500):  # as the load tester sends: a batch unconfirmed at most
                     for _ in range(min(500, n - start)):
                         pub.publish(send)
-                    pub.flush()
+                    pub.flush(in_flight=500)
+                pub.flush()
                 runs.append(((time.perf_counter() - t0) * 1000 / n, (time.process_time() - c0) * 1000 / n))
             batch_ms, batch_cpu_ms = sorted(runs)[len(runs) // 2]
         each = max(100, n // 10)
@@ -185,8 +186,8 @@ def dispatcher_cost(config_file: Path, n: int) -> dict[str, Any]:
         app.control.purge()
     finally:
         app.close()
-    return {"batch_confirm_ms": batch_ms, "batch_confirm_cpu_ms": batch_cpu_ms, "confirm_each_ms": each_ms, "tasks": n,
-            "batch_confirm_runs_ms": [wall for wall, _ in runs]}
+    return {"async_confirm_ms": batch_ms, "async_confirm_cpu_ms": batch_cpu_ms, "confirm_each_ms": each_ms, "tasks": n,
+            "async_confirm_runs_ms": [wall for wall, _ in runs]}
 
 
 def seed_scaling(config_file: Path, seconds: float, replicas: list[int]) -> list[dict[str, Any]]:
@@ -269,9 +270,9 @@ def table(results: dict[str, Any]) -> str:
     rows.append(("  scale-out 2 vs 1 replica", _x(r["scale_2x"]), ">= 1.8x", verdict(r["scale_2x"], TARGETS["scale_2x"])))
     rows.append(("  scale-out 4 vs 1 replica", _x(r["scale_4x"]), "", ""))
     d = results["dispatcher"]
-    rows.append((f"dispatcher per task, batched confirms (load tester), median of {len(d['batch_confirm_runs_ms'])}",
-                 f"{d['batch_confirm_ms']:.3f} ms", "<= 0.2 ms",
-                 verdict(d["batch_confirm_ms"], TARGETS["dispatcher_ms"], higher_is_better=False)))
+    rows.append((f"dispatcher per task, confirms collected asynchronously (load tester), median of {len(d['async_confirm_runs_ms'])}",
+                 f"{d['async_confirm_ms']:.3f} ms", "<= 0.2 ms",
+                 verdict(d["async_confirm_ms"], TARGETS["dispatcher_ms"], higher_is_better=False)))
     rows.append(("dispatcher per task, a confirm each (dispatch.py)", f"{d['confirm_each_ms']:.3f} ms", "", ""))
     h = results["half_saturation"]
     p99 = h["latency_s"]["p99"] * 1000

@@ -335,6 +335,28 @@ def test_a_batch_goes_out_in_a_few_large_writes_in_publishing_order(broker_env, 
 
 
 @pytest.mark.broker
+@pytest.mark.usefixtures("empty_queues")
+def test_confirms_are_collected_while_the_next_batch_goes_out(broker_env, make_app, tmp_path):
+    """flush(in_flight) leaves at most that many messages unconfirmed and hands back every confirmed
+    task once, in publishing order; flush() leaves none."""
+    app = make_app(write_config(tmp_path / "lean.yml", STACK_CONFIG + LEAN_TUNING))
+    deadletter.declare(app)
+    kwargs = {"duration_s": 0}
+    ids, confirmed = [], []
+    with BatchPublisher(app) as pub:
+        for _ in range(6):
+            ids += [pub.publish(lambda _producer: pub.send_task("task_b", kwargs, "{...}")) for _ in range(200)]
+            got, refused = pub.flush(in_flight=200)
+            assert refused == [] and len(pub._unsettled) <= 200
+            confirmed += got
+        got, refused = pub.flush()
+        assert refused == [] and not pub._unsettled
+        confirmed += got
+        assert pub.flush() == ([], [])
+    assert confirmed == ids and len(set(ids)) == 1200
+
+
+@pytest.mark.broker
 def test_results_skip_the_confirm_only_where_the_config_says(broker_env, make_app, tmp_path):
     confirmed_app = make_app(write_config(tmp_path / "default.yml", STACK_CONFIG))
     lean_app = make_app(write_config(tmp_path / "lean.yml", STACK_CONFIG + LEAN_TUNING))

@@ -1,7 +1,8 @@
 """Running a load test: send the plan's jobs at the asked pace and collect every result, in one thread.
 
-Each turn of the loop publishes what is due (a batch at most, confirmed together), then waits for
-results until the next send is due. Three things hold the sender back: the target rate (open loop),
+Each turn of the loop publishes what is due (a batch at most), takes in the broker's confirms of
+earlier batches (a batch may be unconfirmed while the next goes out), then waits for results until
+the next send is due. Three things hold the sender back: the target rate (open loop),
 the number of jobs in flight (closed loop, `concurrency`), and backpressure (a queue holding more
 ready messages than `max_queue_depth`). One deadline bounds the whole run; whatever has not finished
 by then is reported pending, never waited on.
@@ -156,8 +157,8 @@ class Runner:
                     allowed = self.batch_size
                     if self.rate:
                         allowed = min(allowed, int((now - start) * self.rate) + 1 - sent)
-                    if opts.concurrency:
-                        allowed = min(allowed, opts.concurrency - (len(self.records) - self._done))
+                    if opts.concurrency:  # a job is in flight from its publish, confirmed or not
+                        allowed = min(allowed, opts.concurrency - (sent - refused - self._done))
                     if allowed > 0 and now - depth_checked >= DEPTH_CHECK_S:
                         # Room left under the bound in the deepest queue: a batch never overshoots it.
                         depth_checked = now
@@ -170,25 +171,21 @@ class Runner:
                             paused_since = None
                     allowed = min(allowed, headroom)
                 published = 0
-                if allowed > 0:
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    for _ in range(allowed):
-                        job = next(jobs, None)
-                        if job is None:
-                            exhausted = True
-                            break
-                        pub.publish(lambda _producer, job=job: self._send(job, pub))
-                        published += 1
-                    confirmed, nacked = pub.flush()
-                    send_s += time.perf_counter() - t0
-                    send_cpu_s += time.process_time() - c0
-                    sent += published
-                    headroom -= published
-                    self.records.extend(confirmed)
-                    refused += len(nacked)
-                    for record in nacked:  # never stored by the broker: no result will come
-                        for stage in record.stages:
-                            self._where.pop(stage.id, None)
+                t0, c0 = time.perf_counter(), time.process_time()
+                for _ in range(max(0, allowed)):
+                    job = next(jobs, None)
+                    if job is None:
+                        exhausted = True
+                        break
+                    pub.publish(lambda _producer, job=job: self._send(job, pub))
+                    published += 1
+                sent += published
+                headroom -= published
+                # One batch may stay unconfirmed while there is more to send; none once there is not.
+                more = not exhausted and (send_until is None or time.time() < send_until)
+                refused += self._settle(*pub.flush(in_flight=self.batch_size if more else 0))
+                send_s += time.perf_counter() - t0
+                send_cpu_s += time.process_time() - c0
                 # Full batch sent and more due: look at results only briefly, then send on.
                 if published and published == self.batch_size:
                     wait = 0.0
@@ -201,6 +198,7 @@ class Runner:
                     last_tick = time.time()
                     self.on_tick(self._progress(start, paused_since is not None))
             end = time.time()
+            refused += self._settle(*pub.flush())  # at the deadline: what is still to be confirmed
             if paused_since is not None:
                 paused_s += end - paused_since
             depths = {q: pub.queue_depth(q) for q in self.scenario.queues}
@@ -215,6 +213,15 @@ class Runner:
             log.warning("The run ended at its %.0f s timeout with %d job(s) pending and %d not sent.",
                         opts.timeout_s, pending, not_sent)
         return Outcome(self.records, stats, idle)
+
+    def _settle(self, confirmed: list[Record], refused: list[Record]) -> int:
+        """Count confirmed jobs as sent; forget refused ones, which the broker never stored (no result
+        will come). Returns how many were refused."""
+        self.records.extend(confirmed)
+        for record in refused:
+            for stage in record.stages:
+                self._where.pop(stage.id, None)
+        return len(refused)
 
     def _progress(self, start: float, paused: bool) -> Progress:
         now = time.time()
