@@ -357,6 +357,24 @@ def test_confirms_are_collected_while_the_next_batch_goes_out(broker_env, make_a
 
 
 @pytest.mark.broker
+def test_what_the_broker_refuses_comes_back_refused_in_publishing_order(broker_env, make_app, tmp_path):
+    app = make_app(write_config(tmp_path / "lean.yml", STACK_CONFIG + LEAN_TUNING))
+    name = f"test-refusing-{uuid.uuid4().hex[:8]}"
+    with BatchPublisher(app) as pub:
+        # A queue that nacks every publish beyond its fifth message.
+        pub.channel.queue_declare(queue=name, arguments={"x-max-length": 5, "x-overflow": "reject-publish"})
+        try:
+            for i in range(12):
+                pub.publish(lambda producer, i=i: (producer.publish({"i": i}, exchange="", routing_key=name), i)[1])
+            early = pub.flush(in_flight=4)
+            late = pub.flush()
+        finally:
+            pub.channel.queue_delete(queue=name)
+    assert early[0] + late[0] == [0, 1, 2, 3, 4]
+    assert early[1] + late[1] == [5, 6, 7, 8, 9, 10, 11]
+
+
+@pytest.mark.broker
 def test_results_skip_the_confirm_only_where_the_config_says(broker_env, make_app, tmp_path):
     confirmed_app = make_app(write_config(tmp_path / "default.yml", STACK_CONFIG))
     lean_app = make_app(write_config(tmp_path / "lean.yml", STACK_CONFIG + LEAN_TUNING))
