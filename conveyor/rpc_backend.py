@@ -18,21 +18,42 @@ Celery checks a producer out of a pool and publishes through kombu's retrying wr
 result: 37 % of a solo worker's samples went to storing a no-op result, the pool checkout 8 % and
 the wrapper most of the rest (docs/performance.md). Only a publish that fails goes the kombu way,
 with a pooled producer and the retry policy, which reconnects; the held producer is dropped then.
+Without result confirms, the frames go straight to the connection (conveyor/frames.py), and what
+the broker sent on that connection (a close, a connection.blocked) is read once a second instead of
+before every result: a connection the broker has closed is noticed there, or by the next write.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
+import time
 import weakref
+from dataclasses import dataclass
+from typing import Any
 
 from celery.backends.rpc import RPCBackend as CeleryRPCBackend
 from kombu import Producer
 from kombu.pools import ProducerPool
 from kombu.serialization import dumps
 
+from . import frames
+
 log = logging.getLogger(__name__)
+
+POLL_S = 1.0  # how often a result connection without confirms reads what the broker sent
+
+
+@dataclass
+class _Held:
+    """This thread's result producer; `pid` tells a forked child not to use its parent's."""
+
+    pid: int
+    producer: Any
+    confirms: bool
+    next_poll: float = 0.0
 
 
 class RPCBackend(CeleryRPCBackend):
@@ -40,7 +61,7 @@ class RPCBackend(CeleryRPCBackend):
         super().__init__(*args, **kwargs)
         self._declared_on: weakref.WeakSet = weakref.WeakSet()
         self._unconfirmed: ProducerPool | None = None
-        self._held = threading.local()  # (pid, producer): a forked child must not use its parent's
+        self._held = threading.local()  # .producer: a _Held
 
     def on_task_call(self, producer, task_id) -> None:
         channel = producer.channel
@@ -89,19 +110,30 @@ class RPCBackend(CeleryRPCBackend):
     def _publish_held(self, body: bytes, content_type: str, content_encoding: str, routing_key: str,
                       correlation_id: str) -> None:
         held = getattr(self._held, "producer", None)
-        if held is None or held[0] != os.getpid():
-            held = self._held.producer = (os.getpid(), Producer(self._new_connection(), auto_declare=False))
-        channel = held[1].channel
+        if held is None or held.pid != os.getpid():
+            confirms = self._confirms()
+            held = self._held.producer = _Held(os.getpid(), Producer(self._new_connection(), auto_declare=False), confirms)
+        channel = held.producer.channel
         # As kombu's Producer.publish builds it: no headers, priority 0, these two properties.
         message = channel.prepare_message(body, 0, content_type, content_encoding, {},
                                           {"correlation_id": correlation_id, "delivery_mode": self.delivery_mode})
-        channel.basic_publish(message, exchange=self.exchange.name, routing_key=routing_key)
+        if held.confirms:  # basic_publish waits for the confirm
+            channel.basic_publish(message, exchange=self.exchange.name, routing_key=routing_key)
+            return
+        now = time.monotonic()
+        if now >= held.next_poll:
+            held.next_poll = now + POLL_S
+            try:
+                channel.connection.drain_events(timeout=0)
+            except socket.timeout:
+                pass
+        frames.write_publish(channel, frames.publish_args(self.exchange.name, routing_key), message)
 
     def _drop_held(self) -> None:
         held = getattr(self._held, "producer", None)
         self._held.producer = None
-        if held is not None and held[0] == os.getpid():
+        if held is not None and held.pid == os.getpid():
             try:
-                held[1].connection.close()
+                held.producer.connection.close()
             except Exception:  # noqa: BLE001  (a broken connection may fail to close; it is dropped either way)
                 log.debug("Closing a broken result connection failed.", exc_info=True)

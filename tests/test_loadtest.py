@@ -388,7 +388,7 @@ def test_results_skip_the_confirm_only_where_the_config_says(broker_env, make_ap
     # So do the producers each worker thread holds for its results.
     for app, confirms in ((confirmed_app, True), (lean_app, False)):
         app.backend._publish_held(b"{}", "application/json", "utf-8", "no-such-queue", "x")
-        assert app.backend._held.producer[1].connection.transport_options.get("confirm_publish") is confirms
+        assert app.backend._held.producer.producer.connection.transport_options.get("confirm_publish") is confirms
 
 
 @pytest.mark.broker
@@ -402,7 +402,7 @@ def test_a_result_goes_out_as_celery_would_send_it_and_survives_a_broken_connect
         try:
             backend.store_result("t1", {"v": 1}, "SUCCESS", request=Context(reply_to=reply_to, correlation_id="t1"))
             # The held connection breaks (as in a broker restart): the result goes the retrying way.
-            backend._held.producer[1].connection.connection.transport.sock.close()
+            backend._held.producer.producer.connection.connection.transport.sock.close()
             backend.store_result("t2", {"v": 2}, "SUCCESS", request=Context(reply_to=reply_to, correlation_id="t2"))
             # What Celery's own RPCBackend.store_result publishes, for comparison.
             CeleryRPCBackend.store_result(backend, "t3", {"v": 3}, "SUCCESS", request=Context(reply_to=reply_to, correlation_id="t3"))

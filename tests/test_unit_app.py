@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from celery.app import trace
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import celeryd_after_setup
 from celery.utils.time import get_exponential_backoff_interval
@@ -182,3 +183,5 @@ def test_the_result_repr_is_built_only_where_something_shows_it(app, level, even
     finally:
         trace_logger.setLevel(saved)
     assert (app.tasks["task_a"].resultrepr_maxsize > 0) is built
+    # Whatever the tracer uses, a size of 0 gives nothing and any other size Celery's repr.
+    assert trace.saferepr({"a": [1, 2]}, 0) == "" and trace.saferepr({"a": [1, 2]}, 100) == "{'a': [1, 2]}"

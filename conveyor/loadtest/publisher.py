@@ -18,8 +18,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from amqp import spec
-from amqp.serialization import dumps as amqp_dumps
 from celery import Celery
 from celery.backends.rpc import RPCBackend
 from celery.signals import after_task_publish, before_task_publish
@@ -27,6 +25,7 @@ from celery.utils.nodenames import anon_nodename
 from kombu.serialization import dumps
 from kombu.utils.uuid import uuid
 
+from .. import frames
 from ..errors import BrokerError
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,6 @@ class BatchPublisher:
             basic_publish = self.channel.basic_publish
             self._transport = self.connection.connection.transport
             self._write_now = self._transport._write
-            self._frame_writer = self.connection.connection.frame_writer
             self.channel.basic_publish = lambda *args, **kwargs: self._counted(basic_publish, *args, **kwargs)
         self.producer = self.app.amqp.Producer(self.channel, auto_declare=False)
         self._routes: dict[str, tuple[str, str, int, bytes]] = {}
@@ -136,11 +134,8 @@ class BatchPublisher:
         content_type, content_encoding, data = dumps(body, serializer="json")
         message = self.channel.prepare_message(data, 0, content_type, content_encoding, headers,
                                                dict(properties, delivery_mode=delivery_mode))
-        # The frames, as channel.basic_publish writes them, minus its per-message extras: the
-        # basic.publish arguments are encoded once per route, and the non-blocking read it makes
-        # before every publish (to notice a connection.blocked; 15 % of this method, profiled) is
-        # left to flush(), which reads everything the broker sent.
-        self._counted(self._frame_writer, 1, self.channel.channel_id, spec.Basic.Publish, publish_args, message)
+        # Without basic_publish's per-message extras (conveyor/frames.py): flush() reads the socket.
+        self._counted(frames.write_publish, self.channel, publish_args, message)
         if after_task_publish.receivers:
             after_task_publish.send(sender=name, body=body, headers=headers, exchange=exchange, routing_key=routing_key)
         return task_id
@@ -154,7 +149,7 @@ class BatchPublisher:
             else:
                 exchange, routing_key = queue.exchange.name, queue.routing_key
             mode = queue.exchange.delivery_mode or self.app.conf.task_default_delivery_mode
-            args = amqp_dumps("Bssbb", (0, exchange, routing_key, False, False))  # ticket, mandatory, immediate
+            args = frames.publish_args(exchange, routing_key)
             self._routes[name] = (exchange, routing_key, 2 if mode in (2, "persistent") else 1, args)
         return self._routes[name]
 
