@@ -32,6 +32,8 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
+from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 from celery.backends.rpc import RPCBackend as CeleryRPCBackend
@@ -68,6 +70,27 @@ class RPCBackend(CeleryRPCBackend):
         if channel not in self._declared_on:
             super().on_task_call(producer, task_id)
             self._declared_on.add(channel)
+
+    @cached_property
+    def _extended(self) -> bool:
+        return bool(self.app.conf.result_extended)
+
+    def _to_result(self, task_id, state, result, traceback, request):
+        # Celery's meta for a finished task, without its two costly steps per result (8 % of a
+        # no-op worker's CPU, profiled): the search through the config's namespaces behind
+        # find_value_for_key("extended", "result"), read once here, and app.now()'s conversions
+        # (the same instant, in the same zone). Extended results and other states go Celery's way.
+        if self._extended or state not in self.READY_STATES:
+            return super()._to_result(task_id, state, result, traceback, request)
+        meta = {"status": state, "result": self.encode_result(result, state), "traceback": traceback,
+                "children": self.current_task_children(request),
+                "date_done": datetime.now(self.app.timezone).isoformat()}
+        if request and getattr(request, "group", None):
+            meta["group_id"] = request.group
+        if request and getattr(request, "parent_id", None):
+            meta["parent_id"] = request.parent_id
+        meta["task_id"] = task_id
+        return meta
 
     def _confirms(self) -> bool:
         config = getattr(self.app, "conveyor_config", None)

@@ -7,6 +7,7 @@ import json
 import re
 import time
 import uuid
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,9 @@ from celery.app.task import Context
 from celery.backends.rpc import RPCBackend as CeleryRPCBackend
 
 from conftest import ROOT, run_cli, wait_for, write_config
-from conveyor import deadletter
+from conveyor import broker, deadletter
+from conveyor.app import create_app
+from conveyor.config import load_config
 from conveyor.errors import ConfigError
 from conveyor.loadtest import publisher, report
 from conveyor.loadtest.publisher import BatchPublisher
@@ -372,6 +375,31 @@ def test_what_the_broker_refuses_comes_back_refused_in_publishing_order(broker_e
             pub.channel.queue_delete(queue=name)
     assert early[0] + late[0] == [0, 1, 2, 3, 4]
     assert early[1] + late[1] == [5, 6, 7, 8, 9, 10, 11]
+
+
+@pytest.mark.parametrize("tuning", ["", LEAN_TUNING], ids=["default", "lean"])
+@pytest.mark.parametrize("state, group, parent", [("SUCCESS", None, None), ("SUCCESS", "g1", "p1"),
+                                                   ("FAILURE", None, None), ("RETRY", None, "p1")])
+def test_the_result_meta_is_celerys(tmp_path, tuning, state, group, parent):
+    # An rpc:// app whether or not a broker answers: building a result meta talks to none.
+    settings = broker.resolve({"BROKER_URL": "amqp://guest:guest@127.0.0.1:1//", broker.RUN_DIR_ENV: str(tmp_path)})
+    app = create_app(load_config(write_config(tmp_path / "c.yml", STACK_CONFIG + tuning)), settings)
+    try:
+        request = Context(reply_to="r", correlation_id="t1", group=group, parent_id=parent, task="task_a",
+                          args=[], kwargs={"duration_s": 0}, hostname="w@h", retries=0, delivery_info={"routing_key": "queue_a"})
+        result = ValueError("boom") if state != "SUCCESS" else {"v": 1}
+        assert type(app.backend).__module__ == "conveyor.rpc_backend"
+        ours = app.backend._to_result("t1", state, result, None, request)
+        celerys = CeleryRPCBackend._to_result(app.backend, "t1", state, result, None, request)
+    finally:
+        app.close()
+    ours_done, celerys_done = ours.pop("date_done"), celerys.pop("date_done")
+    assert list(ours) == list(celerys) and ours == celerys
+    if state == "RETRY":
+        assert ours_done is celerys_done is None
+    else:
+        assert abs(datetime.fromisoformat(ours_done) - datetime.fromisoformat(celerys_done)) < timedelta(seconds=5)
+        assert datetime.fromisoformat(ours_done).utcoffset() == datetime.fromisoformat(celerys_done).utcoffset()
 
 
 @pytest.mark.broker
