@@ -417,6 +417,15 @@ def test_results_skip_the_confirm_only_where_the_config_says(broker_env, make_ap
     for app, confirms in ((confirmed_app, True), (lean_app, False)):
         app.backend._publish_held(b"{}", "application/json", "utf-8", "no-such-queue", "x")
         assert app.backend._held.producer.producer.connection.transport_options.get("confirm_publish") is confirms
+    # Unconfirmed results read their connection once per POLL_S, not before every publish.
+    held = lean_app.backend._held.producer
+    amqp_connection = held.producer.channel.connection
+    reads, drain = [], amqp_connection.drain_events
+    amqp_connection.drain_events = lambda **kw: (reads.append(kw), drain(**kw))
+    held.next_poll = 0.0
+    for _ in range(20):
+        lean_app.backend._publish_held(b"{}", "application/json", "utf-8", "no-such-queue", "x")
+    assert reads == [{"timeout": 0}]
 
 
 @pytest.mark.broker
