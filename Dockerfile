@@ -30,8 +30,8 @@ ENV CONVEYOR_NODE_FILE=/tmp/celery-node \
     CONVEYOR_CONFIG=/app/test-config.yml
 
 HEALTHCHECK --interval=30s --timeout=20s --start-period=30s --retries=3 \
-    CMD ["python", "-m", "conveyor.healthcheck"]
+    CMD ["python", "-m", "conveyor.stack.healthcheck"]
 
 # Exec form, and the launcher execs celery in place: the worker is PID 1, receives SIGTERM from
 # `docker stop` itself and shuts down warm (finishes its running tasks) within stop_grace_period.
-ENTRYPOINT ["python", "-m", "conveyor.worker"]
+ENTRYPOINT ["python", "-m", "conveyor.stack.launcher"]

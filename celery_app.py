@@ -4,6 +4,6 @@ The config comes from CONVEYOR_CONFIG (default test-config.yml), the broker from
 results from RESULT_BACKEND; see the README for the defaults.
 """
 
-from conveyor.app import create_app
+from conveyor.runtime.app import create_app
 
 app = create_app()

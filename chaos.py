@@ -17,10 +17,11 @@ import signal
 import sys
 import time
 
-from conveyor import broker, cli
+from conveyor.settings import environment
+from conveyor.cli import common
 from conveyor.chaos import ChaosOptions, ChaosRun
 from conveyor.chaos.sweep import sweep
-from conveyor.config import load_config
+from conveyor.settings.config import load_config
 
 DEFAULTS = ChaosOptions()
 
@@ -51,11 +52,11 @@ def main() -> int:
                         help="only remove what runs killed outright left behind (nodes, namespaces, workers), then exit")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
-    cli.setup_logging(args.verbose, progress=True)  # the run's own steps (kills, restarts) are its progress report
+    common.setup_logging(args.verbose, progress=True)  # the run's own steps (kills, restarts) are its progress report
 
-    runs = broker.run_dir() / "chaos"
+    runs = environment.run_dir() / "chaos"
     for what in sweep(runs):
-        cli.say(f"Removed {what}, left behind by a chaos run that was killed.")
+        common.say(f"Removed {what}, left behind by a chaos run that was killed.")
     if args.sweep:
         return 0
     # A SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C: the run stops its node, workers and namespace.
@@ -69,7 +70,7 @@ def main() -> int:
     config = load_config(args.config)
     home = runs / time.strftime("%Y%m%d-%H%M%S")
     run = ChaosRun(options, config, home)
-    cli.say(f"Chaos run in {home}: {options.tasks} tasks, a replica killed every {options.kill_every_s:g} s"
+    common.say(f"Chaos run in {home}: {options.tasks} tasks, a replica killed every {options.kill_every_s:g} s"
             + (", a broker restart" if options.broker_restart else "") + (", a partition" if options.partition else "") + ".")
     report = run.run()
     if args.json:
@@ -81,4 +82,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    common.run(main)

@@ -12,12 +12,12 @@ import argparse
 import json
 import sys
 
-from conveyor import cli
-from conveyor.config import config_path
-from conveyor.dispatch import dispatch
+from conveyor.cli import common
+from conveyor.settings.config import config_path
+from conveyor.dispatch.dispatcher import dispatch
 from conveyor.errors import UsageError
 from conveyor.progress import progress_bar
-from conveyor.report import print_report
+from conveyor.dispatch.report import print_report
 from conveyor.stack.session import stack_session
 
 
@@ -30,11 +30,11 @@ def main() -> int:
                         help="start the worker stack first if none answers, and stop it afterwards")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
-    cli.setup_logging(args.verbose)
+    common.setup_logging(args.verbose)
     if args.timeout <= 0:
         raise UsageError(f"--timeout must be more than 0, got {args.timeout:g}")
 
-    app = cli.open_app(args.config)
+    app = common.open_app(args.config)
     config = app.conveyor_config
     total = sum(t.count for t in config.tasks)
     with stack_session(app, config, start=args.start_stack):
@@ -49,4 +49,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    common.run(main)

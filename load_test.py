@@ -15,7 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from conveyor import broker, cli
+from conveyor.settings import environment
+from conveyor.cli import common
 from conveyor.errors import BrokerError, DispatchTimeout, UsageError
 from conveyor.loadtest import live, report
 from conveyor.loadtest.metrics import summarize
@@ -56,16 +57,16 @@ def check(args: argparse.Namespace) -> None:
 
 def main() -> int:
     args = build_parser().parse_args()
-    cli.setup_logging(args.verbose)
+    common.setup_logging(args.verbose)
     check(args)
     scenario = load_scenario(args.scenario)
     plan = Plan(scenario, None) if args.duration else Plan.per_type(scenario, args.tasks or 20)
-    app = cli.open_app(args.config)
+    app = common.open_app(args.config)
     config = app.conveyor_config
     options = Options(timeout_s=args.timeout, duration_s=args.duration, rate_per_s=args.rate,
                       concurrency=args.concurrency, max_queue_depth=args.max_depth, batch_size=args.batch)
     with app.connection_for_write() as conn:
-        lost = (*broker.PUBLISH_ERRORS, *conn.connection_errors, *conn.channel_errors)
+        lost = (*environment.PUBLISH_ERRORS, *conn.connection_errors, *conn.channel_errors)
     with stack_session(app, config, start=args.start_stack):
         with live.progress_bar(plan.total, enabled=not args.json) as tick:
             try:
@@ -85,11 +86,11 @@ def main() -> int:
         print(report.render(summary, scenario.name))
     if args.report:
         written = report.write_dir(Path(args.report), summary, outcome.records, scenario.name)
-        cli.say(f"Report written: {', '.join(str(p) for p in written)}")
+        common.say(f"Report written: {', '.join(str(p) for p in written)}")
     if summary["timed_out"]:
         return DispatchTimeout.exit_code
     return 1 if summary["failed"] else 0
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    common.run(main)

@@ -41,8 +41,8 @@ import threading
 
 from rich.console import Console
 
-from conveyor import cli
-from conveyor.config import load_config
+from conveyor.cli import common
+from conveyor.settings.config import load_config
 from conveyor.errors import UsageError
 from conveyor.monitor import Monitor, dashboard, prometheus
 from conveyor.monitor.influx import STDOUT
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = build_parser().parse_args()
-    cli.setup_logging(args.verbose)
+    common.setup_logging(args.verbose)
     if args.json and not args.once:
         raise UsageError("--json needs --once (the live figures are on the Prometheus endpoint, or --influx)")
     if args.port is not None and not 0 <= args.port <= 65535:
@@ -76,12 +76,12 @@ def main() -> int:
     if args.json and influx == STDOUT:
         raise UsageError("--json and InfluxDB lines to stdout (--influx -) would share stdout; send the lines to a file")
     port = None if args.no_prometheus else args.port if args.port is not None else settings.prometheus_port
-    app = cli.open_app(config, announce=False)
+    app = common.open_app(config, announce=False)
     connection = app.conveyor_broker
     stack = open_stack(app, config, args.stack)
     quiet = args.once and args.json
     if not quiet:
-        cli.say(f"Stack: {stack.name}. {connection.describe()}")
+        common.say(f"Stack: {stack.name}. {connection.describe()}")
 
     monitor = Monitor(stack, settings, influx)
     if args.once:
@@ -108,12 +108,12 @@ def main() -> int:
             server = prometheus.serve(monitor, settings.prometheus_host, port)
             url = f"http://{settings.prometheus_host}:{server.server_port}/metrics"
             heading += f", metrics on {url}"
-            cli.say(f"Serving Prometheus metrics on {url}.")
+            common.say(f"Serving Prometheus metrics on {url}.")
         console = Console()
         headless = ("--no-dashboard" if args.no_dashboard else "stdout carries the InfluxDB lines" if influx == STDOUT
                     else "stdout is not a terminal" if not console.is_terminal else None)
         if headless:
-            cli.say(f"No dashboard ({headless}); collecting until interrupted.")
+            common.say(f"No dashboard ({headless}); collecting until interrupted.")
             stop.wait()
         else:
             dashboard.run(monitor.snapshot, settings.refresh_interval_s, heading, console, stop)
@@ -123,4 +123,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    common.run(main)

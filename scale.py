@@ -19,8 +19,10 @@ import argparse
 import json
 import sys
 
-from conveyor import cli, rebalance, status
-from conveyor.autoscale import Autoscaler
+from conveyor.cli import common
+from conveyor.stack import rebalance
+from conveyor.stack import status
+from conveyor.stack.autoscale import Autoscaler
 from conveyor.errors import UsageError
 from conveyor.stack import open_stack
 
@@ -55,13 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = build_parser().parse_args()
-    cli.setup_logging(args.verbose, progress=args.command == "auto" and not args.once)  # decisions are logged
-    app = cli.open_app(args.config, announce=False)
+    common.setup_logging(args.verbose, progress=args.command == "auto" and not args.once)  # decisions are logged
+    app = common.open_app(args.config, announce=False)
     config, settings = app.conveyor_config, app.conveyor_broker
     stack = open_stack(app, config, args.stack)
     quiet = args.command == "status" and args.json
     if not quiet:
-        cli.say(f"Stack: {stack.name}. {settings.describe()}")
+        common.say(f"Stack: {stack.name}. {settings.describe()}")
 
     if args.command == "up":
         stack.up()
@@ -87,7 +89,7 @@ def main() -> int:
             for d in scaler.step():
                 print(f"{d.service}: {d.current} -> {d.desired} ({d.reason})")
         else:
-            cli.say(f"Autoscaling every {config.autoscale.interval_s:g} s; Ctrl-C stops. Decisions are logged.")
+            common.say(f"Autoscaling every {config.autoscale.interval_s:g} s; Ctrl-C stops. Decisions are logged.")
             scaler.run(args.rounds)
     elif args.command == "rebalance":
         weights = rebalance.load_weights(args.weights) if args.weights else None
@@ -109,10 +111,10 @@ def main() -> int:
 
 
 def print_replicas(stack) -> None:
-    from conveyor import workers
+    from conveyor.stack import control
 
-    answering = set(workers.ping(stack.app))
-    by_service = workers.responding(stack.app)
+    answering = set(control.ping(stack.app))
+    by_service = control.responding(stack.app)
     print(f"{'SERVICE':<12} {'ID':<14} {'NODE':<40} {'STATE':<8} ANSWERS")
     for r in stack.replicas():
         if r.node:
@@ -123,4 +125,4 @@ def print_replicas(stack) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    common.run(main)

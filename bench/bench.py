@@ -36,16 +36,18 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from conveyor import broker, cli, queues  # noqa: E402
-from conveyor.app import create_app  # noqa: E402
-from conveyor.config import load_config  # noqa: E402
+from conveyor.settings import environment
+from conveyor.cli import common
+from conveyor.amqp import queues
+from conveyor.runtime.app import create_app  # noqa: E402
+from conveyor.settings.config import load_config  # noqa: E402
 from conveyor.errors import ConveyorError, StackError, UsageError  # noqa: E402
 from conveyor.loadtest.metrics import summarize  # noqa: E402
 from conveyor.loadtest.publisher import BatchPublisher  # noqa: E402
 from conveyor.loadtest.runner import Options, Runner  # noqa: E402
 from conveyor.loadtest.scenario import Plan, Scenario  # noqa: E402
 from conveyor.stack.local import LocalStack  # noqa: E402
-from conveyor.topology import TASKS  # noqa: E402
+from conveyor.amqp.topology import TASKS  # noqa: E402
 
 PEERS = ROOT.parent / "shared" / "bench" / "peers.sh"
 PEER_NAMES = {"raw-amqp": "raw AMQP floor (pika)", "celery-prefork-c2": "Celery, plain",
@@ -57,7 +59,7 @@ TARGETS = {"vs_dramatiq": 1.0, "vs_raw": 0.5, "seed_efficiency": 0.9, "scale_2x"
 
 
 def management(method: str, path: str, body: bytes | None = None) -> None:
-    queues.management_request(broker.DEFAULT_BROKER_URL, path, method, body, timeout_s=10)
+    queues.management_request(environment.DEFAULT_BROKER_URL, path, method, body, timeout_s=10)
 
 
 @contextmanager
@@ -72,15 +74,15 @@ def private_broker() -> Iterator[None]:
         raise StackError(f"cannot create a RabbitMQ virtual host through {MANAGEMENT} ({exc}); "
                          "the benchmark needs RabbitMQ with its management plugin on 127.0.0.1") from None
     try:
-        with cli.environ(dict(BROKER_URL=f"amqp://guest:guest@127.0.0.1:5672/{vhost}", RESULT_BACKEND="rpc://",
-                         **{broker.RUN_DIR_ENV: run_dir})):
+        with common.environ(dict(BROKER_URL=f"amqp://guest:guest@127.0.0.1:5672/{vhost}", RESULT_BACKEND="rpc://",
+                         **{environment.RUN_DIR_ENV: run_dir})):
             yield
     finally:
         management("DELETE", f"vhosts/{vhost}")
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-# The tuned runs switch task records off (broker.RECORDS_URL_ENV): the peers keep none, and what
+# The tuned runs switch task records off (environment.RECORDS_URL_ENV): the peers keep none, and what
 # the records cost is measured apart in docs/performance.md. Workers log at WARNING, as the peers'
 # do: at INFO, Celery writes two log lines per task.
 TUNED_ENV = {"RECORDS_URL": "off", "WORKER_LOGLEVEL": "WARNING"}
@@ -89,7 +91,7 @@ TUNED_ENV = {"RECORDS_URL": "off", "WORKER_LOGLEVEL": "WARNING"}
 @contextmanager
 def stack(config_file: Path, wait_s: float = 120) -> Iterator[LocalStack]:
     config = load_config(config_file)
-    app = create_app(config, broker.resolve())
+    app = create_app(config, environment.resolve())
     local = LocalStack(app, config)
     try:
         local.up(wait_s=wait_s)
@@ -103,7 +105,7 @@ def run_peers(n: int, systems: list[str]) -> dict[str, float]:
     """Tasks per second of each of `systems` (peers.sh's names: raw, celery, celery-tuned, dramatiq)."""
     if not PEERS.is_file():
         return {}
-    cli.say(f"Peers: {PEERS} {n} {' '.join(systems)}...")
+    common.say(f"Peers: {PEERS} {n} {' '.join(systems)}...")
     proc = subprocess.run(["bash", str(PEERS), str(n), *systems], capture_output=True, text=True, timeout=1800)
     rates = {}
     for line in proc.stdout.splitlines():
@@ -113,7 +115,7 @@ def run_peers(n: int, systems: list[str]) -> dict[str, float]:
         except (ValueError, KeyError):
             continue
     if proc.returncode != 0:
-        cli.say(f"peers.sh failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+        common.say(f"peers.sh failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
     return rates
 
 
@@ -155,9 +157,9 @@ def dispatcher_cost(config_file: Path, n: int) -> dict[str, Any]:
     load tester (the median of DISPATCHER_RUNS runs of n tasks), and dispatch.py's way (the app's
     producer, a confirm awaited per message)."""
     config = load_config(config_file)
-    app = create_app(config, broker.resolve())
+    app = create_app(config, environment.resolve())
     try:
-        from conveyor import deadletter
+        from conveyor.tasks import deadletter
 
         deadletter.declare(app)
         kwargs = {"duration_s": 0}
@@ -208,7 +210,7 @@ def seed_scaling(config_file: Path, seconds: float, replicas: list[int]) -> list
             rows.append({"replicas": count, "tasks": sum(counts.values()), "tasks_per_s": summary["throughput_per_s"],
                          "ideal_per_s": sum(ideal.values()), "efficiency": summary["throughput_per_s"] / sum(ideal.values()),
                          "latency_s": summary["latency_s"], "workers": summary["workers"]})
-            cli.say(f"Seed workload, {count} replica(s) per service: {rows[-1]['tasks_per_s']:.1f}/s "
+            common.say(f"Seed workload, {count} replica(s) per service: {rows[-1]['tasks_per_s']:.1f}/s "
                     f"of an ideal {rows[-1]['ideal_per_s']:.0f}/s.")
     return rows
 
@@ -222,7 +224,7 @@ def paired_rounds(n: int, rounds: int, peers: bool) -> list[dict[str, float]]:
     measured = []
     for number in range(1, rounds + 1):
         row = run_peers(n, ["raw", "dramatiq"]) if peers else {}
-        cli.say(f"Round {number} of {rounds}: conveyor, no-op tasks, tuned...")
+        common.say(f"Round {number} of {rounds}: conveyor, no-op tasks, tuned...")
         row["conveyor-tuned"] = noop(ROOT / "bench" / "noop.yml", n)["tasks_per_s"]
         measured.append(row)
     return measured
@@ -303,26 +305,26 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "bench-results"), help="directory for the JSON (default bench-results/)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
-    cli.setup_logging(args.verbose)
+    common.setup_logging(args.verbose)
     if args.tasks < 100 or args.rounds < 1 or args.seed_s <= 0 or args.half_saturation_s <= 0:
         raise UsageError("--tasks must be at least 100, --rounds at least 1, --seed-s and --half-saturation-s more than 0")
     started = time.time()
     results: dict[str, Any] = {"started_at": started, "tasks": args.tasks, "targets": TARGETS}
     peers = not args.no_peers and PEERS.is_file()
     if not args.no_peers and not peers:
-        cli.say(f"No peer benchmarks at {PEERS}: comparing with nothing.")
+        common.say(f"No peer benchmarks at {PEERS}: comparing with nothing.")
     results["peers"] = run_peers(args.tasks, ["celery", "celery-tuned"]) if peers else {}
     with private_broker():
-        cli.say("conveyor, no-op tasks, default settings...")
+        common.say("conveyor, no-op tasks, default settings...")
         results["noop"] = {"default": noop(ROOT / "test-config.yml", max(100, args.tasks // 4))}
-        with cli.environ(TUNED_ENV):
+        with common.environ(TUNED_ENV):
             results["rounds"] = paired_rounds(args.tasks, args.rounds, peers)
             tuned = statistics.median(r["conveyor-tuned"] for r in results["rounds"])
-            cli.say("Dispatcher cost per task...")
+            common.say("Dispatcher cost per task...")
             results["dispatcher"] = dispatcher_cost(ROOT / "bench" / "noop.yml", 5_000)
-            cli.say("p99 latency at half the no-op saturation rate...")
+            common.say("p99 latency at half the no-op saturation rate...")
             results["half_saturation"] = half_saturation(ROOT / "bench" / "noop.yml", tuned, args.half_saturation_s)
-            cli.say("Seed workload at 1, 2 and 4 replicas per service...")
+            common.say("Seed workload at 1, 2 and 4 replicas per service...")
             results["seed"] = seed_scaling(ROOT / "bench" / "seed.yml", args.seed_s, [1, 2, 4])
     seed = {r["replicas"]: r for r in results["seed"]}
     results["paired"] = {peer: median_round(results["rounds"], peer) for peer in ("dramatiq-p2-t8", "raw-amqp")}
@@ -345,4 +347,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    common.run(main)

@@ -17,9 +17,10 @@ import argparse
 import json
 from dataclasses import asdict
 
-from . import cli, deadletter
-from .errors import UsageError
-from .lifecycle import commands, records, render
+from conveyor.cli import common
+from conveyor.tasks import deadletter
+from conveyor.errors import UsageError
+from conveyor.lifecycle import commands, records, render
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = build_parser().parse_args()
-    cli.setup_logging(args.verbose)
+    common.setup_logging(args.verbose)
     # Records live in Redis or SQLite: listing and showing them works while the broker is down.
-    app = cli.open_app(args.config, announce=False, check=args.area == "dlq" or args.command == "revoke")
+    app = common.open_app(args.config, announce=False, check=args.area == "dlq" or args.command == "revoke")
     return (run_tasks if args.area == "tasks" else run_dlq)(app, args)
 
 
@@ -96,4 +97,4 @@ def run_dlq(app, args) -> int:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    common.run(main)

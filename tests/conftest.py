@@ -20,9 +20,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from conveyor import broker, queues  # noqa: E402
-from conveyor.app import create_app  # noqa: E402
-from conveyor.config import load_config  # noqa: E402
+from conveyor.settings import environment
+from conveyor.amqp import queues
+from conveyor.runtime.app import create_app  # noqa: E402
+from conveyor.settings.config import load_config  # noqa: E402
 
 IN_CI = bool(os.environ.get("CI"))
 RABBIT = ("127.0.0.1", 5672)
@@ -77,15 +78,15 @@ def rabbitmq_url() -> Iterator[str]:
 
 def _forget_records(vhost: str) -> None:
     """The task records this session's processes wrote to Redis, which keys them by vhost (conveyor/lifecycle)."""
-    if _listening(broker.DEFAULT_REDIS):
+    if _listening(environment.DEFAULT_REDIS):
         from conveyor.lifecycle.redis_store import RedisStore
 
-        RedisStore(f"redis://{broker.DEFAULT_REDIS[0]}:{broker.DEFAULT_REDIS[1]}/0", vhost, ttl_s=60).clear()
+        RedisStore(f"redis://{environment.DEFAULT_REDIS[0]}:{environment.DEFAULT_REDIS[1]}/0", vhost, ttl_s=60).clear()
 
 
 def _management(method: str, path: str, body: bytes | None = None) -> None:
     """A call to the local RabbitMQ's management API as guest (vhosts and users for the tests)."""
-    queues.management_request(broker.DEFAULT_BROKER_URL, path, method, body, timeout_s=10)
+    queues.management_request(environment.DEFAULT_BROKER_URL, path, method, body, timeout_s=10)
 
 
 @pytest.fixture
@@ -98,7 +99,7 @@ def run_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def broker_env(rabbitmq_url: str, run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Environment (also applied to this process) pointing everything at the test vhost."""
-    env = {"BROKER_URL": rabbitmq_url, broker.RUN_DIR_ENV: str(run_dir)}
+    env = {"BROKER_URL": rabbitmq_url, environment.RUN_DIR_ENV: str(run_dir)}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("RESULT_BACKEND", raising=False)
@@ -107,7 +108,7 @@ def broker_env(rabbitmq_url: str, run_dir: Path, monkeypatch: pytest.MonkeyPatch
 
 @pytest.fixture
 def embedded_env(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    env = {"BROKER_URL": broker.EMBEDDED_URL, broker.RUN_DIR_ENV: str(run_dir)}
+    env = {"BROKER_URL": environment.EMBEDDED_URL, environment.RUN_DIR_ENV: str(run_dir)}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("RESULT_BACKEND", raising=False)
@@ -126,7 +127,7 @@ def make_app(run_dir: Path):
 
     def make(config_file: Path | str | None = None):
         config = load_config(config_file or ROOT / "test-config.yml")
-        app = create_app(config, broker.resolve())
+        app = create_app(config, environment.resolve())
         apps.append(app)
         return app
 
@@ -163,14 +164,14 @@ def module_stack(rabbitmq_url: str, run_dir: Path, config_file: Path, **env: str
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("BROKER_URL", rabbitmq_url)
-        patch.setenv(broker.RUN_DIR_ENV, str(run_dir))
+        patch.setenv(environment.RUN_DIR_ENV, str(run_dir))
         patch.delenv("RESULT_BACKEND", raising=False)
         for name, value in env.items():
             if value is None:
                 patch.delenv(name, raising=False)
             else:
                 patch.setenv(name, value)
-        app = create_app(load_config(config_file), broker.resolve())
+        app = create_app(load_config(config_file), environment.resolve())
         stack = LocalStack(app, app.conveyor_config)
         try:
             stack.up(wait_s=60)

@@ -12,9 +12,9 @@ import pytest
 from kombu import Exchange, Producer
 
 from conftest import ROOT, module_stack, queue_depth, run_cli, wait_for, write_config
-from conveyor import deadletter
-from conveyor.consumer import ENVELOPE_BYTES
-from conveyor.tasks import DeadLettered
+from conveyor.tasks import deadletter
+from conveyor.seam.consumer import ENVELOPE_BYTES
+from conveyor.tasks.simulated import DeadLettered
 from test_cli_errors import free_port, one_line_error
 
 SHIPPED = (ROOT / "test-config.yml").read_text()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conveyor.config import load_config
+from conveyor.settings.config import load_config
 from conveyor.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

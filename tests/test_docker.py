@@ -19,7 +19,7 @@ import yaml
 from conftest import ROOT, queue_depth, run_cli, unavailable, wait_for, write_config
 from kombu import Queue
 
-from conveyor import workers
+from conveyor.stack import control
 from conveyor.errors import StackError
 from conveyor.stack import docker_available
 from conveyor.stack.compose import ComposeStack, compose_command, project_name
@@ -53,8 +53,8 @@ stop_grace_s: {STOP_GRACE_S}
 
 SHOW_LOGS = """\
 import sys
-from conveyor.app import create_app
-from conveyor.config import load_config
+from conveyor.runtime.app import create_app
+from conveyor.settings.config import load_config
 from conveyor.stack import open_stack
 app = create_app(load_config(sys.argv[1]))
 open_stack(app, app.conveyor_config, sys.argv[2]).logs(follow=False)
@@ -169,7 +169,7 @@ def _collect(results: list, timeout_s: float) -> list[dict]:
 
 
 def _nodes(app, service: str) -> list[str]:
-    return workers.nodes_of(workers.ping(app), service)
+    return control.nodes_of(control.ping(app), service)
 
 
 def _ids(stack, service: str) -> list[str]:
@@ -280,15 +280,15 @@ def test_image_builds_and_runs_as_non_root(docker_image: str) -> None:
     inspect = subprocess.run(["docker", "image", "inspect", "--format",
                               "{{json .Config.Entrypoint}} {{json .Config.Healthcheck.Test}}", docker_image],
                              capture_output=True, text=True, check=True).stdout
-    assert '["python","-m","conveyor.worker"]' in inspect
-    assert "conveyor.healthcheck" in inspect
+    assert '["python","-m","conveyor.stack.launcher"]' in inspect
+    assert "conveyor.stack.healthcheck" in inspect
 
 
 # --- scaling: the same tests for both backends ------------------------------------------------
 @pytest.mark.timeout(300)
 def test_scaling_one_service_leaves_the_other_alone(stack_up) -> None:
     app, stack = stack_up()
-    assert workers.responding(app) == Counter({"worker-a": 1, "worker-b": 1})
+    assert control.responding(app) == Counter({"worker-a": 1, "worker-b": 1})
     b_before = _ids(stack, "worker-b")
     assert len(b_before) == 1
 
@@ -305,12 +305,12 @@ def test_scaling_one_service_leaves_the_other_alone(stack_up) -> None:
     if stack.name == "compose":
         # The healthcheck pings its own replica's node: healthy for a live one, not for any other name.
         container = _ids(stack, "worker-a")[0]
-        ok = subprocess.run(["docker", "exec", container, "python", "-m", "conveyor.healthcheck"],
+        ok = subprocess.run(["docker", "exec", container, "python", "-m", "conveyor.stack.healthcheck"],
                             capture_output=True, text=True, timeout=60)
         assert ok.returncode == 0, ok.stderr
         bad = subprocess.run(["docker", "exec", container, "sh", "-c",
                               "echo worker-a-nobody@nowhere > /tmp/other-node && "
-                              "python -m conveyor.healthcheck --node-file /tmp/other-node --timeout 1"],
+                              "python -m conveyor.stack.healthcheck --node-file /tmp/other-node --timeout 1"],
                              capture_output=True, text=True, timeout=60)
         assert bad.returncode == 1 and "did not answer" in bad.stderr
 
@@ -364,7 +364,7 @@ def test_scaling_down_mid_burst_completes_every_task_once(stack_up) -> None:
 @pytest.mark.timeout(300)
 def test_down_leaves_nothing_behind(stack_up) -> None:
     app, stack = stack_up()
-    wait_for(lambda: len(workers.ping(app)) == 2, 30, "both workers to answer")
+    wait_for(lambda: len(control.ping(app)) == 2, 30, "both workers to answer")
     processes = _stack_processes(stack)
     assert len(processes) >= 2
     # `make logs` goes through the stack's logs(), which replaces its process: run it in a child.
@@ -374,7 +374,7 @@ def test_down_leaves_nothing_behind(stack_up) -> None:
     stack.down()
 
     assert stack.replicas() == []
-    assert not workers.ping(app)
+    assert not control.ping(app)
     left = [pid for pid, started in processes.items() if _start_time(pid) == started]
     assert left == [], f"worker processes left running: {left}"
     if stack.name == "compose":
@@ -421,7 +421,7 @@ def _start_time(pid: int) -> int | None:
 
 # --- choosing files and refusing what cannot work (no Docker needed) ---------------------------
 def test_compose_file_follows_where_the_broker_is() -> None:
-    from conveyor.broker import BrokerSettings
+    from conveyor.settings.environment import BrokerSettings
     from conveyor.stack.compose import compose_files
 
     host, full = [ROOT / "docker-compose.host.yml"], [ROOT / "docker-compose.yml"]

@@ -12,9 +12,10 @@ import pytest
 from celery import states
 
 from conftest import queue_depth, run_cli, wait_for, write_config
-from conveyor import deadletter, queues
-from conveyor.tasks import DeadLettered
-from conveyor.workers import service_of
+from conveyor.tasks import deadletter
+from conveyor.amqp import queues
+from conveyor.tasks.simulated import DeadLettered
+from conveyor.stack.control import service_of
 from events import EventLog
 
 pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("broker_env")]

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from conveyor.config import load_config
+from conveyor.settings.config import load_config
 
 DEPLOY = ROOT / "deploy" / "kubernetes"
 KUBERNETES_VERSIONS = ["1.28.0", kubernetes_validate.latest_version()]
@@ -200,7 +200,7 @@ def test_every_service_has_a_safe_deployment() -> None:
         env = _env(container)
         assert env["WORKER_SERVICE"]["value"] == name
         assert "secretKeyRef" in env["BROKER_URL"]["valueFrom"], f"{name}: the broker URL holds a password"
-        assert "conveyor.healthcheck" in container["livenessProbe"]["exec"]["command"]
+        assert "conveyor.stack.healthcheck" in container["livenessProbe"]["exec"]["command"]
         if container["securityContext"].get("readOnlyRootFilesystem"):
             assert "/tmp" in {m["mountPath"] for m in container["volumeMounts"]}, "the node file is written to /tmp"
 

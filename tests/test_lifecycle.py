@@ -13,14 +13,15 @@ import pytest
 from celery.exceptions import TaskRevokedError, TimeLimitExceeded
 
 from conftest import module_stack, queue_depth, run_cli, wait_for, write_config
-from conveyor import deadletter, queues
-from conveyor.config import TaskSpec
-from conveyor.dispatch import DUPLICATE, dispatch
+from conveyor.tasks import deadletter
+from conveyor.amqp import queues
+from conveyor.settings.config import TaskSpec
+from conveyor.dispatch.dispatcher import DUPLICATE, dispatch
 from conveyor.lifecycle import records
 from conveyor.lifecycle.records import DEAD_LETTERED, FAILED, QUEUED, RETRYING, REVOKED, RUNNING, SUCCEEDED
 from conveyor.lifecycle.unique import Dispatched, send_unique
-from conveyor.tasks import DeadLettered
-from conveyor.workers import service_of
+from conveyor.tasks.simulated import DeadLettered
+from conveyor.stack.control import service_of
 from events import EventLog
 
 pytestmark = pytest.mark.broker

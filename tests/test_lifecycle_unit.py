@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, unavailable
-from conveyor import broker
-from conveyor.config import Config, TimeLimit, load_config
+from conveyor.settings import environment
+from conveyor.settings.config import Config, TimeLimit, load_config
 from conveyor.errors import ConfigError, UsageError
 from conveyor.lifecycle import commands, records
 from conveyor.lifecycle.records import DEAD_LETTERED, FAILED, QUEUED, RETRYING, REVOKED, RUNNING, SUCCEEDED
@@ -26,7 +26,7 @@ from conveyor.lifecycle.sqlite_store import SqliteStore
 
 def _redis_listening() -> bool:
     try:
-        with socket.create_connection(broker.DEFAULT_REDIS, timeout=1):
+        with socket.create_connection(environment.DEFAULT_REDIS, timeout=1):
             return True
     except OSError:
         return False
@@ -165,13 +165,13 @@ def test_the_sqlite_store_is_shared_by_processes_on_this_machine(tmp_path):
 
 def test_records_url_resolution(tmp_path):
     root = tmp_path
-    assert broker.records_url({"RECORDS_URL": "off"}, False, root) == "off"
-    assert broker.records_url({"RECORDS_URL": "redis://elsewhere:6380/2"}, False, root) == "redis://elsewhere:6380/2"
+    assert environment.records_url({"RECORDS_URL": "off"}, False, root) == "off"
+    assert environment.records_url({"RECORDS_URL": "redis://elsewhere:6380/2"}, False, root) == "redis://elsewhere:6380/2"
     # The embedded broker keeps everything in the run directory, records too.
-    assert broker.records_url({}, True, root) == f"sqlite:///{root / 'records.sqlite3'}"
+    assert environment.records_url({}, True, root) == f"sqlite:///{root / 'records.sqlite3'}"
     expected = "redis://127.0.0.1:6379/0" if _redis_listening() else f"sqlite:///{root / 'records.sqlite3'}"
-    assert broker.records_url({}, False, root) == expected
-    settings = broker.resolve({"BROKER_URL": "filesystem://", broker.RUN_DIR_ENV: str(root), "RECORDS_URL": "off"})
+    assert environment.records_url({}, False, root) == expected
+    settings = environment.resolve({"BROKER_URL": "filesystem://", environment.RUN_DIR_ENV: str(root), "RECORDS_URL": "off"})
     assert settings.worker_env()["RECORDS_URL"] == "off"
 
 
@@ -238,11 +238,11 @@ def test_time_limits_need_the_prefork_pool(tmp_path):
 def test_record_receivers_are_connected_only_for_an_app_with_records(tmp_path, records_url, connected):
     # In a fresh interpreter: signal receivers are per process, and this one has connected them.
     code = ("from celery.signals import before_task_publish, task_prerun\n"
-            "from conveyor import broker\nfrom conveyor.app import create_app\n"
-            "create_app(None, broker.resolve())\n"
+            "from conveyor.settings import environment\nfrom conveyor.runtime.app import create_app\n"
+            "create_app(None, environment.resolve())\n"
             "print(bool(before_task_publish.receivers), bool(task_prerun.receivers))\n")
     env = dict(os.environ, BROKER_URL="filesystem://", RECORDS_URL=records_url, PYTHONPATH=str(ROOT),
-               **{broker.RUN_DIR_ENV: str(tmp_path)})
+               **{environment.RUN_DIR_ENV: str(tmp_path)})
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(connected)] * 2

@@ -15,9 +15,10 @@ from celery.app.task import Context
 from celery.backends.rpc import RPCBackend as CeleryRPCBackend
 
 from conftest import ROOT, run_cli, wait_for, write_config
-from conveyor import broker, deadletter
-from conveyor.app import create_app
-from conveyor.config import load_config
+from conveyor.settings import environment
+from conveyor.tasks import deadletter
+from conveyor.runtime.app import create_app
+from conveyor.settings.config import load_config
 from conveyor.errors import ConfigError
 from conveyor.loadtest import publisher, report
 from conveyor.loadtest.publisher import BatchPublisher
@@ -382,13 +383,13 @@ def test_what_the_broker_refuses_comes_back_refused_in_publishing_order(broker_e
                                                    ("FAILURE", None, None), ("RETRY", None, "p1")])
 def test_the_result_meta_is_celerys(tmp_path, tuning, state, group, parent):
     # An rpc:// app whether or not a broker answers: building a result meta talks to none.
-    settings = broker.resolve({"BROKER_URL": "amqp://guest:guest@127.0.0.1:1//", broker.RUN_DIR_ENV: str(tmp_path)})
+    settings = environment.resolve({"BROKER_URL": "amqp://guest:guest@127.0.0.1:1//", environment.RUN_DIR_ENV: str(tmp_path)})
     app = create_app(load_config(write_config(tmp_path / "c.yml", STACK_CONFIG + tuning)), settings)
     try:
         request = Context(reply_to="r", correlation_id="t1", group=group, parent_id=parent, task="task_a",
                           args=[], kwargs={"duration_s": 0}, hostname="w@h", retries=0, delivery_info={"routing_key": "queue_a"})
         result = ValueError("boom") if state != "SUCCESS" else {"v": 1}
-        assert type(app.backend).__module__ == "conveyor.rpc_backend"
+        assert type(app.backend).__module__ == "conveyor.seam.rpc_backend"
         ours = app.backend._to_result("t1", state, result, None, request)
         celerys = CeleryRPCBackend._to_result(app.backend, "t1", state, result, None, request)
     finally:

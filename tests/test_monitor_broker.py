@@ -13,9 +13,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
 from conftest import run_cli, wait_for, write_config
-from conveyor import deadletter, queues
-from conveyor.config import Monitoring
-from conveyor.dispatch import dispatch
+from conveyor.tasks import deadletter
+from conveyor.amqp import queues
+from conveyor.settings.config import Monitoring
+from conveyor.dispatch.dispatcher import dispatch
 from conveyor.monitor import Monitor, dashboard, prometheus
 
 pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("broker_env")]

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
 from conftest import run_cli, write_config
-from conveyor.config import load_config
+from conveyor.settings.config import load_config
 from conveyor.errors import ConfigError
 from conveyor.monitor import dashboard, influx
 from conveyor.monitor.accounting import Accounting, Buckets, percentile

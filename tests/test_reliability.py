@@ -21,15 +21,19 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, _management, run_cli, unavailable, write_config
-from conveyor import broker, deadletter, dispatch, ledger, queues
-from conveyor.app import create_app
+from conveyor.settings import environment
+from conveyor.tasks import deadletter
+from conveyor.dispatch import dispatcher
+from conveyor.lifecycle import ledger
+from conveyor.amqp import queues
+from conveyor.runtime.app import create_app
 from conveyor.chaos import ChaosOptions, ChaosRun
 from conveyor.chaos.netns import Namespace
-from conveyor.config import load_config
+from conveyor.settings.config import load_config
 from conveyor.errors import BrokerError, ConfigError, UsageError
-from conveyor.tasks import DeadLettered
-from conveyor.topology import QUEUES, work_queues
-from conveyor.workers import service_of
+from conveyor.tasks.simulated import DeadLettered
+from conveyor.amqp.topology import QUEUES, work_queues
+from conveyor.stack.control import service_of
 from test_cli_errors import free_port
 
 SHIPPED = (ROOT / "test-config.yml").read_text()
@@ -41,8 +45,8 @@ def config_with(tmp_path: Path, extra: str = "", name: str = "c.yml"):
 
 def offline_app(config, tmp_path: Path):
     """An app for an AMQP broker that is not there: building it connects to nothing."""
-    env = {"BROKER_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}//", broker.RUN_DIR_ENV: str(tmp_path)}
-    return create_app(config, broker.resolve(env))
+    env = {"BROKER_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}//", environment.RUN_DIR_ENV: str(tmp_path)}
+    return create_app(config, environment.resolve(env))
 
 
 # --- the settings -----------------------------------------------------------------------------------
@@ -59,7 +63,7 @@ def test_every_delivery_guarantee_is_on_by_default(tmp_path):
     assert conf.worker_cancel_long_running_tasks_on_connection_loss
     assert conf.broker_heartbeat == config.heartbeat_s == 30
     assert conf.accept_content == ["json"] and conf.task_serializer == "json"
-    assert conf.worker_consumer == "conveyor.consumer:Consumer"
+    assert conf.worker_consumer == "conveyor.seam.consumer:Consumer"
     app.close()
 
 
@@ -67,7 +71,7 @@ def test_a_publish_retries_for_about_publish_retry_s():
     from kombu.utils.functional import fxrange
 
     for total in (1, 10, 30, 120):
-        policy = broker.publish_retry_policy(total)
+        policy = environment.publish_retry_policy(total)
         waits = fxrange(policy["interval_start"], policy["interval_max"] + policy["interval_start"],
                         policy["interval_step"], repeatlast=True)
         waited = sum(min(next(waits), policy["interval_max"]) for _ in range(policy["max_retries"]))
@@ -79,7 +83,7 @@ def test_a_dispatch_the_broker_never_confirms_fails_loudly_after_retrying(tmp_pa
     app = offline_app(config, tmp_path)
     started = time.monotonic()
     with pytest.raises(BrokerError, match=r"did not confirm task 1 of 20, even after retrying \(publish_retry_s: 2\) .* the 0 confirmed"):
-        dispatch.send_all(app, config)
+        dispatcher.send_all(app, config)
     assert time.monotonic() - started >= 2  # it retried with backoff before giving up
     app.close()
 
@@ -107,7 +111,7 @@ def test_an_unknown_queue_type_is_a_config_error(tmp_path):
 def test_the_ledger_records_each_execution_and_counts_duplicates(tmp_path):
     """Real Celery tracing (eager), real signals, a real SQLite file."""
     config = config_with(tmp_path, "retry: {max_retries: 1, backoff_s: 1, backoff_max_s: 1, jitter: false}\n", "l.yml")
-    app = create_app(config, broker.resolve({"BROKER_URL": "filesystem://", broker.RUN_DIR_ENV: str(tmp_path)}))
+    app = create_app(config, environment.resolve({"BROKER_URL": "filesystem://", environment.RUN_DIR_ENV: str(tmp_path)}))
     path = tmp_path / "ledger.sqlite3"
     ledger.attach(path)
     try:
@@ -226,7 +230,7 @@ def quorum_vhost(monkeypatch, tmp_path):
     except (OSError, urllib.error.URLError):
         unavailable("the RabbitMQ management API")
     monkeypatch.setenv("BROKER_URL", f"amqp://guest:guest@127.0.0.1:5672/{vhost}")
-    monkeypatch.setenv(broker.RUN_DIR_ENV, str(tmp_path / "run"))
+    monkeypatch.setenv(environment.RUN_DIR_ENV, str(tmp_path / "run"))
     monkeypatch.delenv("RESULT_BACKEND", raising=False)
     yield vhost
     _management("DELETE", f"vhosts/{vhost}")
@@ -249,7 +253,7 @@ def test_quorum_queues_run_retry_and_dead_letter(quorum_vhost, local_stack, tmp_
 
 
 def _management_get(path: str) -> dict:
-    return queues.management_request(broker.DEFAULT_BROKER_URL, path, timeout_s=10)
+    return queues.management_request(environment.DEFAULT_BROKER_URL, path, timeout_s=10)
 
 
 # --- credentials ---------------------------------------------------------------------------------------
@@ -273,7 +277,7 @@ def secret_user(rabbitmq_url):
 def test_credentials_from_the_environment_appear_in_no_log_line_or_report(secret_user, tmp_path):
     user, password, url = secret_user
     run = tmp_path / "run"
-    env = {"BROKER_URL": url, broker.RUN_DIR_ENV: str(run), "STACK": "local", "LOG_LEVEL": "DEBUG",
+    env = {"BROKER_URL": url, environment.RUN_DIR_ENV: str(run), "STACK": "local", "LOG_LEVEL": "DEBUG",
            "WORKER_LOGLEVEL": "DEBUG"}
     outputs = []
     try:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from conftest import wait_for, write_config
-from conveyor import rebalance
-from conveyor.autoscale import Autoscaler, decide
-from conveyor.config import Config
+from conveyor.stack import rebalance
+from conveyor.stack.autoscale import Autoscaler, decide
+from conveyor.settings.config import Config
 from conveyor.errors import ConfigError, UsageError
 
 BASE = {

@@ -13,21 +13,22 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import celeryd_after_setup
 from celery.utils.time import get_exponential_backoff_interval
 
-from conveyor import broker, retry
-from conveyor.app import create_app
-from conveyor.config import RetryPolicy, load_config
-from conveyor.tasks import InvalidTaskArguments, SimulatedFailure
+from conveyor.settings import environment
+from conveyor.tasks import retry
+from conveyor.runtime.app import create_app
+from conveyor.settings.config import RetryPolicy, load_config
+from conveyor.tasks.simulated import InvalidTaskArguments, SimulatedFailure
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 def app(tmp_path, monkeypatch):
-    monkeypatch.setenv(broker.RUN_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(environment.RUN_DIR_ENV, str(tmp_path))
     cfg = tmp_path / "c.yml"
     cfg.write_text((ROOT / "test-config.yml").read_text().replace(
         "backoff_s: 1 ", "backoff_s: 3 ").replace("backoff_max_s: 60", "backoff_max_s: 10").replace("jitter: true", "jitter: false"))
-    app = create_app(load_config(cfg), broker.resolve({"BROKER_URL": "filesystem://", broker.RUN_DIR_ENV: str(tmp_path)}))
+    app = create_app(load_config(cfg), environment.resolve({"BROKER_URL": "filesystem://", environment.RUN_DIR_ENV: str(tmp_path)}))
     yield app
     app.close()
 
@@ -135,29 +136,29 @@ def free_port() -> int:
 
 
 def test_embedded_broker_when_nothing_listens_and_no_url(tmp_path):
-    settings = broker.resolve({broker.RUN_DIR_ENV: str(tmp_path)}, probe=("127.0.0.1", free_port()))
-    assert settings.embedded and settings.broker_url == broker.EMBEDDED_URL
+    settings = environment.resolve({environment.RUN_DIR_ENV: str(tmp_path)}, probe=("127.0.0.1", free_port()))
+    assert settings.embedded and settings.broker_url == environment.EMBEDDED_URL
     assert settings.result_backend == f"file://{tmp_path / 'results'}"
     assert "embedded" in settings.describe()
 
 
 def test_explicit_url_is_used_as_given_and_password_is_masked(tmp_path):
-    env = {"BROKER_URL": "amqp://alice:s3cret@127.0.0.1:5999/prod", broker.RUN_DIR_ENV: str(tmp_path)}
-    settings = broker.resolve(env, probe=("127.0.0.1", free_port()))
+    env = {"BROKER_URL": "amqp://alice:s3cret@127.0.0.1:5999/prod", environment.RUN_DIR_ENV: str(tmp_path)}
+    settings = environment.resolve(env, probe=("127.0.0.1", free_port()))
     assert not settings.embedded and settings.explicit
     assert settings.result_backend == "rpc://"
     assert "s3cret" not in settings.safe_url and "s3cret" not in settings.describe()
 
 
 def test_explicit_unreachable_url_fails_loudly(tmp_path):
-    env = {"BROKER_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}//", broker.RUN_DIR_ENV: str(tmp_path)}
-    with pytest.raises(broker.BrokerError, match="cannot reach the broker .* start RabbitMQ or fix BROKER_URL"):
-        broker.check(broker.resolve(env), timeout_s=2)
+    env = {"BROKER_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}//", environment.RUN_DIR_ENV: str(tmp_path)}
+    with pytest.raises(environment.BrokerError, match="cannot reach the broker .* start RabbitMQ or fix BROKER_URL"):
+        environment.check(environment.resolve(env), timeout_s=2)
 
 
 def test_tuning_reaches_celery_settings(tmp_path):
     """Every `tuning:` knob is on by default and each one turns its own Celery setting off."""
-    settings = broker.resolve({"BROKER_URL": "filesystem://", broker.RUN_DIR_ENV: str(tmp_path)})
+    settings = environment.resolve({"BROKER_URL": "filesystem://", environment.RUN_DIR_ENV: str(tmp_path)})
     default = create_app(load_config(ROOT / "test-config.yml"), settings)
     tuned = create_app(load_config(ROOT / "bench" / "noop.yml"), settings)
     try:

@@ -7,10 +7,10 @@
     report.py  what the run found
     sweep.py   removing what runs killed outright left behind
 
-The ledger the workers write during a run is conveyor/ledger.py. Reference: docs/reliability.md.
+The ledger the workers write during a run is conveyor/lifecycle/ledger.py. Reference: docs/reliability.md.
 """
 
-from .run import ChaosOptions, ChaosRun
-from .report import ChaosReport
+from conveyor.chaos.run import ChaosOptions, ChaosRun
+from conveyor.chaos.report import ChaosReport
 
 __all__ = ["ChaosOptions", "ChaosReport", "ChaosRun"]

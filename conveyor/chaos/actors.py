@@ -17,15 +17,16 @@ from typing import TYPE_CHECKING
 
 from celery import Celery
 
-from .. import broker, workers
-from ..config import Config
-from ..errors import StackError
-from ..stack.local import LocalStack, is_ours, read_pidfile
-from .netns import Namespace
-from .node import BrokerNode
+from conveyor.settings import environment
+from conveyor.stack import control
+from conveyor.settings.config import Config
+from conveyor.errors import StackError
+from conveyor.stack.local import LocalStack, is_ours, read_pidfile
+from conveyor.chaos.netns import Namespace
+from conveyor.chaos.node import BrokerNode
 
 if TYPE_CHECKING:
-    from .run import Planned
+    from conveyor.chaos.run import Planned
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class Publisher(threading.Thread):
                 try:
                     self.app.send_task(item.task, kwargs=item.kwargs, task_id=task_id, producer=producer,
                                        ignore_result=True)  # the ledger is the record here, not the backend
-                except broker.PUBLISH_ERRORS as exc:
+                except environment.PUBLISH_ERRORS as exc:
                     log.warning("Task %d of %d was not confirmed by the broker: %s.", index + 1, len(self.planned), exc)
                     continue
                 self.confirmed[task_id] = item
@@ -112,15 +113,15 @@ class PartitionedWorker:
         self.node = f"{self.service.name}-partitioned@{socket.gethostname()}"
         env = {**os.environ, "BROKER_URL": node.url(namespace.host_ip), "CONVEYOR_CONFIG": str(config.source),
                "PYTHONUNBUFFERED": "1"}
-        argv = namespace.command([sys.executable, "-m", "conveyor.worker", "--service", self.service.name,
+        argv = namespace.command([sys.executable, "-m", "conveyor.stack.launcher", "--service", self.service.name,
                                   "--node", self.node])
         with open(home / "partitioned-worker.log", "ab") as out:
-            self.process = subprocess.Popen(argv, cwd=broker.PROJECT_ROOT, env=env, stdout=out,
+            self.process = subprocess.Popen(argv, cwd=environment.PROJECT_ROOT, env=env, stdout=out,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         self.pid_file = home / PARTITIONED_PID_FILE
         self.pid_file.write_text(f"{self.process.pid} {self.node}\n")
         want = {self.service.name: self.service.replicas + 1}
-        if workers.wait_responding(app, want, 60)[self.service.name] < want[self.service.name]:
+        if control.wait_responding(app, want, 60)[self.service.name] < want[self.service.name]:
             self.stop()
             raise StackError(f"the worker in namespace {namespace.name} did not answer within 60 s; "
                              f"see {home / 'partitioned-worker.log'}")

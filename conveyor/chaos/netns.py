@@ -17,9 +17,9 @@ import os
 import shutil
 import subprocess
 
-from ..errors import StackError, UsageError
-from ..stack.local import alive
-from .node import Owned
+from conveyor.errors import StackError, UsageError
+from conveyor.stack.local import alive
+from conveyor.chaos.node import Owned
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Self
 
-from ..errors import BrokerError
-from ..stack.local import alive
+from conveyor.errors import BrokerError
+from conveyor.stack.local import alive
 
 log = logging.getLogger(__name__)
 

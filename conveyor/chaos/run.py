@@ -10,7 +10,7 @@ started again, while the publisher and the workers are busy. With a partition, o
 in a network namespace and, early in the run, its link is cut for a while.
 
 The account. Sent and confirmed come from the publisher; succeeded from the ledger the workers
-write (conveyor/ledger.py); dead-lettered from the dead-letter queue itself, drained at the end. A
+write (conveyor/lifecycle/ledger.py); dead-lettered from the dead-letter queue itself, drained at the end. A
 confirmed task in neither is lost. The run waits until every confirmed task has ended in the ledger
 and the work queues are empty, or until its timeout.
 """
@@ -30,15 +30,19 @@ from typing import Any
 import yaml
 from celery import Celery
 
-from .. import broker, cli, deadletter, ledger, workers
-from ..config import Config, load_config
-from ..errors import UsageError
-from ..stack.local import LocalStack
-from ..topology import QUEUES, TASKS
-from .actors import Killer, PartitionedWorker, Publisher
-from .netns import Namespace
-from .node import BrokerNode
-from .report import ChaosReport, PartitionFinding
+from conveyor.settings import environment
+from conveyor.cli import common
+from conveyor.tasks import deadletter
+from conveyor.lifecycle import ledger
+from conveyor.stack import control
+from conveyor.settings.config import Config, load_config
+from conveyor.errors import UsageError
+from conveyor.stack.local import LocalStack
+from conveyor.amqp.topology import QUEUES, TASKS
+from conveyor.chaos.actors import Killer, PartitionedWorker, Publisher
+from conveyor.chaos.netns import Namespace
+from conveyor.chaos.node import BrokerNode
+from conveyor.chaos.report import ChaosReport, PartitionFinding
 
 log = logging.getLogger(__name__)
 
@@ -139,20 +143,20 @@ class ChaosRun:
                 listen = ("127.0.0.1", namespace.host_ip) if namespace else ("127.0.0.1",)
                 node = cleanup.enter_context(BrokerNode(listen, keep_logs=self.home / "broker-log"))
                 self.node_home = node.home
-            cleanup.enter_context(cli.environ({
+            cleanup.enter_context(common.environ({
                 "BROKER_URL": self.broker_url or node.url(),
                 "RESULT_BACKEND": "rpc://",
-                broker.RECORDS_URL_ENV: f"sqlite:///{self.home / 'records.sqlite3'}",
-                broker.RUN_DIR_ENV: str(self.home),
+                environment.RECORDS_URL_ENV: f"sqlite:///{self.home / 'records.sqlite3'}",
+                environment.RUN_DIR_ENV: str(self.home),
             }))
             config = self._write_config()
-            app = cli.open_app(config, announce=False)
+            app = common.open_app(config, announce=False)
             cleanup.callback(app.close)
             deadletter.declare(app)
             # Only the workers (which inherit the environment) write the ledger; this process reads it.
             ledger_path = self.home / "ledger.sqlite3"
             ledger.connect(ledger_path).close()
-            cleanup.enter_context(cli.environ({ledger.LEDGER_ENV: str(ledger_path)}))
+            cleanup.enter_context(common.environ({ledger.LEDGER_ENV: str(ledger_path)}))
             stack = LocalStack(app, config)
             cleanup.callback(stack.down)
             stack.up(wait_s=120)
@@ -216,7 +220,7 @@ class ChaosRun:
             if self.faults.broker_restarts:
                 # A replica that reconnected late may have found its queue drained and finished
                 # nothing since: asking every replica to answer is what tells it reconnected.
-                answering = workers.wait_responding(app, stack.desired(), RECONNECT_WAIT_S)
+                answering = control.wait_responding(app, stack.desired(), RECONNECT_WAIT_S)
                 self.faults.answering_after_restart = sum(answering.values())
             stack.down()  # warm shutdown: whatever runs now finishes and is in the ledger
             if outsider:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import broker
-from ..app import create_app
-from ..config import load_config
-from ..stack.local import LocalStack, alive
-from .actors import PartitionedWorker
-from .netns import leftovers as netns_leftovers
-from .netns import remove_leftover as remove_netns
-from .node import leftovers as node_leftovers
-from .node import remove_leftover as remove_node
-from ..cli import environ
+from conveyor.settings import environment
+from conveyor.runtime.app import create_app
+from conveyor.settings.config import load_config
+from conveyor.stack.local import LocalStack, alive
+from conveyor.chaos.actors import PartitionedWorker
+from conveyor.chaos.netns import leftovers as netns_leftovers
+from conveyor.chaos.netns import remove_leftover as remove_netns
+from conveyor.chaos.node import leftovers as node_leftovers
+from conveyor.chaos.node import remove_leftover as remove_node
+from conveyor.cli.common import environ
 
 
 def sweep(runs: Path) -> list[str]:
@@ -27,9 +27,9 @@ def sweep(runs: Path) -> list[str]:
         if PartitionedWorker.kill_leftover(home):
             removed.append(f"the partitioned worker of {home}")
         if list((home / "local").glob("*.pid")):
-            with environ({broker.RUN_DIR_ENV: str(home)}):  # the local stack keeps its pid files there
+            with environ({environment.RUN_DIR_ENV: str(home)}):  # the local stack keeps its pid files there
                 config = load_config(home / "config.yml")
-                app = create_app(config, broker.resolve({"BROKER_URL": broker.EMBEDDED_URL, broker.RUN_DIR_ENV: str(home)}))
+                app = create_app(config, environment.resolve({"BROKER_URL": environment.EMBEDDED_URL, environment.RUN_DIR_ENV: str(home)}))
                 LocalStack(app, config).down()
                 app.close()
             removed.append(f"the workers of {home}")

@@ -10,11 +10,11 @@ from datetime import datetime
 
 from celery import Celery
 
-from .. import deadletter
-from ..errors import UsageError
-from . import records
-from .records import QUEUED, RETRYING, REVOKED, Record, now
-from .signals import REQUEUED_HEADER
+from conveyor.tasks import deadletter
+from conveyor.errors import UsageError
+from conveyor.lifecycle import records
+from conveyor.lifecycle.records import QUEUED, RETRYING, REVOKED, Record, now
+from conveyor.lifecycle.signals import REQUEUED_HEADER
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 from celery import Celery
 from kombu.utils.url import maybe_sanitize_url, url_to_parts
 
-from ..errors import ConfigError, RecordStoreError
+from conveyor.errors import ConfigError, RecordStoreError
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +147,11 @@ def open_store(url: str, namespace: str = "default", ttl_s: int = 7 * 24 * 3600)
         store = _stores.get(key)
         if store is None:
             if url.startswith(("redis://", "rediss://", "unix://")):
-                from .redis_store import RedisStore
+                from conveyor.lifecycle.redis_store import RedisStore
 
                 store = RedisStore(url, namespace, ttl_s)
             elif url.startswith("sqlite:///"):
-                from .sqlite_store import SqliteStore
+                from conveyor.lifecycle.sqlite_store import SqliteStore
 
                 # As in SQLAlchemy: sqlite:///relative/file, sqlite:////absolute/file.
                 store = SqliteStore(url.removeprefix("sqlite:///"), ttl_s)

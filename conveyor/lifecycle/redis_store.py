@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from .records import ACTIVE, QUEUED, Event, Record, Store, from_strings, now, unavailable
+from conveyor.lifecycle.records import ACTIVE, QUEUED, Event, Record, Store, from_strings, now, unavailable
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from ..deadletter import DeadLetter
-from .records import Record
-from .signals import describe_limits
+from conveyor.tasks.deadletter import DeadLetter
+from conveyor.lifecycle.records import Record
+from conveyor.lifecycle.signals import describe_limits
 
 
 def when(ts: float | None, precise: bool = False) -> str:

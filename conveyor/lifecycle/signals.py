@@ -25,10 +25,10 @@ from celery import Task, current_app
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import before_task_publish, task_failure, task_prerun, task_revoked, task_success
 
-from ..errors import RecordStoreError
-from ..topology import DEAD_LETTER_QUEUE
-from . import records
-from .records import DEAD_LETTERED, FAILED, QUEUED, RETRYING, REVOKED, RUNNING, SUCCEEDED, now
+from conveyor.errors import RecordStoreError
+from conveyor.amqp.topology import DEAD_LETTER_QUEUE
+from conveyor.lifecycle import records
+from conveyor.lifecycle.records import DEAD_LETTERED, FAILED, QUEUED, RETRYING, REVOKED, RUNNING, SUCCEEDED, now
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def _succeeded(sender: Task | None = None, **_: Any) -> None:
 @_best_effort
 def _failed(sender: Task | None = None, task_id: str | None = None, exception: BaseException | None = None,
             **_: Any) -> None:
-    from ..tasks import DeadLettered  # conveyor.tasks imports this package
+    from conveyor.tasks.simulated import DeadLettered  # conveyor.tasks imports this package
 
     store = records.store_for(sender.app)
     if store is None or isinstance(exception, DeadLettered):

@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .. import sqlite
-from .records import ACTIVE, FIELDS, QUEUED, Event, Record, Store, from_strings, now, unavailable
+from conveyor.lifecycle import sqlite
+from conveyor.lifecycle.records import ACTIVE, FIELDS, QUEUED, Event, Record, Store, from_strings, now, unavailable
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
-from . import records, signals
+from conveyor.lifecycle import records, signals
 
 log = logging.getLogger(__name__)
 

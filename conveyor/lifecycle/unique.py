@@ -16,9 +16,9 @@ from typing import Any
 
 from celery import Celery, uuid
 
-from . import records
-from .records import FAILED
-from .signals import UNIQUE_HEADER
+from conveyor.lifecycle import records
+from conveyor.lifecycle.records import FAILED
+from conveyor.lifecycle.signals import UNIQUE_HEADER
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .runner import Progress as Snapshot
+from conveyor.loadtest.runner import Progress as Snapshot
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from typing import Any
 
 from celery import states
 
-from ..dispatch import DEAD_LETTERED
+from conveyor.dispatch.dispatcher import DEAD_LETTERED
 
 PENDING = states.PENDING
 SUCCESS = states.SUCCESS

@@ -25,8 +25,8 @@ from celery.utils.nodenames import anon_nodename
 from kombu.serialization import dumps
 from kombu.utils.uuid import uuid
 
-from .. import frames
-from ..errors import BrokerError
+from conveyor.seam import frames
+from conveyor.errors import BrokerError
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class BatchPublisher:
         content_type, content_encoding, data = dumps(body, serializer="json")
         message = self.channel.prepare_message(data, 0, content_type, content_encoding, headers,
                                                dict(properties, delivery_mode=delivery_mode))
-        # Without basic_publish's per-message extras (conveyor/frames.py): flush() reads the socket.
+        # Without basic_publish's per-message extras (conveyor/seam/frames.py): flush() reads the socket.
         self._counted(frames.write_publish, self.channel, publish_args, message)
         if after_task_publish.receivers:
             after_task_publish.send(sender=name, body=body, headers=headers, exchange=exchange, routing_key=routing_key)

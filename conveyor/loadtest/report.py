@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..errors import UsageError
-from .metrics import Record, timeline
+from conveyor.errors import UsageError
+from conveyor.loadtest.metrics import Record, timeline
 
 
 def _ms(value: float | None) -> str:

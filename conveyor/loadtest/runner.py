@@ -20,13 +20,13 @@ from typing import Any
 
 from celery import Celery, chain
 
-from .. import deadletter
-from ..dispatch import TaskOutcome, fill_outcome
-from ..topology import TASKS
-from .metrics import PENDING, SUCCESS, Record, RunStats, Stage
-from .publisher import BatchPublisher
-from .results import IDLE_WAIT_S, watcher_for
-from .scenario import Job, Plan, Scenario
+from conveyor.tasks import deadletter
+from conveyor.dispatch.dispatcher import TaskOutcome, fill_outcome
+from conveyor.amqp.topology import TASKS
+from conveyor.loadtest.metrics import PENDING, SUCCESS, Record, RunStats, Stage
+from conveyor.loadtest.publisher import BatchPublisher
+from conveyor.loadtest.results import IDLE_WAIT_S, watcher_for
+from conveyor.loadtest.scenario import Job, Plan, Scenario
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import Strict, read_yaml, validate
-from ..topology import TASKS
+from conveyor.settings.config import Strict, read_yaml, validate
+from conveyor.amqp.topology import TASKS
 
 
 class Work(Strict):

@@ -5,6 +5,6 @@ snapshot: one dict of everything; collector: the Monitor that samples and emits 
 prometheus / influx: the two exporters; dashboard: the rich terminal view.
 """
 
-from .collector import Monitor
+from conveyor.monitor.collector import Monitor
 
 __all__ = ["Monitor"]

@@ -50,9 +50,9 @@ from typing import Any
 from celery.events.state import heartbeat_expires
 from prometheus_client import Histogram
 
-from ..tasks import DeadLettered
-from ..topology import DEAD_LETTER_QUEUE, TASKS
-from ..workers import service_of
+from conveyor.tasks.simulated import DeadLettered
+from conveyor.amqp.topology import DEAD_LETTER_QUEUE, TASKS
+from conveyor.stack.control import service_of
 
 log = logging.getLogger(__name__)
 

@@ -12,13 +12,13 @@ import threading
 import time
 from typing import Any
 
-from ..config import Monitoring
-from ..errors import BrokerError, ConveyorError
-from ..stack.base import Stack
-from .accounting import Accounting
-from .influx import Emitter
-from .listener import EventListener
-from .snapshot import compose, sample_broker
+from conveyor.settings.config import Monitoring
+from conveyor.errors import BrokerError, ConveyorError
+from conveyor.stack.base import Stack
+from conveyor.monitor.accounting import Accounting
+from conveyor.monitor.influx import Emitter
+from conveyor.monitor.listener import EventListener
+from conveyor.monitor.snapshot import compose, sample_broker
 
 log = logging.getLogger(__name__)
 

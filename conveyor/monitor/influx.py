@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..errors import UsageError
+from conveyor.errors import UsageError
 
 log = logging.getLogger(__name__)
 

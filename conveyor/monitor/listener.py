@@ -14,7 +14,7 @@ from typing import Any
 from celery import Celery
 from celery.events.receiver import EventReceiver
 
-from ..errors import BrokerError
+from conveyor.errors import BrokerError
 
 log = logging.getLogger(__name__)
 

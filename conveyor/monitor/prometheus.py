@@ -23,11 +23,11 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..errors import UsageError
-from .accounting import Buckets
+from conveyor.errors import UsageError
+from conveyor.monitor.accounting import Buckets
 
 if TYPE_CHECKING:
-    from .collector import Monitor
+    from conveyor.monitor.collector import Monitor
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,11 @@ from typing import Any
 
 from celery import Celery
 
-from .. import queues, status
-from ..stack.base import Stack
-from ..topology import DEAD_LETTER_QUEUE
-from .accounting import Accounting
+from conveyor.amqp import queues
+from conveyor.stack import status
+from conveyor.stack.base import Stack
+from conveyor.amqp.topology import DEAD_LETTER_QUEUE
+from conveyor.monitor.accounting import Accounting
 
 log = logging.getLogger(__name__)
 

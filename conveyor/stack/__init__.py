@@ -9,10 +9,10 @@ import subprocess
 
 from celery import Celery
 
-from ..config import Config
-from ..errors import UsageError
-from .base import Replica, Stack
-from .local import LocalStack
+from conveyor.settings.config import Config
+from conveyor.errors import UsageError
+from conveyor.stack.base import Replica, Stack
+from conveyor.stack.local import LocalStack
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def backend_name(requested: str | None = None) -> str:
 def open_stack(app: Celery, config: Config, requested: str | None = None) -> Stack:
     name = backend_name(requested)
     if name == "compose":
-        from .compose import ComposeStack
+        from conveyor.stack.compose import ComposeStack
 
         return ComposeStack(app, config)
     return LocalStack(app, config)

@@ -1,7 +1,7 @@
 """The worker-stack interface that every backend implements (local processes, Docker Compose).
 
 A stack runs replicas of the config's worker services. Backends only know how to start, stop and
-list replicas of one service; what a replica *is* (a `conveyor.worker` process with a unique node
+list replicas of one service; what a replica *is* (a `conveyor.stack.launcher` process with a unique node
 name) and how readiness is judged (the worker answers a remote-control ping) is shared here.
 """
 
@@ -16,9 +16,9 @@ from typing import ClassVar
 
 from celery import Celery
 
-from .. import workers
-from ..config import Config, ServiceConfig
-from ..errors import StackError, UsageError
+from conveyor.stack import control
+from conveyor.settings.config import Config, ServiceConfig
+from conveyor.errors import StackError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class Stack(abc.ABC):
         want = {name: count for name, count in want.items() if count > 0}
         if not want:
             return
-        seen = workers.wait_responding(self.app, want, timeout_s)
+        seen = control.wait_responding(self.app, want, timeout_s)
         missing = {n: c for n, c in want.items() if seen[n] < c}
         if missing:
             detail = ", ".join(f"{n}: {seen[n]} of {c}" for n, c in missing.items())

@@ -25,10 +25,10 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..broker import PROJECT_ROOT, RECORDS_URL_ENV, BrokerSettings, run_dir
-from ..config import ServiceConfig
-from ..errors import StackError
-from .base import Replica, Stack
+from conveyor.settings.environment import PROJECT_ROOT, RECORDS_URL_ENV, BrokerSettings, run_dir
+from conveyor.settings.config import ServiceConfig
+from conveyor.errors import StackError
+from conveyor.stack.base import Replica, Stack
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The local stack: each replica is a background `conveyor.worker` process on this machine.
+"""The local stack: each replica is a background `conveyor.stack.launcher` process on this machine.
 
 Everything it starts is recorded under one run directory (`<run>/local/`): a pid file and a log
 file per replica and the desired counts, so that `down` stops exactly what `up` started, from any
@@ -16,10 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from ..broker import PROJECT_ROOT, run_dir
-from ..config import ServiceConfig
-from ..errors import StackError
-from .base import Replica, Stack
+from conveyor.settings.environment import PROJECT_ROOT, run_dir
+from conveyor.settings.config import ServiceConfig
+from conveyor.errors import StackError
+from conveyor.stack.base import Replica, Stack
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class LocalStack(Stack):
         env = {**os.environ, **self.app.conveyor_broker.worker_env(), "PYTHONUNBUFFERED": "1"}
         if self.config.source:
             env["CONVEYOR_CONFIG"] = str(self.config.source)
-        cmd = [sys.executable, "-m", "conveyor.worker", "--service", service.name, "--node", node]
+        cmd = [sys.executable, "-m", "conveyor.stack.launcher", "--service", service.name, "--node", node]
         with open(self.home / f"{stem}.log", "ab") as logfile:
             try:
                 proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=logfile, stderr=subprocess.STDOUT,

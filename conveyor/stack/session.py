@@ -8,17 +8,17 @@ from contextlib import contextmanager
 
 from celery import Celery
 
-from .. import workers
-from ..cli import say
-from ..config import Config
-from . import open_stack
+from conveyor.stack import control
+from conveyor.cli.common import say
+from conveyor.settings.config import Config
+from conveyor.stack import open_stack
 
 log = logging.getLogger(__name__)
 
 
 @contextmanager
 def stack_session(app: Celery, config: Config, start: bool, wait_s: float = 90.0) -> Iterator[None]:
-    answering = workers.responding(app)
+    answering = control.responding(app)
     if not start:
         idle = [s.name for s in config.services if s.replicas > 0 and not answering[s.name]]
         if idle:

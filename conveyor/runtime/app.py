@@ -9,22 +9,26 @@ from celery.app import trace
 from celery.signals import celeryd_after_setup, worker_ready
 from celery.utils.saferepr import saferepr
 
-from . import broker, deadletter, ledger, rpc_backend, tasks
-from .lifecycle import records, signals as record_signals
-from .config import Config, load_config
-from .topology import routes, work_queues
+from conveyor.settings import environment
+from conveyor.tasks import deadletter
+from conveyor.lifecycle import ledger
+from conveyor.seam import rpc_backend
+from conveyor.tasks import simulated
+from conveyor.lifecycle import records, signals as record_signals
+from conveyor.settings.config import Config, load_config
+from conveyor.amqp.topology import routes, work_queues
 
 log = logging.getLogger(__name__)
 
 
-def create_app(config: Config | None = None, settings: broker.BrokerSettings | None = None) -> Celery:
+def create_app(config: Config | None = None, settings: environment.BrokerSettings | None = None) -> Celery:
     config = config or load_config()
-    settings = settings or broker.resolve()
+    settings = settings or environment.resolve()
     app = Celery("conveyor", broker=settings.broker_url, backend=settings.result_backend, set_as_current=True)
     if settings.result_backend.startswith("rpc://"):
         app.backend_cls = rpc_backend.RPCBackend  # the same backend, minus a round trip per task sent
     elif settings.result_backend.startswith("file://"):
-        app.backend_cls = f"conveyor.file_backend:AtomicFilesystemBackend+{settings.result_backend}"  # whole files only
+        app.backend_cls = f"conveyor.seam.file_backend:AtomicFilesystemBackend+{settings.result_backend}"  # whole files only
     transport_options = dict(settings.transport_options)
     if not settings.embedded:
         # Every publish waits for the broker's confirm: a task is never reported sent unless it is stored.
@@ -48,11 +52,11 @@ def create_app(config: Config | None = None, settings: broker.BrokerSettings | N
         # Delivery under faults (docs/reliability.md): a publish rides out a broker restart before it
         # fails; a silent broker (or a cut link) is noticed within about two heartbeats; tasks running
         # when the connection drops are stopped, since the broker hands their messages to another worker.
-        task_publish_retry_policy=broker.publish_retry_policy(config.publish_retry_s),
+        task_publish_retry_policy=environment.publish_retry_policy(config.publish_retry_s),
         broker_heartbeat=config.heartbeat_s,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         # Dead-letters, with their reason, the messages Celery's consumer would acknowledge away.
-        worker_consumer="conveyor.consumer:Consumer",
+        worker_consumer="conveyor.seam.consumer:Consumer",
         result_extended=config.tuning.result_extended,
         result_expires=24 * 3600,
         task_track_started=config.tuning.track_started,
@@ -62,7 +66,7 @@ def create_app(config: Config | None = None, settings: broker.BrokerSettings | N
     )
     app.conveyor_config = config
     app.conveyor_broker = settings
-    tasks.register(app, config.retry, config.time_limits)
+    simulated.register(app, config.retry, config.time_limits)
     if settings.records_url not in records.OFF:
         record_signals.connect()
     ledger.attach_from_env()

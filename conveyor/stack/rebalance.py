@@ -14,10 +14,10 @@ from pathlib import Path
 
 from pydantic import Field, create_model
 
-from .config import Config, Strict, read_yaml, validate
-from .errors import UsageError
-from .stack.base import Stack
-from .topology import QUEUES
+from conveyor.settings.config import Config, Strict, read_yaml, validate
+from conveyor.errors import UsageError
+from conveyor.stack.base import Stack
+from conveyor.amqp.topology import QUEUES
 
 log = logging.getLogger(__name__)
 

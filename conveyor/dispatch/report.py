@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TextIO
 
-from .dispatch import DispatchReport
+from conveyor.dispatch.dispatcher import DispatchReport
 
 
 def print_report(report: DispatchReport, out: TextIO, source: str) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.time import get_exponential_backoff_interval
 
-from .config import RetryPolicy
+from conveyor.settings.config import RetryPolicy
 
 
 class TransientTaskError(Exception):

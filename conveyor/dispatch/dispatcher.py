@@ -17,12 +17,13 @@ from celery import Celery, states
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult, ResultSet
 
-from . import broker, deadletter
-from .config import Config, TaskSpec
-from .errors import BrokerError
-from .lifecycle import unique
-from .tasks import DeadLettered
-from .topology import TASKS
+from conveyor.settings import environment
+from conveyor.tasks import deadletter
+from conveyor.settings.config import Config, TaskSpec
+from conveyor.errors import BrokerError
+from conveyor.lifecycle import unique
+from conveyor.tasks.simulated import DeadLettered
+from conveyor.amqp.topology import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def send_all(app: Celery, config: Config) -> list[tuple[TaskOutcome, AsyncResult
     sent: list[tuple[TaskOutcome, AsyncResult | None]] = []
     try:
         return _send_all(app, config, sent)
-    except broker.PUBLISH_ERRORS as exc:
+    except environment.PUBLISH_ERRORS as exc:
         total = sum(spec.count for spec in config.tasks)
         raise BrokerError(
             f"the broker at {app.conveyor_broker.safe_url} did not confirm task {len(sent) + 1} of {total}, "

@@ -16,10 +16,11 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import Ignore, Reject, Retry
 
-from . import deadletter, retry
-from .config import RetryPolicy, TimeLimit
-from .lifecycle.task import LifecycleTask
-from .topology import TASKS, TaskType
+from conveyor.tasks import deadletter
+from conveyor.tasks import retry
+from conveyor.settings.config import RetryPolicy, TimeLimit
+from conveyor.lifecycle.task import LifecycleTask
+from conveyor.amqp.topology import TASKS, TaskType
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from typing import Any
 from celery import states
 from celery.signals import task_postrun, task_prerun
 
-from . import sqlite
-from .tasks import DeadLettered
+from conveyor.lifecycle import sqlite
+from conveyor.tasks.simulated import DeadLettered
 
 log = logging.getLogger(__name__)
 

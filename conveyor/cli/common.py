@@ -9,10 +9,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from .errors import ConveyorError
+from conveyor.errors import ConveyorError
 
 if TYPE_CHECKING:
-    from .config import Config
+    from conveyor.settings.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,15 @@ def open_app(config: Config | str | None, announce: bool = True, check: bool = T
     """What a CLI does first: load the config (unless given loaded), resolve the broker and check
     that it answers (failing in one line; `check=False` for commands that can do without it), and
     build the app; say which broker it is unless it is the one the user named."""
-    from . import broker
-    from .app import create_app
-    from .config import Config, load_config
+    from conveyor.settings import environment
+    from conveyor.runtime.app import create_app
+    from conveyor.settings.config import Config, load_config
 
     if not isinstance(config, Config):
         config = load_config(config)
-    settings = broker.resolve()
+    settings = environment.resolve()
     if check:
-        broker.check(settings)
+        environment.check(settings)
     if announce and (settings.embedded or not settings.explicit):
         say(settings.describe())
     return create_app(config, settings)

@@ -19,7 +19,7 @@ from typing import Any
 
 from celery import Celery, Task
 
-from .topology import DEAD_LETTER_QUEUE, dead_letter_queue, dlx, work_queues
+from conveyor.amqp.topology import DEAD_LETTER_QUEUE, dead_letter_queue, dlx, work_queues
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ _DELAY_BITS = re.compile(r"^(?:[01]\.)+")
 def reason_headers(kind: str, reason: str, routing_key: str | None, worker: str | None,
                    attempts: int | None = None) -> dict[str, Any]:
     """The headers that say why a message is dead-lettered: by a task that failed for good (above),
-    or by the worker's consumer for a message it cannot run at all (conveyor/consumer.py)."""
+    or by the worker's consumer for a message it cannot run at all (conveyor/seam/consumer.py)."""
     headers: dict[str, Any] = {
         "x-exception": f"{kind}: {reason}"[:2000],
         "x-exception-type": kind,

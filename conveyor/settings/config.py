@@ -13,10 +13,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from .errors import ConfigError, UsageError
-from .topology import QUEUES, TASKS
+from conveyor.errors import ConfigError, UsageError
+from conveyor.amqp.topology import QUEUES, TASKS
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "test-config.yml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "test-config.yml"
 CONFIG_ENV = "CONVEYOR_CONFIG"
 
 

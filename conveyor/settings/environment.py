@@ -24,7 +24,7 @@ from kombu.exceptions import OperationalError
 from kombu.utils.functional import fxrange
 from kombu.utils.url import maybe_sanitize_url
 
-from .errors import BrokerError
+from conveyor.errors import BrokerError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ EMBEDDED_URL = "filesystem://localhost/"  # the host means nothing to this trans
 RUN_DIR_ENV = "CONVEYOR_RUN_DIR"
 RECORDS_URL_ENV = "RECORDS_URL"
 DEFAULT_REDIS = ("127.0.0.1", 6379)
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_dir(env: Mapping[str, str] = os.environ) -> Path:

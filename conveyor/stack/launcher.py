@@ -1,4 +1,4 @@
-"""Start one worker replica of a service: `python -m conveyor.worker --service worker-a`.
+"""Start one worker replica of a service: `python -m conveyor.stack.launcher --service worker-a`.
 
 Both stacks start workers through this launcher, so a replica is the same process everywhere. It
 execs `celery worker` in place (the worker is then PID 1 in a container and receives SIGTERM
@@ -15,7 +15,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from .config import ServiceConfig, load_config
+from conveyor.settings.config import ServiceConfig, load_config
 
 NODE_FILE_ENV = "CONVEYOR_NODE_FILE"
 
@@ -41,13 +41,13 @@ def command(service: ServiceConfig, node: str, loglevel: str = "INFO") -> list[s
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m conveyor.worker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m conveyor.stack.launcher", description=__doc__.splitlines()[0])
     parser.add_argument("--service", default=os.environ.get("WORKER_SERVICE"), required="WORKER_SERVICE" not in os.environ)
     parser.add_argument("--node", help="full Celery node name (default: SERVICE-<random>@HOST)")
     parser.add_argument("--config", help="config file (default: CONVEYOR_CONFIG or test-config.yml)")
     parser.add_argument("--loglevel", default=os.environ.get("WORKER_LOGLEVEL", "INFO"))
     args = parser.parse_args(argv)
-    from .cli import run
+    from conveyor.cli.common import run
 
     def start() -> None:
         service = load_config(args.config).service(args.service)

@@ -11,14 +11,14 @@ enough; a channel opened after a reconnect is a new channel and declares again.
 Results go out on connections that wait for the broker's confirm of every publish
 (`confirm_publish`, app.py): a round trip per task in the worker, while the task message waits for
 its late ack. With `result_confirms: false` they go out without confirms instead; the dead-letter
-publishes keep theirs (conveyor/deadletter.py uses the app's pool).
+publishes keep theirs (conveyor/tasks/deadletter.py uses the app's pool).
 
 Each worker thread keeps a producer of its own and publishes a result straight on its channel.
 Celery checks a producer out of a pool and publishes through kombu's retrying wrapper for every
 result: 37 % of a solo worker's samples went to storing a no-op result, the pool checkout 8 % and
 the wrapper most of the rest (docs/performance.md). Only a publish that fails goes the kombu way,
 with a pooled producer and the retry policy, which reconnects; the held producer is dropped then.
-Without result confirms, the frames go straight to the connection (conveyor/frames.py), and what
+Without result confirms, the frames go straight to the connection (conveyor/seam/frames.py), and what
 the broker sent on that connection (a close, a connection.blocked) is read once a second instead of
 before every result: a connection the broker has closed is noticed there, or by the next write.
 """
@@ -41,7 +41,7 @@ from kombu import Producer
 from kombu.pools import ProducerPool
 from kombu.serialization import dumps
 
-from . import frames
+from conveyor.seam import frames
 
 log = logging.getLogger(__name__)
 

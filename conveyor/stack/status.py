@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import queues, workers
-from .stack.base import Stack
-from .topology import DEAD_LETTER_QUEUE, QUEUES
+from conveyor.amqp import queues
+from conveyor.stack import control
+from conveyor.stack.base import Stack
+from conveyor.amqp.topology import DEAD_LETTER_QUEUE, QUEUES
 
 
 def collect(stack: Stack, ping_timeout_s: float = 1.0) -> dict[str, Any]:
     desired = stack.desired()
     running = stack.running()
-    answering = workers.responding(stack.app, ping_timeout_s)
+    answering = control.responding(stack.app, ping_timeout_s)
     services = [
         {
             "name": svc.name,

@@ -11,7 +11,7 @@ deadletter.reason_headers), under publisher confirms, and only then acknowledged
 fails the message is rejected to the DLX as before, so it is never lost either way; and the worker
 goes on with the next message. Celery's own logging, events and signals for these cases are kept.
 
-Installed with the worker_consumer setting (conveyor/app.py); everything else is Celery's.
+Installed with the worker_consumer setting (conveyor/runtime/app.py); everything else is Celery's.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.message import Message
 from vine import promise
 
-from . import deadletter
-from .topology import DEAD_LETTER_QUEUE, dead_letter_queue, dlx
+from conveyor.tasks import deadletter
+from conveyor.amqp.topology import DEAD_LETTER_QUEUE, dead_letter_queue, dlx
 
 log = logging.getLogger(__name__)
 

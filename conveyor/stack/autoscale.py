@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import queues
-from .broker import run_dir
-from .config import Config, ServiceConfig
-from .stack.base import Stack
+from conveyor.amqp import queues
+from conveyor.settings.environment import run_dir
+from conveyor.settings.config import Config, ServiceConfig
+from conveyor.stack.base import Stack
 
 log = logging.getLogger(__name__)
 

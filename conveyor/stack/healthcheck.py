@@ -1,6 +1,6 @@
 """The container healthcheck: does *this* replica's worker answer a remote-control ping?
 
-`python -m conveyor.healthcheck` reads the node name the launcher wrote (CONVEYOR_NODE_FILE), pings
+`python -m conveyor.stack.healthcheck` reads the node name the launcher wrote (CONVEYOR_NODE_FILE), pings
 only that node and exits 0 when it answers, 1 otherwise. A broadcast ping would not do: replicas on
 the host network share one hostname and a broker, so another replica's answer would hide a dead one.
 """
@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from .worker import NODE_FILE_ENV
+from conveyor.stack.launcher import NODE_FILE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +33,18 @@ def node_from_file(path: str | None = None) -> str:
 
 def check(node: str, timeout_s: float) -> bool:
     """True when `node` answers a ping within the timeout."""
-    from . import workers
-    from .app import create_app
+    from conveyor.stack import control
+    from conveyor.runtime.app import create_app
 
     app = create_app()
     try:
-        return node in workers.ping(app, timeout_s, destination=[node])
+        return node in control.ping(app, timeout_s, destination=[node])
     finally:
         app.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m conveyor.healthcheck", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m conveyor.stack.healthcheck", description=__doc__.splitlines()[0])
     parser.add_argument("--node-file", help=f"file holding the node name (default: ${NODE_FILE_ENV})")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
     args = parser.parse_args(argv)

@@ -1,0 +1,4 @@
+"""The dispatcher (dispatch.py): send a config's tasks, collect what became of each, report it.
+
+May import: conveyor.runtime and the layers below it.
+"""
