@@ -19,6 +19,7 @@ from conveyor.errors import UsageError
 from conveyor.progress import progress_bar
 from conveyor.dispatch.report import print_report
 from conveyor.stack.session import stack_session
+from conveyor.settings.context import settings_of
 
 
 def main() -> int:
@@ -35,11 +36,11 @@ def main() -> int:
         raise UsageError(f"--timeout must be more than 0, got {args.timeout:g}")
 
     app = common.open_app(args.config)
-    config = app.conveyor_config
+    config = settings_of(app).config
     total = sum(t.count for t in config.tasks)
     with stack_session(app, config, start=args.start_stack):
-        with progress_bar(total, enabled=not args.json) as advance:
-            report = dispatch(app, config, args.timeout, on_done=lambda _outcome: advance())
+        with progress_bar(total, enabled=not args.json) as bar:
+            report = dispatch(app, config, args.timeout, on_done=lambda _outcome: bar.advance())
     if args.json:
         json.dump(report.as_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -23,6 +23,7 @@ from conveyor.loadtest.metrics import summarize
 from conveyor.loadtest.runner import Options, Runner
 from conveyor.loadtest.scenario import Plan, load_scenario
 from conveyor.stack.session import stack_session
+from conveyor.settings.context import settings_of
 
 DEFAULT_SCENARIO = Path(__file__).resolve().parent / "scenarios" / "seed.yml"
 
@@ -62,13 +63,13 @@ def main() -> int:
     scenario = load_scenario(args.scenario)
     plan = Plan(scenario, None) if args.duration else Plan.per_type(scenario, args.tasks or 20)
     app = common.open_app(args.config)
-    config = app.conveyor_config
+    config = settings_of(app).config
     options = Options(timeout_s=args.timeout, duration_s=args.duration, rate_per_s=args.rate,
                       concurrency=args.concurrency, max_queue_depth=args.max_depth, batch_size=args.batch)
     with app.connection_for_write() as conn:
         lost = (*environment.PUBLISH_ERRORS, *conn.connection_errors, *conn.channel_errors)
     with stack_session(app, config, start=args.start_stack):
-        with live.progress_bar(plan.total, enabled=not args.json) as tick:
+        with live.progress_bar_for_load_test(plan.total, enabled=not args.json) as tick:
             try:
                 outcome = Runner(app, scenario, plan, options, on_tick=tick).run()
             except (*lost, RuntimeError) as exc:
@@ -77,7 +78,7 @@ def main() -> int:
                     if not isinstance(exc.__cause__, lost):
                         raise
                     exc = exc.__cause__
-                raise BrokerError(f"lost the broker at {app.conveyor_broker.safe_url} during the run ({type(exc).__name__}: "
+                raise BrokerError(f"lost the broker at {settings_of(app).broker.safe_url} during the run ({type(exc).__name__}: "
                                   f"{exc}); check RabbitMQ, then run the load test again") from None
     summary = {"scenario": scenario.name, **summarize(outcome.records, outcome.stats), "idle_queues": outcome.idle_queues}
     if args.json:

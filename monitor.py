@@ -47,6 +47,7 @@ from conveyor.errors import UsageError
 from conveyor.monitor import Monitor, dashboard, prometheus
 from conveyor.monitor.influx import STDOUT
 from conveyor.stack import open_stack
+from conveyor.settings.context import settings_of
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +78,7 @@ def main() -> int:
         raise UsageError("--json and InfluxDB lines to stdout (--influx -) would share stdout; send the lines to a file")
     port = None if args.no_prometheus else args.port if args.port is not None else settings.prometheus_port
     app = common.open_app(config, announce=False)
-    connection = app.conveyor_broker
+    connection = settings_of(app).broker
     stack = open_stack(app, config, args.stack)
     quiet = args.once and args.json
     if not quiet:

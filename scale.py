@@ -25,6 +25,7 @@ from conveyor.stack import status
 from conveyor.stack.autoscale import Autoscaler
 from conveyor.errors import UsageError
 from conveyor.stack import open_stack
+from conveyor.settings.context import settings_of
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +60,7 @@ def main() -> int:
     args = build_parser().parse_args()
     common.setup_logging(args.verbose, progress=args.command == "auto" and not args.once)  # decisions are logged
     app = common.open_app(args.config, announce=False)
-    config, settings = app.conveyor_config, app.conveyor_broker
+    config, settings = settings_of(app).config, settings_of(app).broker
     stack = open_stack(app, config, args.stack)
     quiet = args.command == "status" and args.json
     if not quiet:

@@ -1,9 +1,9 @@
-"""A progress bar on stderr for long runs; silent when there are few tasks or no terminal."""
+"""The one progress bar (rich, on stderr) for long runs; silent when there are few tasks or no terminal."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -12,12 +12,29 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 SHOW_FROM = 20
 
 
+class Bar:
+    """What a run tells its bar: one more done, or how far it is with a line of its own figures."""
+
+    def __init__(self, progress: Progress | None = None, label: str = "", total: int | None = None) -> None:
+        self._progress = progress
+        self._bar = progress.add_task(label, total=total, line="") if progress else None
+
+    def advance(self) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._bar)
+
+    def show(self, completed: int, line: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._bar, completed=completed, line=line)
+
+
 @contextmanager
-def progress_bar(total: int, enabled: bool = True, label: str = "tasks done") -> Iterator[Callable[[], None]]:
-    if not enabled or total < SHOW_FROM or not sys.stderr.isatty():
-        yield lambda: None
+def progress_bar(total: int | None, enabled: bool = True, label: str = "tasks done",
+                 show_from: int = SHOW_FROM) -> Iterator[Bar]:
+    if not enabled or (total is not None and total < show_from) or not sys.stderr.isatty():
+        yield Bar()
         return
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[line]}"),
+               TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-        bar = progress.add_task(label, total=total)
-        yield lambda: progress.advance(bar)
+        yield Bar(progress, label, total)

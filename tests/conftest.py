@@ -4,89 +4,46 @@ with CI set they fail instead, so CI can never pass by skipping them."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from helpers import RABBIT, ROOT, listening, offline_url, private_vhost, unavailable
 
+from conveyor.runtime.app import create_app
 from conveyor.settings import environment
-from conveyor.amqp import queues
-from conveyor.runtime.app import create_app  # noqa: E402
-from conveyor.settings.config import load_config  # noqa: E402
-
-IN_CI = bool(os.environ.get("CI"))
-RABBIT = ("127.0.0.1", 5672)
-
-
-def unavailable(what: str) -> None:
-    if IN_CI:
-        pytest.fail(f"{what} is required when CI is set")
-    pytest.skip(f"{what} is not available")
-
-
-def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.1):
-    """Poll until predicate() is truthy; fail naming `what` on timeout. The tests' only way to wait."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(interval_s)
-
-
-def _listening(addr: tuple[str, int]) -> bool:
-    try:
-        with socket.create_connection(addr, timeout=1):
-            return True
-    except OSError:
-        return False
+from conveyor.settings.config import load_config
+from conveyor.settings.context import settings_of
 
 
 @pytest.fixture(scope="session")
 def rabbitmq_url() -> Iterator[str]:
     """A private RabbitMQ virtual host for this test session, deleted afterwards, so the tests
     never touch (or are disturbed by) the queues of a stack the user is running."""
-    if not _listening(RABBIT):
+    if not listening(RABBIT):
         unavailable("RabbitMQ on 127.0.0.1:5672")
     base = "amqp://guest:guest@127.0.0.1:5672/"
-    vhost = f"conveyor-test-{uuid.uuid4().hex[:8]}"
-    try:
-        _management("PUT", f"vhosts/{vhost}")
-        _management("PUT", f"permissions/{vhost}/guest", b'{"configure":".*","write":".*","read":".*"}')
-    except (OSError, urllib.error.URLError) as exc:
-        if IN_CI:
-            pytest.fail(f"the RabbitMQ management API is required when CI is set: {exc}")
-        yield base + "/"  # no management API: share the default vhost
-        return
-    yield base + vhost
-    _management("DELETE", f"vhosts/{vhost}")
+    with private_vhost(required=False) as vhost:
+        if vhost is None:
+            yield base + "/"  # no management API (and not in CI): share the default vhost
+            return
+        yield base + vhost
     _forget_records(vhost)
 
 
 def _forget_records(vhost: str) -> None:
     """The task records this session's processes wrote to Redis, which keys them by vhost (conveyor/lifecycle)."""
-    if _listening(environment.DEFAULT_REDIS):
+    if listening(environment.DEFAULT_REDIS):
         from conveyor.lifecycle.redis_store import RedisStore
 
         RedisStore(f"redis://{environment.DEFAULT_REDIS[0]}:{environment.DEFAULT_REDIS[1]}/0", vhost, ttl_s=60).clear()
 
 
-def _management(method: str, path: str, body: bytes | None = None) -> None:
-    """A call to the local RabbitMQ's management API as guest (vhosts and users for the tests)."""
-    queues.management_request(environment.DEFAULT_BROKER_URL, path, method, body, timeout_s=10)
+@pytest.fixture
+def offline_env(tmp_path: Path) -> dict[str, str]:
+    """Nothing listens at this broker URL: config and usage errors must come before any connection."""
+    return {"BROKER_URL": offline_url(), environment.RUN_DIR_ENV: str(tmp_path)}
 
 
 @pytest.fixture
@@ -115,11 +72,6 @@ def embedded_env(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, st
     return env
 
 
-def write_config(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
-
-
 @pytest.fixture
 def make_app(run_dir: Path):
     """Build an app for a config file, against whatever broker the environment names."""
@@ -145,7 +97,7 @@ def local_stack(make_app):
 
     def start(config_file: Path | str | None = None, wait_s: float = 60):
         app = make_app(config_file)
-        stack = LocalStack(app, app.conveyor_config)
+        stack = LocalStack(app, settings_of(app).config)
         stacks.append(stack)
         stack.up(wait_s=wait_s)
         return stack
@@ -155,37 +107,3 @@ def local_stack(make_app):
         stack.down()
 
 
-@contextmanager
-def module_stack(rabbitmq_url: str, run_dir: Path, config_file: Path, **env: str | None) -> Iterator:
-    """A local stack for a whole test module (starting one per test would only repeat the same few
-    seconds), on the session's vhost with a run directory of its own. Its environment (plus `env`;
-    None unsets a variable) holds while the stack runs, so run_cli sees the same broker and stack."""
-    from conveyor.stack.local import LocalStack
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("BROKER_URL", rabbitmq_url)
-        patch.setenv(environment.RUN_DIR_ENV, str(run_dir))
-        patch.delenv("RESULT_BACKEND", raising=False)
-        for name, value in env.items():
-            if value is None:
-                patch.delenv(name, raising=False)
-            else:
-                patch.setenv(name, value)
-        app = create_app(load_config(config_file), environment.resolve())
-        stack = LocalStack(app, app.conveyor_config)
-        try:
-            stack.up(wait_s=60)
-            yield stack
-        finally:
-            stack.down()
-            app.close()
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run a top-level script the way a user would."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
-
-
-def queue_depth(app, name: str) -> int:
-    return queues.stats(app, [name])[0].messages_ready or 0

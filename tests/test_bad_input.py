@@ -11,19 +11,14 @@ from pathlib import Path
 import pytest
 from kombu import Exchange, Producer
 
-from conftest import ROOT, module_stack, queue_depth, run_cli, wait_for, write_config
+from helpers import ROOT, module_stack, one_line_error, queue_depth, run_cli, wait_for, write_config
 from conveyor.tasks import deadletter
 from conveyor.seam.consumer import ENVELOPE_BYTES
 from conveyor.tasks.simulated import DeadLettered
-from test_cli_errors import free_port, one_line_error
 
 SHIPPED = (ROOT / "test-config.yml").read_text()
 
 
-@pytest.fixture
-def offline_env(tmp_path):
-    """Nothing listens at this broker URL: every error below must come before any connection."""
-    return {"BROKER_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}//", "CONVEYOR_RUN_DIR": str(tmp_path)}
 
 
 # --- to the CLIs ------------------------------------------------------------------------------------

@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
+from helpers import ROOT, one_line_error, run_cli
 
 SHIPPED = (ROOT / "test-config.yml").read_text()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def one_line_error(proc, *words: str) -> str:
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, proc.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
-
-
-@pytest.fixture
-def offline_env(tmp_path):
-    """Config errors must be reported before any broker is contacted."""
-    return {"BROKER_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}//", "CONVEYOR_RUN_DIR": str(tmp_path)}
 
 
 def bad_config(tmp_path: Path, old: str, new: str) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, queue_depth, run_cli, unavailable, wait_for, write_config
+from helpers import ROOT, queue_depth, run_cli, unavailable, wait_for, write_config
 from kombu import Queue
 
 from conveyor.stack import control
@@ -24,6 +24,7 @@ from conveyor.errors import StackError
 from conveyor.stack import docker_available
 from conveyor.stack.compose import ComposeStack, compose_command, project_name
 from conveyor.stack.local import LocalStack
+from conveyor.settings.context import settings_of
 
 OFFLINE_SCRIPT = ROOT.parent / "shared" / "ci" / "docker-offline.sh"
 TEST_IMAGE = "conveyor-worker:test"
@@ -56,8 +57,9 @@ import sys
 from conveyor.runtime.app import create_app
 from conveyor.settings.config import load_config
 from conveyor.stack import open_stack
+from conveyor.settings.context import settings_of
 app = create_app(load_config(sys.argv[1]))
-open_stack(app, app.conveyor_config, sys.argv[2]).logs(follow=False)
+open_stack(app, settings_of(app).config, sys.argv[2]).logs(follow=False)
 """
 
 docker = [pytest.mark.docker, pytest.mark.broker]
@@ -147,7 +149,7 @@ def stack_up(request, broker_env, make_app, tmp_path: Path, monkeypatch: pytest.
 
     def start():
         app = make_app(config_file)
-        stack = (ComposeStack if backend == "compose" else LocalStack)(app, app.conveyor_config)
+        stack = (ComposeStack if backend == "compose" else LocalStack)(app, settings_of(app).config)
         started.append(stack)
         began = time.monotonic()
         stack.up(wait_s=WAIT_S)
@@ -443,7 +445,7 @@ def test_project_name_is_normalised_as_compose_does() -> None:
 
 def test_containers_refuse_the_embedded_broker(embedded_env, make_app, tmp_path: Path) -> None:
     app = make_app(write_config(tmp_path / "stack-config.yml", CONFIG))
-    stack = ComposeStack(app, app.conveyor_config)
+    stack = ComposeStack(app, settings_of(app).config)
     with pytest.raises(StackError, match="embedded filesystem broker"):
         stack.scale("worker-a", 1)
     with pytest.raises(StackError, match="embedded filesystem broker"):
@@ -457,4 +459,4 @@ def test_containers_refuse_a_config_they_cannot_read(make_app, tmp_path: Path, m
     config_file.chmod(0o600)
     app = make_app(config_file)
     with pytest.raises(StackError, match="chmod o\\+r"):
-        ComposeStack(app, app.conveyor_config).scale("worker-a", 1)
+        ComposeStack(app, settings_of(app).config).scale("worker-a", 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_cli
+from helpers import run_cli
 
 
 def test_dispatch_on_the_embedded_broker(embedded_env, run_dir):

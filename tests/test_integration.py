@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from celery import states
 
-from conftest import queue_depth, run_cli, wait_for, write_config
+from helpers import queue_depth, run_cli, wait_for, write_config
 from conveyor.tasks import deadletter
 from conveyor.amqp import queues
 from conveyor.tasks.simulated import DeadLettered
 from conveyor.stack.control import service_of
-from events import EventLog
+from helpers.events import EventLog
 
 pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("broker_env")]
 

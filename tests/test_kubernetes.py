@@ -16,7 +16,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import ROOT
+from helpers import ROOT
 
 from conveyor.settings.config import load_config
 

@@ -12,7 +12,7 @@ import uuid
 import pytest
 from celery.exceptions import TaskRevokedError, TimeLimitExceeded
 
-from conftest import module_stack, queue_depth, run_cli, wait_for, write_config
+from helpers import module_stack, queue_depth, run_cli, wait_for, write_config
 from conveyor.tasks import deadletter
 from conveyor.amqp import queues
 from conveyor.settings.config import TaskSpec
@@ -22,7 +22,8 @@ from conveyor.lifecycle.records import DEAD_LETTERED, FAILED, QUEUED, RETRYING, 
 from conveyor.lifecycle.unique import Dispatched, send_unique
 from conveyor.tasks.simulated import DeadLettered
 from conveyor.stack.control import service_of
-from events import EventLog
+from helpers.events import EventLog
+from conveyor.settings.context import settings_of
 
 pytestmark = pytest.mark.broker
 
@@ -131,7 +132,7 @@ def test_a_unique_key_sends_one_task_until_it_fails_then_a_new_one(stack, store)
     assert first.sent
     assert send_unique(app, "task_a", key, kwargs={"duration_s": 0}) == Dispatched(first.id, False)
     # The dispatcher's path: a config entry with the key sends nothing either, and says why.
-    config = app.conveyor_config.model_copy(update={"tasks": [TaskSpec(task="task_a", count=2, unique_key=key)]})
+    config = settings_of(app).config.model_copy(update={"tasks": [TaskSpec(task="task_a", count=2, unique_key=key)]})
     report = dispatch(app, config, timeout_s=5)
     assert [(t.id, t.state) for t in report.tasks] == [(first.id, DUPLICATE)] * 2
     assert "is still queued or running" in report.tasks[0].error

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_cli, write_config
+from helpers import run_cli, write_config
 
 CONFIG = """\
 name: embedded lifecycle

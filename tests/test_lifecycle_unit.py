@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, unavailable
+from helpers import ROOT, unavailable
 from conveyor.settings import environment
 from conveyor.settings.config import Config, TimeLimit, load_config
 from conveyor.errors import ConfigError, UsageError

@@ -14,7 +14,7 @@ import pytest
 from celery.app.task import Context
 from celery.backends.rpc import RPCBackend as CeleryRPCBackend
 
-from conftest import ROOT, run_cli, wait_for, write_config
+from helpers import ROOT, run_cli, wait_for, write_config
 from conveyor.settings import environment
 from conveyor.tasks import deadletter
 from conveyor.runtime.app import create_app
@@ -22,7 +22,8 @@ from conveyor.settings.config import load_config
 from conveyor.errors import ConfigError
 from conveyor.loadtest import publisher, report
 from conveyor.loadtest.publisher import BatchPublisher
-from conveyor.loadtest.metrics import Record, RunStats, Stage, distribution, percentile, summarize, timeline
+from conveyor.loadtest.metrics import Record, RunStats, Stage, distribution, summarize, timeline
+from conveyor.stats import percentile_linear as percentile
 from conveyor.loadtest.scenario import Plan, Scenario, load_scenario
 
 # --- percentiles ---------------------------------------------------------------------------

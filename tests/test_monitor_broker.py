@@ -12,12 +12,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
-from conftest import run_cli, wait_for, write_config
+from helpers import run_cli, wait_for, write_config
 from conveyor.tasks import deadletter
 from conveyor.amqp import queues
 from conveyor.settings.config import Monitoring
 from conveyor.dispatch.dispatcher import dispatch
 from conveyor.monitor import Monitor, dashboard, prometheus
+from conveyor.settings.context import settings_of
 
 pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("broker_env")]
 
@@ -64,7 +65,7 @@ def test_the_monitor_reports_exactly_the_dispatched_counts(local_stack, make_app
     monitor = Monitor(stack, settings, influx=str(lines_file)).start()
     server = prometheus.serve(monitor, "127.0.0.1", 0)
     try:
-        report = dispatch(app, app.conveyor_config, timeout_s=60)
+        report = dispatch(app, settings_of(app).config, timeout_s=60)
         assert (report.succeeded, report.dead_lettered, report.total_retries) == (12, 1, 7)
         # Events trail the results by a moment: wait until every finish is in, then compare exactly.
         wait_for(lambda: sum(r["succeeded"] + r["failed"] for r in monitor.snapshot()["tasks"]) >= 13, 20,

@@ -10,11 +10,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
-from conftest import run_cli, write_config
+from helpers import run_cli, write_config
 from conveyor.settings.config import load_config
 from conveyor.errors import ConfigError
 from conveyor.monitor import dashboard, influx
-from conveyor.monitor.accounting import Accounting, Buckets, percentile
+from conveyor.monitor.accounting import Accounting, Buckets
+from conveyor.stats import percentile_linear
 from conveyor.monitor.prometheus import SnapshotCollector
 from conveyor.monitor.snapshot import compose
 
@@ -120,7 +121,8 @@ def test_events_arriving_out_of_order_are_counted_the_same():
     row = by_name(acc, 1)["task_a"]
     assert (row["sent"], row["started"], row["retried"], row["succeeded"], row["retrying"]) == (2, 3, 1, 2, 0)
     assert acc.histograms()["latency"]["task_a", "queue_a"].cumulative()[-1] == (math.inf, 2)
-    assert (row["latency_p50_s"], row["latency_p95_s"]) == (pytest.approx(0.06), pytest.approx(0.4))
+    # both latencies (0.06 s and 0.4 s) are in: interpolated p50 halfway, p95 near the larger
+    assert (row["latency_p50_s"], row["latency_p95_s"]) == (pytest.approx(0.23), pytest.approx(0.383))
 
 
 def test_a_task_requeued_from_the_dead_letter_queue_counts_as_sent_again():
@@ -154,14 +156,21 @@ def test_latency_percentiles_are_over_the_latest_window():
     for i in range(30):  # latencies 0.01 .. 0.30; only the latest 10 (0.21 .. 0.30) count
         feed(acc, [sent(f"l{i}", i), ev("task-succeeded", f"l{i}", i + (i + 1) / 100, runtime=0.001)])
     row = by_name(acc, 40)["task_a"]
-    assert row["latency_p50_s"] == pytest.approx(0.25) and row["latency_p95_s"] == pytest.approx(0.30)
+    assert row["latency_p50_s"] == pytest.approx(0.255) and row["latency_p95_s"] == pytest.approx(0.2955)  # linear
     assert acc.histograms()["latency"]["task_a", "queue_a"].cumulative()[-1] == (math.inf, 30)
 
 
-def test_percentile_is_nearest_rank():
-    values = [float(v) for v in range(1, 21)]
-    assert (percentile(values, 50), percentile(values, 95), percentile(values, 100)) == (10.0, 19.0, 20.0)
-    assert percentile([3.0], 95) == 3.0 and percentile([], 50) is None
+def test_the_monitor_and_the_load_test_report_the_same_percentile():
+    # One definition (linear interpolation, conveyor/stats.py): the dashboard's p95 of a set of
+    # latencies is the load-test report's p95 of the same set, not a nearest-rank neighbour of it.
+    acc = Accounting(since=T0)
+    latencies = [(i % 7 + 1) / 10 for i in range(20)]
+    feed(acc, [e for i, lat in enumerate(latencies)
+               for e in (sent(f"p{i}", i), ev("task-succeeded", f"p{i}", i + lat, runtime=0.001))])
+    row = by_name(acc, 40)["task_a"]
+    assert row["latency_p50_s"] == pytest.approx(percentile_linear(latencies, 50), abs=1e-3)
+    assert row["latency_p95_s"] == pytest.approx(percentile_linear(latencies, 95), abs=1e-3)
+    assert row["latency_p95_s"] == pytest.approx(0.7)
 
 
 def test_active_tasks_come_from_current_heartbeats():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, _management, run_cli, unavailable, write_config
+from helpers import ROOT, free_port, management, private_vhost, run_cli, unavailable, write_config
 from conveyor.settings import environment
 from conveyor.tasks import deadletter
 from conveyor.dispatch import dispatcher
@@ -34,7 +34,6 @@ from conveyor.errors import BrokerError, ConfigError, UsageError
 from conveyor.tasks.simulated import DeadLettered
 from conveyor.amqp.topology import QUEUES, work_queues
 from conveyor.stack.control import service_of
-from test_cli_errors import free_port
 
 SHIPPED = (ROOT / "test-config.yml").read_text()
 
@@ -223,17 +222,11 @@ def test_sweep_removes_only_what_runs_that_are_gone_left_behind(tmp_path):
 def quorum_vhost(monkeypatch, tmp_path):
     """A vhost of the test's own: the session vhost has classic queues of the same names, and RabbitMQ
     refuses to declare a queue again as another type. Requested before local_stack, so torn down after."""
-    vhost = f"conveyor-quorum-{uuid.uuid4().hex[:8]}"
-    try:
-        _management("PUT", f"vhosts/{vhost}")
-        _management("PUT", f"permissions/{vhost}/guest", b'{"configure":".*","write":".*","read":".*"}')
-    except (OSError, urllib.error.URLError):
-        unavailable("the RabbitMQ management API")
-    monkeypatch.setenv("BROKER_URL", f"amqp://guest:guest@127.0.0.1:5672/{vhost}")
-    monkeypatch.setenv(environment.RUN_DIR_ENV, str(tmp_path / "run"))
-    monkeypatch.delenv("RESULT_BACKEND", raising=False)
-    yield vhost
-    _management("DELETE", f"vhosts/{vhost}")
+    with private_vhost("conveyor-quorum") as vhost:
+        monkeypatch.setenv("BROKER_URL", f"amqp://guest:guest@127.0.0.1:5672/{vhost}")
+        monkeypatch.setenv(environment.RUN_DIR_ENV, str(tmp_path / "run"))
+        monkeypatch.delenv("RESULT_BACKEND", raising=False)
+        yield vhost
 
 
 @pytest.mark.broker
@@ -264,13 +257,13 @@ def secret_user(rabbitmq_url):
     vhost = urllib.parse.unquote(rabbitmq_url.rsplit("/", 1)[1]) or "/"
     user, password = f"conveyor-cred-{uuid.uuid4().hex[:6]}", f"Zebra{uuid.uuid4().hex}Quartz"
     try:
-        _management("PUT", f"users/{user}", json.dumps({"password": password, "tags": ""}).encode())
-        _management("PUT", f"permissions/{urllib.parse.quote(vhost, safe='')}/{user}",
+        management("PUT", f"users/{user}", json.dumps({"password": password, "tags": ""}).encode())
+        management("PUT", f"permissions/{urllib.parse.quote(vhost, safe='')}/{user}",
                     b'{"configure":".*","write":".*","read":".*"}')
     except (OSError, urllib.error.URLError):
         unavailable("the RabbitMQ management API")
     yield user, password, f"amqp://{user}:{password}@127.0.0.1:5672/{urllib.parse.quote(vhost, safe='')}"
-    _management("DELETE", f"users/{user}")
+    management("DELETE", f"users/{user}")
 
 
 @pytest.mark.broker

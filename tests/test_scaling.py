@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import wait_for, write_config
+from helpers import wait_for, write_config
 from conveyor.stack import rebalance
 from conveyor.stack.autoscale import Autoscaler, decide
 from conveyor.settings.config import Config

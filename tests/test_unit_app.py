@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,10 +13,12 @@ from celery.signals import celeryd_after_setup
 from celery.utils.time import get_exponential_backoff_interval
 
 from conveyor.settings import environment
+from conveyor.settings.context import settings_of
 from conveyor.tasks import retry
 from conveyor.runtime.app import create_app
 from conveyor.settings.config import RetryPolicy, load_config
 from conveyor.tasks.simulated import InvalidTaskArguments, SimulatedFailure
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -129,11 +130,6 @@ def test_seeded_failures_are_reproducible(app):
     assert 5 < sum(first) < 35
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_embedded_broker_when_nothing_listens_and_no_url(tmp_path):
     settings = environment.resolve({environment.RUN_DIR_ENV: str(tmp_path)}, probe=("127.0.0.1", free_port()))
@@ -164,10 +160,10 @@ def test_tuning_reaches_celery_settings(tmp_path):
     try:
         assert (default.conf.task_send_sent_event, default.conf.worker_send_task_events,
                 default.conf.task_track_started, default.conf.result_extended) == (True, True, True, True)
-        assert default.conveyor_config.tuning.result_confirms is True
+        assert settings_of(default).config.tuning.result_confirms is True
         assert (tuned.conf.task_send_sent_event, tuned.conf.worker_send_task_events,
                 tuned.conf.task_track_started, tuned.conf.result_extended) == (False, False, False, False)
-        assert tuned.conveyor_config.tuning.result_confirms is False
+        assert settings_of(tuned).config.tuning.result_confirms is False
     finally:
         default.close()
         tuned.close()

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 from celery import Celery
 from kombu.utils.url import url_to_parts
+from conveyor.settings.context import settings_of
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,9 @@ def stats(app: Celery, names: list[str]) -> list[QueueStats]:
     """Ready messages and consumers from a passive declare (exact at this instant); unacknowledged
     messages from the management API, whose figures lag by its statistics interval (5 s)."""
     found = _from_declare(app, names)
-    if not app.conveyor_broker.embedded:
+    if not settings_of(app).broker.embedded:
         try:
-            unacked = _unacked(app.conveyor_broker.broker_url)
+            unacked = _unacked(settings_of(app).broker.broker_url)
         except (OSError, ValueError) as exc:
             log.info("The RabbitMQ management API did not answer (%s); unacknowledged counts are unknown.", exc)
         else:

@@ -24,6 +24,7 @@ from conveyor.errors import BrokerError
 from conveyor.lifecycle import unique
 from conveyor.tasks.simulated import DeadLettered
 from conveyor.amqp.topology import TASKS
+from conveyor.settings.context import settings_of
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def send_all(app: Celery, config: Config) -> list[tuple[TaskOutcome, AsyncResult
     except environment.PUBLISH_ERRORS as exc:
         total = sum(spec.count for spec in config.tasks)
         raise BrokerError(
-            f"the broker at {app.conveyor_broker.safe_url} did not confirm task {len(sent) + 1} of {total}, "
+            f"the broker at {settings_of(app).broker.safe_url} did not confirm task {len(sent) + 1} of {total}, "
             f"even after retrying (publish_retry_s: {config.publish_retry_s:g}) ({type(exc).__name__}: {exc}); "
             f"the {len(sent)} confirmed before it will run; check RabbitMQ, then dispatch the rest") from None
 

@@ -21,6 +21,7 @@ from celery import Celery
 from kombu.utils.url import maybe_sanitize_url, url_to_parts
 
 from conveyor.errors import ConfigError, RecordStoreError
+from conveyor.settings.context import maybe_settings_of
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +164,10 @@ def open_store(url: str, namespace: str = "default", ttl_s: int = 7 * 24 * 3600)
 
 def store_for(app: Celery) -> Store | None:
     """The record store of an app built by conveyor.app.create_app (None for any other app)."""
-    settings = getattr(app, "conveyor_broker", None)
-    config = getattr(app, "conveyor_config", None)
-    if settings is None or config is None or settings.records_url in OFF:
+    both = maybe_settings_of(app)
+    if both is None or both.broker.records_url in OFF:
         return None  # checked first: this runs several times per task in the worker
-    return open_store(settings.records_url, namespace(settings.broker_url), config.records_ttl_s)
+    return open_store(both.broker.records_url, namespace(both.broker.broker_url), both.config.records_ttl_s)
 
 
 def require_store(app: Celery) -> Store:

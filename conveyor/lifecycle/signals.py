@@ -29,6 +29,7 @@ from conveyor.errors import RecordStoreError
 from conveyor.amqp.topology import DEAD_LETTER_QUEUE
 from conveyor.lifecycle import records
 from conveyor.lifecycle.records import DEAD_LETTERED, FAILED, QUEUED, RETRYING, REVOKED, RUNNING, SUCCEEDED, now
+from conveyor.settings.context import settings_of
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def _published(sender: str | None = None, headers: dict | None = None, routing_k
     if headers.get("retries"):
         return  # a retry: LifecycleTask.retry recorded it before publishing
     hard, soft = headers.get("timelimit") or (None, None)
-    limits = current_app.conveyor_config.time_limits.get(sender or headers.get("task"))
+    limits = settings_of(current_app).config.time_limits.get(sender or headers.get("task"))
     soft, hard = soft or (limits and limits.soft_s), hard or (limits and limits.hard_s)
     requeued = headers.get(REQUEUED_HEADER)
     detail = f"requeued from {requeued}" if requeued else f"sent to {routing_key}"

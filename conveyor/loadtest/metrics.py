@@ -7,15 +7,15 @@ ran; that holds for workers on this host or in containers sharing its clock.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from celery import states
 
 from conveyor.dispatch.dispatcher import DEAD_LETTERED
+from conveyor.stats import percentile_linear
 
 PENDING = states.PENDING
 SUCCESS = states.SUCCESS
@@ -110,28 +110,14 @@ class Record:
         }
 
 
-def percentile(values: Sequence[float], p: float) -> float | None:
-    """The p-th percentile (0-100) by linear interpolation between closest ranks (numpy's default,
-    Hyndman and Fan's type 7); None for no values."""
-    if not values:
-        return None
-    if not 0 <= p <= 100:
-        raise ValueError(f"percentile must be between 0 and 100, got {p}")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * p / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
 def distribution(values: Iterable[float | None]) -> dict[str, float | int | None]:
     data = sorted(v for v in values if v is not None)
     return {
         "count": len(data),
         "mean": sum(data) / len(data) if data else None,
-        "p50": percentile(data, 50),
-        "p95": percentile(data, 95),
-        "p99": percentile(data, 99),
+        "p50": percentile_linear(data, 50),
+        "p95": percentile_linear(data, 95),
+        "p99": percentile_linear(data, 99),
         "max": data[-1] if data else None,
     }
 

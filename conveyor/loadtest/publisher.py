@@ -27,6 +27,7 @@ from kombu.utils.uuid import uuid
 
 from conveyor.seam import frames
 from conveyor.errors import BrokerError
+from conveyor.settings.context import settings_of
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class BatchPublisher:
     def __init__(self, app: Celery, confirm_timeout_s: float = 30.0) -> None:
         self.app = app
         self.confirm_timeout_s = confirm_timeout_s
-        self.confirms = not app.conveyor_broker.embedded  # the filesystem transport has none
+        self.confirms = not settings_of(app).broker.embedded  # the filesystem transport has none
         # Whether `send_task` may be used: it sends no task-sent event and needs publisher confirms.
         self.fast = self.confirms and not app.conf.task_send_sent_event
         self._tag = 0  # the delivery tag of the last publish on this channel

@@ -30,6 +30,7 @@ from celery.backends.asynchronous import AsyncBackendMixin
 from celery.backends.rpc import RPCBackend
 from celery.result import AsyncResult
 from kombu import Consumer
+from conveyor.settings.context import settings_of
 
 OnResult = Callable[[str, str, Any], None]
 
@@ -139,7 +140,7 @@ class Polled:
 
 def watcher_for(app: Celery, on_result: OnResult, connection: Any) -> ReplyQueue | Pushed | Polled:
     """The way to collect `app`'s results; `connection` is the publisher's (rpc:// shares it)."""
-    if isinstance(app.backend, RPCBackend) and not app.conveyor_broker.embedded:
+    if isinstance(app.backend, RPCBackend) and not settings_of(app).broker.embedded:
         return ReplyQueue(app, on_result, connection)
     if isinstance(app.backend, AsyncBackendMixin):
         return Pushed(app, on_result)

@@ -48,6 +48,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from celery.events.state import heartbeat_expires
+
+from conveyor.stats import percentile_linear
 from prometheus_client import Histogram
 
 from conveyor.tasks.simulated import DeadLettered
@@ -136,14 +138,6 @@ class _Worker:
     processed: int
     freq_s: float
     seen_at: float
-
-
-def percentile(sorted_values: list[float], p: float) -> float | None:
-    """Nearest-rank percentile: an observed value, never an interpolation between two."""
-    if not sorted_values:
-        return None
-    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
 
 
 class Accounting:
@@ -276,8 +270,8 @@ class Accounting:
                     "name": name, "queue": queue, **asdict(stats.counts),
                     "retrying": self._retrying[name, queue],
                     "rate_per_s": round(len(stats.finished_at) / window, 3),
-                    "latency_p50_s": _rounded(percentile(recent, 50)),
-                    "latency_p95_s": _rounded(percentile(recent, 95)),
+                    "latency_p50_s": _rounded(percentile_linear(recent, 50)),
+                    "latency_p95_s": _rounded(percentile_linear(recent, 95)),
                 })
         return rows
 

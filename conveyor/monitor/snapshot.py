@@ -20,6 +20,7 @@ from conveyor.stack import status
 from conveyor.stack.base import Stack
 from conveyor.amqp.topology import DEAD_LETTER_QUEUE
 from conveyor.monitor.accounting import Accounting
+from conveyor.settings.context import settings_of
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,10 @@ def sample_broker(stack: Stack, ping_timeout_s: float = 1.0) -> dict[str, Any]:
 def message_rates(app: Celery) -> dict[str, tuple[float | None, float | None]]:
     """Per queue (publish, deliver) messages per second, as RabbitMQ's management API computes them
     (over its statistics interval); empty without the API, whose absence queues.stats already logs."""
-    if app.conveyor_broker.embedded:
+    if settings_of(app).broker.embedded:
         return {}
     try:
-        listing = queues.management_request(app.conveyor_broker.broker_url, "queues/{vhost}?columns=name,message_stats")
+        listing = queues.management_request(settings_of(app).broker.broker_url, "queues/{vhost}?columns=name,message_stats")
     except (OSError, ValueError) as exc:
         log.debug("No message rates from the management API: %s", exc)
         return {}

@@ -17,6 +17,7 @@ from conveyor.tasks import simulated
 from conveyor.lifecycle import records, signals as record_signals
 from conveyor.settings.config import Config, load_config
 from conveyor.amqp.topology import routes, work_queues
+from conveyor.settings.context import Settings, attach
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,7 @@ def create_app(config: Config | None = None, settings: environment.BrokerSetting
         worker_send_task_events=config.tuning.task_events,
         worker_hijack_root_logger=False,
     )
-    app.conveyor_config = config
-    app.conveyor_broker = settings
+    attach(app, Settings(config, settings))
     simulated.register(app, config.retry, config.time_limits)
     if settings.records_url not in records.OFF:
         record_signals.connect()

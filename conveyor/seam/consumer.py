@@ -25,6 +25,7 @@ from vine import promise
 
 from conveyor.tasks import deadletter
 from conveyor.amqp.topology import DEAD_LETTER_QUEUE, dead_letter_queue, dlx
+from conveyor.settings.context import settings_of
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class Consumer(CeleryConsumer):
 
     def create_task_handler(self, promise: Any = promise):
         handle = super().create_task_handler(promise)
-        limit = self.app.conveyor_config.limits.max_payload_bytes
+        limit = settings_of(self.app).config.limits.max_payload_bytes
 
         def on_task_received(message: Message) -> None:
             # Checked before anything decodes the body: a huge message costs no more than its bytes.

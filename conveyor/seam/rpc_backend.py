@@ -42,6 +42,7 @@ from kombu.pools import ProducerPool
 from kombu.serialization import dumps
 
 from conveyor.seam import frames
+from conveyor.settings.context import maybe_settings_of
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class RPCBackend(CeleryRPCBackend):
         return meta
 
     def _confirms(self) -> bool:
-        config = getattr(self.app, "conveyor_config", None)
+        config = (maybe_settings_of(self.app) and maybe_settings_of(self.app).config)
         return config is None or config.tuning.result_confirms
 
     def _new_connection(self):  # not `_connection`: Celery's RPCBackend has an attribute of that name

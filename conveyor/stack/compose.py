@@ -29,6 +29,7 @@ from conveyor.settings.environment import PROJECT_ROOT, RECORDS_URL_ENV, BrokerS
 from conveyor.settings.config import ServiceConfig
 from conveyor.errors import StackError
 from conveyor.stack.base import Replica, Stack
+from conveyor.settings.context import settings_of
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class ComposeStack(Stack):
 
     def __init__(self, app, config) -> None:
         super().__init__(app, config)
-        self.settings: BrokerSettings = app.conveyor_broker
+        self.settings: BrokerSettings = settings_of(app).broker
         self.project = project_name()
         self.files = compose_files(self.settings)
         # Warm shutdown gets at least the config's grace before compose kills a container.

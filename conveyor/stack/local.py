@@ -20,6 +20,7 @@ from conveyor.settings.environment import PROJECT_ROOT, run_dir
 from conveyor.settings.config import ServiceConfig
 from conveyor.errors import StackError
 from conveyor.stack.base import Replica, Stack
+from conveyor.settings.context import settings_of
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class LocalStack(Stack):
         self.home.mkdir(parents=True, exist_ok=True)
         stem = f"{service.name}-{index}"
         node = f"{stem}@{socket.gethostname()}"
-        env = {**os.environ, **self.app.conveyor_broker.worker_env(), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **settings_of(self.app).broker.worker_env(), "PYTHONUNBUFFERED": "1"}
         if self.config.source:
             env["CONVEYOR_CONFIG"] = str(self.config.source)
         cmd = [sys.executable, "-m", "conveyor.stack.launcher", "--service", service.name, "--node", node]

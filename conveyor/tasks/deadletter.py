@@ -20,6 +20,7 @@ from typing import Any
 from celery import Celery, Task
 
 from conveyor.amqp.topology import DEAD_LETTER_QUEUE, dead_letter_queue, dlx, work_queues
+from conveyor.settings.context import settings_of
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def declare(app: Celery) -> None:
     with app.connection_for_write() as conn:
         channel = conn.default_channel
         dead_letter_queue(channel).declare()
-        for queue in work_queues(app.conveyor_config.queue_type):
+        for queue in work_queues(settings_of(app).config.queue_type):
             queue(channel).declare()
 
 

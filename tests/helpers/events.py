@@ -6,7 +6,7 @@ import threading
 
 from celery import Celery
 
-from conftest import wait_for
+from helpers import wait_for
 
 
 class EventLog:
