@@ -21,6 +21,7 @@ from conveyor.cli import common
 from conveyor.tasks import deadletter
 from conveyor.errors import UsageError
 from conveyor.lifecycle import commands, records, render
+from conveyor.tasks.states import RECORD_STATES, TaskState
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tasks = area.add_parser("tasks", help="task records").add_subparsers(dest="command", required=True)
     listing = tasks.add_parser("list", help="recent tasks, newest first")
-    listing.add_argument("--status", action="append", choices=records.STATUSES, help="repeat for several")
+    listing.add_argument("--status", action="append", type=_record_state, metavar="STATE",
+                         help=f"repeat for several: {', '.join(s.name.lower() for s in RECORD_STATES)}")
     listing.add_argument("--name", help="task name, e.g. task_a")
     listing.add_argument("--since", help="sent since: 30s, 10m, 2h, 1d, or an ISO time")
     listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
@@ -51,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     purge = dlq.add_parser("purge", help="delete every message in the dead-letter queue")
     purge.add_argument("--yes", action="store_true", help="confirm: the messages cannot be recovered")
     return parser
+
+
+def _record_state(text: str) -> TaskState:
+    try:
+        state = TaskState.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if state not in RECORD_STATES:
+        raise argparse.ArgumentTypeError(f"a task record is never {text!r}")
+    return state
 
 
 def main() -> int:

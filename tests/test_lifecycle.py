@@ -16,9 +16,9 @@ from helpers import module_stack, queue_depth, run_cli, wait_for, write_config
 from conveyor.tasks import deadletter
 from conveyor.amqp import queues
 from conveyor.settings.config import TaskSpec
-from conveyor.dispatch.dispatcher import DUPLICATE, dispatch
+from conveyor.dispatch.dispatcher import dispatch
 from conveyor.lifecycle import records
-from conveyor.lifecycle.records import DEAD_LETTERED, FAILED, QUEUED, RETRYING, REVOKED, RUNNING, SUCCEEDED
+from conveyor.tasks.states import TaskState
 from conveyor.lifecycle.unique import Dispatched, send_unique
 from conveyor.tasks.simulated import DeadLettered
 from conveyor.stack.control import service_of
@@ -75,8 +75,8 @@ def test_records_follow_a_task_through_a_retry_and_survive_a_worker_restart(stac
     app = stack.app
     result = app.send_task("task_a", kwargs={"duration_s": 0, "fail_first": 1})
     assert result.get(timeout=30)["retries"] == 1
-    record = settled(store, result.id, SUCCEEDED)
-    assert statuses(record) == [QUEUED, RUNNING, RETRYING, RUNNING, SUCCEEDED]
+    record = settled(store, result.id, TaskState.SUCCEEDED)
+    assert statuses(record) == [TaskState.QUEUED, TaskState.RUNNING, TaskState.RETRYING, TaskState.RUNNING, TaskState.SUCCEEDED]
     assert record.attempts == 2 and service_of(record.worker) == "worker-a" and record.queue == "queue_a"
     assert record.history[2].detail.startswith("attempt 1 failed (SimulatedFailure: task_a failed attempt 1 on purpose")
     assert record.sent_at <= record.started_at <= record.finished_at
@@ -84,12 +84,12 @@ def test_records_follow_a_task_through_a_retry_and_survive_a_worker_restart(stac
     stack.down()
     # Sent while no worker runs: the record says queued, and the restarted workers take it from there.
     waiting = app.send_task("task_b", kwargs={"duration_s": 0})
-    assert store.get(waiting.id).status == QUEUED
+    assert store.get(waiting.id).status == TaskState.QUEUED
     stack.up(wait_s=60)
     assert waiting.get(timeout=30)["task"] == "task_b"
-    assert statuses(settled(store, waiting.id, SUCCEEDED)) == [QUEUED, RUNNING, SUCCEEDED]
+    assert statuses(settled(store, waiting.id, TaskState.SUCCEEDED)) == [TaskState.QUEUED, TaskState.RUNNING, TaskState.SUCCEEDED]
     shown = json.loads(tasks_cli("tasks", "show", result.id, "--json").stdout)
-    assert shown["status"] == SUCCEEDED and [e["status"] for e in shown["history"]] == statuses(record)
+    assert shown["status"] == TaskState.SUCCEEDED and [e["status"] for e in shown["history"]] == statuses(record)
     listed = json.loads(tasks_cli("tasks", "list", "--status", "succeeded", "--since", "5m", "--json").stdout)
     assert {result.id, waiting.id} <= {r["id"] for r in listed}
 
@@ -99,8 +99,8 @@ def test_a_timed_out_task_is_retried_under_a_longer_limit_and_succeeds(stack, st
     result = stack.app.send_task("task_b", kwargs={"duration_s": 0.8})
     value = result.get(timeout=30)
     assert value["retries"] == 1 and value["execution_time_s"] >= 0.8
-    record = settled(store, result.id, SUCCEEDED)
-    assert statuses(record) == [QUEUED, RUNNING, RETRYING, RUNNING, SUCCEEDED]
+    record = settled(store, result.id, TaskState.SUCCEEDED)
+    assert statuses(record) == [TaskState.QUEUED, TaskState.RUNNING, TaskState.RETRYING, TaskState.RUNNING, TaskState.SUCCEEDED]
     first, retry, second = record.history[1:4]
     assert first.detail.endswith("time limits: soft 0.6 s, hard 3 s")
     assert "SoftTimeLimitExceeded: ran past its soft time limit of 0.6 s" in retry.detail
@@ -116,8 +116,8 @@ def test_a_hard_timeout_is_recorded_failed_once_and_not_retried(stack, store):
     result = app.send_task("task_a", kwargs={"duration_s": 10}, time_limit=2)
     with pytest.raises(TimeLimitExceeded):
         result.get(timeout=20)
-    record = settled(store, result.id, FAILED)
-    assert statuses(record) == [QUEUED, RUNNING, FAILED]
+    record = settled(store, result.id, TaskState.FAILED)
+    assert statuses(record) == [TaskState.QUEUED, TaskState.RUNNING, TaskState.FAILED]
     assert record.error == "TimeLimitExceeded: ran past its hard time limit of 2 s and was killed"
     # Acknowledged, not requeued: nothing of it is left in the queue.
     wait_for(lambda: queues.stats(app, ["queue_a"])[0].messages_unacked == 0, 15, "queue_a to have nothing unacked")
@@ -134,15 +134,15 @@ def test_a_unique_key_sends_one_task_until_it_fails_then_a_new_one(stack, store)
     # The dispatcher's path: a config entry with the key sends nothing either, and says why.
     config = settings_of(app).config.model_copy(update={"tasks": [TaskSpec(task="task_a", count=2, unique_key=key)]})
     report = dispatch(app, config, timeout_s=5)
-    assert [(t.id, t.state) for t in report.tasks] == [(first.id, DUPLICATE)] * 2
+    assert [(t.id, t.state) for t in report.tasks] == [(first.id, TaskState.DUPLICATE)] * 2
     assert "is still queued or running" in report.tasks[0].error
     assert [r.id for r in store.query(name="task_a", since=store.get(first.id).updated_at - 60)
             if r.unique_key == key] == [first.id]
 
-    settled(store, first.id, DEAD_LETTERED)
+    settled(store, first.id, TaskState.DEAD_LETTERED)
     again = send_unique(app, "task_a", key, kwargs={"duration_s": 0})
     assert again.sent and again.id != first.id
-    settled(store, again.id, SUCCEEDED)
+    settled(store, again.id, TaskState.SUCCEEDED)
     # Recorded just before its dead-letter publish: take it out of the queue once it is there.
     wait_for(lambda: deadletter.sift(app, lambda d: d.task_id == first.id), 10, "the dead letter of the first task")
 
@@ -154,7 +154,7 @@ def test_dlq_requeue_runs_a_dead_lettered_task_once_with_fresh_retries(stack, st
         result = app.send_task("task_a", kwargs={"duration_s": 0.5}, soft_time_limit=0.2, time_limit=2)
         with pytest.raises(DeadLettered):
             result.get(timeout=30)
-        assert settled(store, result.id, DEAD_LETTERED).attempts == 2
+        assert settled(store, result.id, TaskState.DEAD_LETTERED).attempts == 2
         listed = json.loads(tasks_cli("dlq", "list", "--json").stdout)
         assert [(d["task"], d["attempts"], d["original_queue"]) for d in listed if d["task_id"] == result.id] == [
             ("task_a", 2, "queue_a")]
@@ -162,10 +162,10 @@ def test_dlq_requeue_runs_a_dead_lettered_task_once_with_fresh_retries(stack, st
         out = tasks_cli("dlq", "requeue", result.id).stdout
         assert out.strip() == f"Requeued 1 task(s): task_a[{result.id}]"
         # Requeued as sent afresh: retries from zero, and the task type's limits (none), so it succeeds.
-        record = settled(store, result.id, SUCCEEDED)
+        record = settled(store, result.id, TaskState.SUCCEEDED)
         wait_for(lambda: len(log.of(result.id, "task-succeeded")) == 1, 10, "the task-succeeded event")
     assert len(log.of(result.id, "task-started")) == 3
-    assert statuses(record)[-4:] == [DEAD_LETTERED, QUEUED, RUNNING, SUCCEEDED]
+    assert statuses(record)[-4:] == [TaskState.DEAD_LETTERED, TaskState.QUEUED, TaskState.RUNNING, TaskState.SUCCEEDED]
     assert record.history[-3].detail == "requeued from dead_letter; time limits: none"
     assert record.history[-2].attempt == 1 and record.attempts == 3
     # Once: no copy of it is left in the dead-letter queue or the work queue.
@@ -191,7 +191,7 @@ def test_a_revoked_queued_task_never_runs_even_on_a_worker_started_after_the_rev
         assert not log.of(victim.id, "task-started")
     finally:
         stack.scale("worker-a", 1)
-    record = settled(store, victim.id, REVOKED)
+    record = settled(store, victim.id, TaskState.REVOKED)
     assert record.attempts == 0 and record.revoked_at is not None
     assert [e.detail for e in record.history][-2:] == ["revoked before it ran", "discarded by the worker without running"]
     again = run_cli("-m", "conveyor", "tasks", "revoke", victim.id)
@@ -200,12 +200,12 @@ def test_a_revoked_queued_task_never_runs_even_on_a_worker_started_after_the_rev
 
 def test_revoke_terminate_stops_a_running_task(stack, store):
     result = stack.app.send_task("task_a", kwargs={"duration_s": 30})
-    running = settled(store, result.id, RUNNING)
+    running = settled(store, result.id, TaskState.RUNNING)
     out = tasks_cli("tasks", "revoke", result.id, "--terminate").stdout
     assert out.strip() == f"task {result.id} is being terminated on {running.worker}"
     with pytest.raises(TaskRevokedError):
         result.get(timeout=15)
-    record = settled(store, result.id, REVOKED)
+    record = settled(store, result.id, TaskState.REVOKED)
     assert record.history[-1].detail.startswith("terminated while running")
 
 

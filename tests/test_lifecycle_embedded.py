@@ -32,6 +32,6 @@ def test_records_on_the_embedded_broker_live_in_the_run_directory(embedded_env, 
     found = {r["id"]: r for r in json.loads(listed.stdout)}
     assert set(found) == {t["id"] for t in report["tasks"]}
     assert sorted((r["status"], r["attempts"], r["unique_key"] or "") for r in found.values()) == [
-        ("succeeded", 1, "only-0"), ("succeeded", 2, ""), ("succeeded", 2, "")], listed.stdout
+        ("SUCCESS", 1, "only-0"), ("SUCCESS", 2, ""), ("SUCCESS", 2, "")], listed.stdout
     assert {r["worker"].split("@")[0] for r in found.values()} == {"worker-a-1"}
     assert (run_dir / "records.sqlite3").is_file()

@@ -19,7 +19,7 @@ from conveyor.settings import environment
 from conveyor.settings.config import Config, TimeLimit, load_config
 from conveyor.errors import ConfigError, UsageError
 from conveyor.lifecycle import commands, records
-from conveyor.lifecycle.records import DEAD_LETTERED, FAILED, QUEUED, RETRYING, REVOKED, RUNNING, SUCCEEDED
+from conveyor.tasks.states import TaskState
 from conveyor.lifecycle.redis_store import RedisStore
 from conveyor.lifecycle.sqlite_store import SqliteStore
 
@@ -54,17 +54,17 @@ def new_id() -> str:
 
 def test_a_record_follows_its_transitions_with_history_and_attempts(store):
     task_id = new_id()
-    store.transition(task_id, QUEUED, detail="sent", name="task_b", queue="queue_b", sent_at=1.0, soft_time_limit_s=1.0)
-    store.transition(task_id, RUNNING, attempt=1, count_attempt=True, worker="w-1@h", started_at=2.0)
-    store.transition(task_id, RETRYING, attempt=1, error="SoftTimeLimitExceeded: ran past", soft_time_limit_s=1.5)
-    store.transition(task_id, RUNNING, attempt=2, count_attempt=True, worker="w-2@h", started_at=3.0)
-    store.transition(task_id, SUCCEEDED, attempt=2, finished_at=4.0, error=None)
+    store.transition(task_id, TaskState.QUEUED, detail="sent", name="task_b", queue="queue_b", sent_at=1.0, soft_time_limit_s=1.0)
+    store.transition(task_id, TaskState.RUNNING, attempt=1, count_attempt=True, worker="w-1@h", started_at=2.0)
+    store.transition(task_id, TaskState.RETRYING, attempt=1, error="SoftTimeLimitExceeded: ran past", soft_time_limit_s=1.5)
+    store.transition(task_id, TaskState.RUNNING, attempt=2, count_attempt=True, worker="w-2@h", started_at=3.0)
+    store.transition(task_id, TaskState.SUCCEEDED, attempt=2, finished_at=4.0, error=None)
     record = store.get(task_id)
-    assert (record.name, record.queue, record.status, record.attempts, record.worker) == ("task_b", "queue_b", SUCCEEDED, 2, "w-2@h")
+    assert (record.name, record.queue, record.status, record.attempts, record.worker) == ("task_b", "queue_b", TaskState.SUCCEEDED, 2, "w-2@h")
     assert (record.sent_at, record.started_at, record.finished_at) == (1.0, 3.0, 4.0)
     assert record.soft_time_limit_s == 1.5 and record.error is None  # None cleared the retry's error
     assert [(e.status, e.attempt) for e in record.history] == [
-        (QUEUED, None), (RUNNING, 1), (RETRYING, 1), (RUNNING, 2), (SUCCEEDED, 2)]
+        (TaskState.QUEUED, None), (TaskState.RUNNING, 1), (TaskState.RETRYING, 1), (TaskState.RUNNING, 2), (TaskState.SUCCEEDED, 2)]
     assert [e.worker for e in record.history][1:4:2] == ["w-1@h", "w-2@h"]
     assert store.get(new_id()) is None
 
@@ -72,13 +72,13 @@ def test_a_record_follows_its_transitions_with_history_and_attempts(store):
 def test_query_filters_by_status_name_and_time_newest_first(store):
     ids = [new_id() for _ in range(5)]
     for i, task_id in enumerate(ids):
-        store.transition(task_id, QUEUED, name="task_a" if i % 2 else "task_b")
+        store.transition(task_id, TaskState.QUEUED, name="task_a" if i % 2 else "task_b")
         time.sleep(0.002)  # distinct creation times, for the order
-    store.transition(ids[1], FAILED, error="boom")
-    store.transition(ids[3], DEAD_LETTERED)
+    store.transition(ids[1], TaskState.FAILED, error="boom")
+    store.transition(ids[3], TaskState.DEAD_LETTERED)
     assert [r.id for r in store.query()] == ids[::-1]
     assert [r.id for r in store.query(limit=2)] == ids[:2:-1][:2]
-    assert [r.id for r in store.query((FAILED, DEAD_LETTERED))] == [ids[3], ids[1]]
+    assert [r.id for r in store.query((TaskState.FAILED, TaskState.DEAD_LETTERED))] == [ids[3], ids[1]]
     assert [r.id for r in store.query(name="task_a")] == [ids[3], ids[1]]
     cutoff = store.get(ids[2]).updated_at
     assert {r.id for r in store.query(since=cutoff)} >= {ids[4]}
@@ -89,16 +89,16 @@ def test_a_unique_key_is_held_while_its_task_is_active_and_freed_when_it_is_not(
     key = f"report-{uuid.uuid4().hex[:6]}"
     first, second, third = new_id(), new_id(), new_id()
     assert store.claim(key, first, "task_a") == first
-    assert store.get(first).status == QUEUED and store.get(first).unique_key == key
+    assert store.get(first).status == TaskState.QUEUED and store.get(first).unique_key == key
     assert store.claim(key, second, "task_a") == first
-    store.transition(first, RUNNING, attempt=1)
+    store.transition(first, TaskState.RUNNING, attempt=1)
     assert store.claim(key, second, "task_a") == first
-    store.transition(first, RETRYING, attempt=1)
+    store.transition(first, TaskState.RETRYING, attempt=1)
     assert store.claim(key, second, "task_a") == first
-    store.transition(first, FAILED, error="boom")
+    store.transition(first, TaskState.FAILED, error="boom")
     assert store.claim(key, second, "task_a") == second
-    assert store.get(second).status == QUEUED
-    store.transition(second, REVOKED)
+    assert store.get(second).status == TaskState.QUEUED
+    store.transition(second, TaskState.REVOKED)
     assert store.claim(key, third, "task_a") == third
 
 
@@ -124,21 +124,21 @@ def test_concurrent_claims_of_one_key_elect_exactly_one_task(store):
 
 def test_revoked_is_a_flag_that_later_status_writes_keep(store):
     task_id = new_id()
-    store.transition(task_id, RUNNING, attempt=1)
+    store.transition(task_id, TaskState.RUNNING, attempt=1)
     assert not store.is_revoked(task_id)
-    store.transition(task_id, RUNNING, detail="revoke asked while running", revoked_at=time.time())
-    store.transition(task_id, RETRYING, attempt=1)  # the attempt ends in a retry: the retry must not run
+    store.transition(task_id, TaskState.RUNNING, detail="revoke asked while running", revoked_at=time.time())
+    store.transition(task_id, TaskState.RETRYING, attempt=1)  # the attempt ends in a retry: the retry must not run
     assert store.is_revoked(task_id) and not store.is_revoked(new_id())
 
 
 def test_note_appends_history_without_changing_the_status(store):
     task_id = new_id()
-    store.transition(task_id, DEAD_LETTERED, error="boom")
+    store.transition(task_id, TaskState.DEAD_LETTERED, error="boom")
     store.note(task_id, "purged from the dead-letter queue")
     store.note(new_id(), "no such record: nothing happens")
     record = store.get(task_id)
-    assert record.status == DEAD_LETTERED
-    assert [(e.status, e.detail) for e in record.history][-1] == (DEAD_LETTERED, "purged from the dead-letter queue")
+    assert record.status == TaskState.DEAD_LETTERED
+    assert [(e.status, e.detail) for e in record.history][-1] == (TaskState.DEAD_LETTERED, "purged from the dead-letter queue")
 
 
 def test_the_sqlite_store_is_shared_by_processes_on_this_machine(tmp_path):
@@ -146,21 +146,21 @@ def test_the_sqlite_store_is_shared_by_processes_on_this_machine(tmp_path):
     path = str(tmp_path / "shared.sqlite3")
     task_id = new_id()
     parent = SqliteStore(path, ttl_s=3600)
-    parent.transition(task_id, QUEUED, name="task_a")  # the parent's connection exists before the fork
+    parent.transition(task_id, TaskState.QUEUED, name="task_a")  # the parent's connection exists before the fork
     # A bare fork, as billiard's prefork pool does: multiprocessing's after-fork hooks would make
     # kombu close, from the child, the AMQP connections this test process pooled in earlier tests.
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            parent.transition(task_id, RUNNING, attempt=1, count_attempt=True, worker="child")
+            parent.transition(task_id, TaskState.RUNNING, attempt=1, count_attempt=True, worker="child")
             code = 0
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     record = parent.get(task_id)
-    assert (record.status, record.worker, record.attempts) == (RUNNING, "child", 1)
+    assert (record.status, record.worker, record.attempts) == (TaskState.RUNNING, "child", 1)
 
 
 def test_records_url_resolution(tmp_path):

@@ -34,6 +34,7 @@ from conveyor.errors import BrokerError, ConfigError, UsageError
 from conveyor.tasks.simulated import DeadLettered
 from conveyor.amqp.topology import QUEUES, work_queues
 from conveyor.stack.control import service_of
+from conveyor.tasks.states import TaskState
 
 SHIPPED = (ROOT / "test-config.yml").read_text()
 
@@ -126,7 +127,7 @@ def test_the_ledger_records_each_execution_and_counts_duplicates(tmp_path):
         assert book.dead_lettered() == {"doomed"}
         assert book.finished() == {"ok", "twice", "doomed"}
         assert book.duplicated() == 1
-        assert book.count(ledger.RETRIED) == 1 and book.count("") == 0
+        assert book.count(TaskState.RETRYING) == 1 and book.count("") == 0
         assert {e.attempt for e in book.executions() if e.task_id == "doomed"} == {0, 1}
     app.close()
 

@@ -43,6 +43,7 @@ from conveyor.chaos.actors import Killer, PartitionedWorker, Publisher
 from conveyor.chaos.netns import Namespace
 from conveyor.chaos.node import BrokerNode
 from conveyor.chaos.report import ChaosReport, PartitionFinding
+from conveyor.tasks.states import FINAL
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +276,7 @@ class ChaosRun:
         """The workers that finished a task they started after the broker came back: they reconnected."""
         if back_at is None:
             return None
-        return sorted({e.worker for e in book.executions() if e.started_at > back_at and e.outcome in ledger.FINAL})
+        return sorted({e.worker for e in book.executions() if e.started_at > back_at and e.outcome in FINAL})
 
     def _partition_finding(self, book: ledger.Ledger, outsider: PartitionedWorker | None) -> PartitionFinding | None:
         if outsider is None or self.faults.cut_at is None:
@@ -284,8 +285,8 @@ class ChaosRun:
         in_flight = {e.task_id for e in book.executions(outsider.node)
                      if e.started_at < cut and (e.finished_at is None or e.finished_at > cut)}
         redelivered = {e.task_id for e in book.executions()
-                       if e.task_id in in_flight and e.started_at > cut and e.outcome in ledger.FINAL}
-        after_heal = sum(1 for e in book.executions(outsider.node) if e.started_at > healed and e.outcome in ledger.FINAL)
+                       if e.task_id in in_flight and e.started_at > cut and e.outcome in FINAL}
+        after_heal = sum(1 for e in book.executions(outsider.node) if e.started_at > healed and e.outcome in FINAL)
         return PartitionFinding(outsider.node, healed - cut, len(in_flight), len(redelivered), after_heal)
 
 

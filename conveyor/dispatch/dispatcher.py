@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from celery import Celery, states
+from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult, ResultSet
 
@@ -23,13 +23,12 @@ from conveyor.settings.config import Config, TaskSpec
 from conveyor.errors import BrokerError
 from conveyor.lifecycle import unique
 from conveyor.tasks.simulated import DeadLettered
+from conveyor.tasks.states import TaskState
 from conveyor.amqp.topology import TASKS
 from conveyor.settings.context import settings_of
 
 log = logging.getLogger(__name__)
 
-DEAD_LETTERED = "DEAD_LETTERED"
-DUPLICATE = "DUPLICATE"  # a unique key's task already queued or running: this one was not sent
 
 
 @dataclass
@@ -37,7 +36,7 @@ class TaskOutcome:
     name: str
     id: str
     queue: str
-    state: str = states.PENDING
+    state: TaskState = TaskState.PENDING
     result: Any = None
     execution_time_s: float | None = None
     retries: int = 0
@@ -71,11 +70,11 @@ class DispatchReport:
 
     @property
     def succeeded(self) -> int:
-        return self.count(states.SUCCESS)
+        return self.count(TaskState.SUCCEEDED)
 
     @property
     def dead_lettered(self) -> int:
-        return self.count(DEAD_LETTERED)
+        return self.count(TaskState.DEAD_LETTERED)
 
     @property
     def failed(self) -> int:
@@ -139,7 +138,7 @@ def _send_all(app: Celery, config: Config, sent: list) -> list[tuple[TaskOutcome
                     key = spec.unique_key.format(index=index)
                     done = unique.send_unique(app, spec.task, key, kwargs=task_kwargs(spec, index), producer=producer)
                     if not done.sent:  # nothing was sent, so there is no result to wait for
-                        sent.append((TaskOutcome(spec.task, done.id, queue, state=DUPLICATE, error=(
+                        sent.append((TaskOutcome(spec.task, done.id, queue, state=TaskState.DUPLICATE, error=(
                             f"not sent: task {done.id} with unique key {key!r} is still queued or running")), None))
                         continue
                     result = app.AsyncResult(done.id)
@@ -160,16 +159,16 @@ def collect(app: Celery, sent: list[tuple[TaskOutcome, AsyncResult | None]], tim
     try:
         for task_id, meta in app.backend.iter_native(pending, timeout=timeout_s, interval=0.05):
             outcome = by_id.get(task_id)
-            if outcome is None or outcome.state != states.PENDING:
+            if outcome is None or outcome.state != TaskState.PENDING:
                 continue
             fill_outcome(outcome, meta)
             if on_done:
                 on_done(outcome)
     except CeleryTimeout:
-        unfinished = sum(o.state == states.PENDING for o in by_id.values())
+        unfinished = sum(o.state == TaskState.PENDING for o in by_id.values())
         log.warning("%d task(s) had not finished when the %.0f s timeout ran out.", unfinished, timeout_s)
     for outcome in by_id.values():
-        if outcome.state == states.PENDING:
+        if outcome.state == TaskState.PENDING:
             outcome.error = f"no result within {timeout_s:g} s"
 
 
@@ -177,8 +176,8 @@ def fill_outcome(outcome: TaskOutcome, meta: dict[str, Any]) -> None:
     """Classify a result (`status` and `result` as the backend gives them) into the outcome: shared with conveyor.loadtest."""
     outcome.latency_s = round(time.monotonic() - outcome.sent_at, 6)
     status, value = meta.get("status"), meta.get("result")
-    if status == states.SUCCESS and isinstance(value, dict):
-        outcome.state = states.SUCCESS
+    if status == TaskState.SUCCEEDED and isinstance(value, dict):
+        outcome.state = TaskState.SUCCEEDED
         outcome.result = value.get("message")
         outcome.execution_time_s = value.get("execution_time_s")
         outcome.retries = value.get("retries", 0)
@@ -188,11 +187,11 @@ def fill_outcome(outcome: TaskOutcome, meta: dict[str, Any]) -> None:
     if isinstance(value, dict) and "exc_type" in value:  # a backend that hands back the raw form
         exc = app_exception(value)
     if isinstance(exc, DeadLettered):
-        outcome.state = DEAD_LETTERED
+        outcome.state = TaskState.DEAD_LETTERED
         outcome.retries = max(0, exc.attempts - 1)
         outcome.error = exc.reason
     else:
-        outcome.state = status or states.FAILURE
+        outcome.state = TaskState.parse(status) if status else TaskState.FAILED
         outcome.error = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TextIO
 
 from conveyor.dispatch.dispatcher import DispatchReport
+from conveyor.tasks.states import TaskState
 
 
 def print_report(report: DispatchReport, out: TextIO, source: str) -> None:
@@ -16,7 +17,7 @@ def print_report(report: DispatchReport, out: TextIO, source: str) -> None:
       + ", ".join(f"{t['count']} x {t['task']}" for t in config["tasks"]) + "\n\n")
     width = max(len(t.name) for t in report.tasks)
     for t in report.tasks:
-        if t.state == "SUCCESS":
+        if t.state == TaskState.SUCCEEDED:
             detail = f"result: {t.result!r}, execution time: {t.execution_time_s:.3f} s, retries: {t.retries}, worker: {t.worker}"
         else:
             detail = f"{t.state}: {t.error}, retries: {t.retries}"

@@ -13,7 +13,8 @@ from celery import Celery
 from conveyor.tasks import deadletter
 from conveyor.errors import UsageError
 from conveyor.lifecycle import records
-from conveyor.lifecycle.records import QUEUED, RETRYING, REVOKED, Record, now
+from conveyor.lifecycle.records import Record, now
+from conveyor.tasks.states import TaskState
 from conveyor.lifecycle.signals import REQUEUED_HEADER
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,11 @@ def revoke(app: Celery, task_id: str, terminate: bool = False) -> str:
     store = records.require_store(app)
     record = find(app, task_id)
     if not record.active:
-        raise UsageError(f"task {task_id} is already {record.status}; there is nothing to revoke")
+        raise UsageError(f"task {task_id} is already {TaskState.parse(record.status).label}; there is nothing to revoke")
     # The store first: from now on, no worker starts the task, whichever worker and whenever it starts.
-    if record.status in (QUEUED, RETRYING):
-        store.transition(task_id, REVOKED, detail="revoked before it ran", revoked_at=now(), finished_at=now())
-        outcome = f"task {task_id} was {record.status} and will not run"
+    if record.status in (TaskState.QUEUED, TaskState.RETRYING):
+        store.transition(task_id, TaskState.REVOKED, detail="revoked before it ran", revoked_at=now(), finished_at=now())
+        outcome = f"task {task_id} was {TaskState.parse(record.status).label} and will not run"
     else:
         store.transition(task_id, record.status, detail="revoke asked while running" + (", terminating" if terminate else ""),
                          revoked_at=now())

@@ -31,18 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from celery import states
 from celery.signals import task_postrun, task_prerun
 
 from conveyor.lifecycle import sqlite
 from conveyor.tasks.simulated import DeadLettered
+from conveyor.tasks.states import FINAL, TaskState
 
 log = logging.getLogger(__name__)
 
 LEDGER_ENV = "CONVEYOR_LEDGER"
 
-SUCCEEDED, RETRIED, DEAD_LETTERED, FAILED = "succeeded", "retried", "dead_lettered", "failed"
-FINAL = (SUCCEEDED, DEAD_LETTERED)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS executions (
@@ -110,15 +108,15 @@ def _finished(task_id: str, task: Any, state: str, retval: Any = None, **_: Any)
     execution = here.running.pop((task_id, task.request.retries or 0), None)
     if execution is None:  # no start was recorded (the receiver was attached mid-task): nothing to finish
         return
-    if state == states.SUCCESS:
-        outcome = SUCCEEDED
-    elif state == states.RETRY:
-        outcome = RETRIED
+    if state == TaskState.SUCCEEDED:
+        outcome = TaskState.SUCCEEDED
+    elif state == TaskState.RETRYING:
+        outcome = TaskState.RETRYING
     elif isinstance(retval, DeadLettered):
-        outcome = DEAD_LETTERED
+        outcome = TaskState.DEAD_LETTERED
     else:
-        outcome = FAILED
-    error = f"{type(retval).__name__}: {retval}"[:500] if outcome in (FAILED, DEAD_LETTERED) else None
+        outcome = TaskState.FAILED
+    error = f"{type(retval).__name__}: {retval}"[:500] if outcome in (TaskState.FAILED, TaskState.DEAD_LETTERED) else None
     here.conn.execute("UPDATE executions SET finished_at = ?, outcome = ?, error = ? WHERE execution = ?",
                       (time.time(), outcome, error, execution))
 
@@ -161,10 +159,10 @@ class Ledger:
         return self._ids(*FINAL)
 
     def succeeded(self) -> set[str]:
-        return self._ids(SUCCEEDED)
+        return self._ids(TaskState.SUCCEEDED)
 
     def dead_lettered(self) -> set[str]:
-        return self._ids(DEAD_LETTERED)
+        return self._ids(TaskState.DEAD_LETTERED)
 
     def count(self, outcome: str | None = None) -> int:
         """Executions that ended with `outcome` (any, when None; never ended, when "")."""

@@ -22,13 +22,10 @@ from kombu.utils.url import maybe_sanitize_url, url_to_parts
 
 from conveyor.errors import ConfigError, RecordStoreError
 from conveyor.settings.context import maybe_settings_of
+from conveyor.tasks.states import ACTIVE
 
 log = logging.getLogger(__name__)
 
-QUEUED, RUNNING, RETRYING = "queued", "running", "retrying"
-SUCCEEDED, FAILED, DEAD_LETTERED, REVOKED = "succeeded", "failed", "dead_lettered", "revoked"
-ACTIVE = (QUEUED, RUNNING, RETRYING)
-STATUSES = (*ACTIVE, SUCCEEDED, FAILED, DEAD_LETTERED, REVOKED)
 
 
 @dataclass

@@ -16,7 +16,8 @@ from typing import Any
 
 import redis
 
-from conveyor.lifecycle.records import ACTIVE, QUEUED, Event, Record, Store, from_strings, now, unavailable
+from conveyor.tasks.states import ACTIVE, TaskState
+from conveyor.lifecycle.records import Event, Record, Store, from_strings, now, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('HSET', record, 'status', '%s', 'unique_key', ARGV[4], 'name', ARGV[5], 'updated_at', ARGV[6])
 redis.call('EXPIRE', record, ARGV[2])
 return ARGV[1]
-""" % (*ACTIVE, QUEUED)
+""" % (*ACTIVE, TaskState.QUEUED)
 
 
 class RedisStore(Store):
@@ -76,7 +77,7 @@ class RedisStore(Store):
             pipe.expire(key, self.ttl_s)
             pipe.expire(f"{key}:history", self.ttl_s)
             pipe.zadd(f"{self.prefix}tasks", {task_id: at}, nx=True)
-            if status == QUEUED and self.sweep_due(at):  # forget index entries whose records have expired
+            if status == TaskState.QUEUED and self.sweep_due(at):  # forget index entries whose records have expired
                 pipe.zremrangebyscore(f"{self.prefix}tasks", "-inf", at - self.ttl_s)
             pipe.execute()
 

@@ -28,7 +28,8 @@ from celery.signals import before_task_publish, task_failure, task_prerun, task_
 from conveyor.errors import RecordStoreError
 from conveyor.amqp.topology import DEAD_LETTER_QUEUE
 from conveyor.lifecycle import records
-from conveyor.lifecycle.records import DEAD_LETTERED, FAILED, QUEUED, RETRYING, REVOKED, RUNNING, SUCCEEDED, now
+from conveyor.lifecycle.records import now
+from conveyor.tasks.states import TaskState
 from conveyor.settings.context import settings_of
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def _published(sender: str | None = None, headers: dict | None = None, routing_k
     if routing_key == DEAD_LETTER_QUEUE:
         attempts = headers.get("x-attempts")
         detail = f"dead-lettered after {attempts} attempt(s)" if attempts else "dead-lettered without running"
-        store.transition(task_id, DEAD_LETTERED, attempt=attempts, detail=detail,
+        store.transition(task_id, TaskState.DEAD_LETTERED, attempt=attempts, detail=detail,
                          error=headers.get("x-exception"), finished_at=now(), worker=headers.get("x-worker") or None)
         return
     if headers.get("retries"):
@@ -93,7 +94,7 @@ def _published(sender: str | None = None, headers: dict | None = None, routing_k
     soft, hard = soft or (limits and limits.soft_s), hard or (limits and limits.hard_s)
     requeued = headers.get(REQUEUED_HEADER)
     detail = f"requeued from {requeued}" if requeued else f"sent to {routing_key}"
-    store.transition(task_id, QUEUED, detail=f"{detail}; time limits: {describe_limits(soft, hard)}",
+    store.transition(task_id, TaskState.QUEUED, detail=f"{detail}; time limits: {describe_limits(soft, hard)}",
                      name=sender or headers.get("task"), queue=routing_key, sent_at=now(),
                      unique_key=headers.get(UNIQUE_HEADER), soft_time_limit_s=soft or None, time_limit_s=hard or None,
                      started_at=None, finished_at=None, error=None)
@@ -107,7 +108,7 @@ def _started(sender: Task | None = None, task_id: str | None = None, **_: Any) -
     request = sender.request
     attempt = (request.retries or 0) + 1
     soft, hard = effective_limits(sender)
-    store.transition(task_id, RUNNING, attempt=attempt, count_attempt=True,
+    store.transition(task_id, TaskState.RUNNING, attempt=attempt, count_attempt=True,
                      detail=f"attempt {attempt} started; time limits: {describe_limits(soft, hard)}",
                      worker=request.hostname, started_at=now(), soft_time_limit_s=soft, time_limit_s=hard)
 
@@ -122,7 +123,7 @@ def record_retry(task: Task, exc: BaseException | None, when: Any, soft: float |
     error = describe_error(exc, effective_limits(task)[0])
     detail = f"attempt {(request.retries or 0) + 1} failed ({error}); retry in {when} s, time limits: {describe_limits(soft, hard)}"
     try:
-        store.transition(request.id, RETRYING, attempt=(request.retries or 0) + 1, detail=detail + note,
+        store.transition(request.id, TaskState.RETRYING, attempt=(request.retries or 0) + 1, detail=detail + note,
                          error=error, worker=request.hostname, soft_time_limit_s=soft, time_limit_s=hard)
     except Exception as exc:  # noqa: BLE001  (called from Task.retry: the retry must go out regardless)
         log.warning("The task record was not updated: %s.", exc)
@@ -134,7 +135,7 @@ def _succeeded(sender: Task | None = None, **_: Any) -> None:
     if store is None or sender.request.called_directly:
         return
     attempt = (sender.request.retries or 0) + 1
-    store.transition(sender.request.id, SUCCEEDED, attempt=attempt, detail=f"succeeded on attempt {attempt}",
+    store.transition(sender.request.id, TaskState.SUCCEEDED, attempt=attempt, detail=f"succeeded on attempt {attempt}",
                      worker=sender.request.hostname, finished_at=now(), error=None)
 
 
@@ -153,7 +154,7 @@ def _failed(sender: Task | None = None, task_id: str | None = None, exception: B
             return
         _hard_timeouts.append(task_id)
     error = describe_error(exception)
-    store.transition(task_id, FAILED, detail=f"failed for good: {error}", error=error, finished_at=now())
+    store.transition(task_id, TaskState.FAILED, detail=f"failed for good: {error}", error=error, finished_at=now())
 
 
 @_best_effort
@@ -168,7 +169,7 @@ def _revoked(sender: Task | None = None, request: Any = None, terminated: bool =
         detail = "expired before it ran"
     else:
         detail = "discarded by the worker without running"
-    store.transition(request.id, REVOKED, detail=detail, finished_at=now())
+    store.transition(request.id, TaskState.REVOKED, detail=detail, finished_at=now())
 
 
 _RECEIVERS = ((before_task_publish, _published), (task_prerun, _started), (task_success, _succeeded),

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.lifecycle import sqlite
-from conveyor.lifecycle.records import ACTIVE, FIELDS, QUEUED, Event, Record, Store, from_strings, now, unavailable
+from conveyor.tasks.states import ACTIVE, TaskState
+from conveyor.lifecycle.records import FIELDS, Event, Record, Store, from_strings, now, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class SqliteStore(Store):
             db.execute("INSERT INTO uniques VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET task_id = excluded.task_id",
                        (unique_key, task_id))
             db.execute("INSERT INTO records (id, created_at, status, unique_key, name, updated_at) "
-                       "VALUES (?, ?, ?, ?, ?, ?)", (task_id, at, QUEUED, unique_key, name, at))
+                       "VALUES (?, ?, ?, ?, ?, ?)", (task_id, at, TaskState.QUEUED, unique_key, name, at))
         return task_id
 
     def is_revoked(self, task_id: str) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 from celery import Celery, uuid
 
 from conveyor.lifecycle import records
-from conveyor.lifecycle.records import FAILED
+from conveyor.tasks.states import TaskState
 from conveyor.lifecycle.signals import UNIQUE_HEADER
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,6 @@ def send_unique(app: Celery, name: str, unique_key: str, args: Any = None, kwarg
         app.send_task(name, args=args, kwargs=kwargs, task_id=task_id, headers=headers, **options)
     except Exception as exc:
         # The claim made this task the key's holder: mark it failed, or the key would stay taken.
-        store.transition(task_id, FAILED, detail="could not be published", error=f"{type(exc).__name__}: {exc}")
+        store.transition(task_id, TaskState.FAILED, detail="could not be published", error=f"{type(exc).__name__}: {exc}")
         raise
     return Dispatched(task_id, True)

@@ -12,14 +12,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from celery import states
 
-from conveyor.dispatch.dispatcher import DEAD_LETTERED
 from conveyor.stats import percentile_linear
+from conveyor.tasks.states import TaskState
 
-PENDING = states.PENDING
-SUCCESS = states.SUCCESS
-FINAL = (SUCCESS, DEAD_LETTERED)
 
 
 @dataclass
@@ -28,7 +24,7 @@ class Stage:
 
     task: str
     id: str
-    state: str = PENDING
+    state: TaskState = TaskState.PENDING
     started_at: float | None = None
     execution_s: float | None = None
     received_at: float | None = None
@@ -56,7 +52,7 @@ class Record:
     @property
     def outcome(self) -> Stage:
         for stage in self.stages:
-            if stage.state not in (SUCCESS, PENDING):
+            if stage.state not in (TaskState.SUCCEEDED, TaskState.PENDING):
                 return stage
         return self.stages[-1]
 
@@ -66,7 +62,7 @@ class Record:
 
     @property
     def done(self) -> bool:
-        return self.state != PENDING
+        return self.state != TaskState.PENDING
 
     @property
     def received_at(self) -> float | None:
@@ -79,7 +75,7 @@ class Record:
 
     @property
     def execution_s(self) -> float | None:
-        if self.state != SUCCESS or any(s.execution_s is None for s in self.stages):
+        if self.state != TaskState.SUCCEEDED or any(s.execution_s is None for s in self.stages):
             return None
         return sum(s.execution_s for s in self.stages)
 
@@ -87,7 +83,7 @@ class Record:
     def wait_s(self) -> float | None:
         """Time spent queued: before each stage's (final) attempt began, since the previous stage
         ended (or, for the first, since the send). Retries' back-off is part of it."""
-        if self.state != SUCCESS:
+        if self.state != TaskState.SUCCEEDED:
             return None
         total, previous_end = 0.0, self.sent_at
         for stage in self.stages:
@@ -148,9 +144,9 @@ def summarize(records: list[Record], run: RunStats) -> dict[str, Any]:
         by_type[name] = _section(mine, window)
         if len(mine[0].stages) > 1:
             by_type[name]["stages"] = [
-                {"task": mine[0].stages[i].task, "succeeded": sum(r.stages[i].state == SUCCESS for r in mine),
+                {"task": mine[0].stages[i].task, "succeeded": sum(r.stages[i].state == TaskState.SUCCEEDED for r in mine),
                  "retried": sum(r.stages[i].retries > 0 for r in mine),
-                 "dead_lettered": sum(r.stages[i].state == DEAD_LETTERED for r in mine),
+                 "dead_lettered": sum(r.stages[i].state == TaskState.DEAD_LETTERED for r in mine),
                  "execution_s": distribution(r.stages[i].execution_s for r in mine)}
                 for i in range(len(mine[0].stages))
             ]
@@ -184,10 +180,10 @@ def _section(records: list[Record], window: float) -> dict[str, Any]:
     counts = Counter(r.state for r in records)
     return {
         "sent": len(records),
-        "succeeded": counts[SUCCESS],
-        "failed": len(records) - counts[SUCCESS] - counts[DEAD_LETTERED] - counts[PENDING],
-        "dead_lettered": counts[DEAD_LETTERED],
-        "pending": counts[PENDING],
+        "succeeded": counts[TaskState.SUCCEEDED],
+        "failed": len(records) - counts[TaskState.SUCCEEDED] - counts[TaskState.DEAD_LETTERED] - counts[TaskState.PENDING],
+        "dead_lettered": counts[TaskState.DEAD_LETTERED],
+        "pending": counts[TaskState.PENDING],
         "retried": sum(r.retries > 0 for r in records),
         "throughput_per_s": len(done) / window if window else 0.0,
         "latency_s": distribution(r.latency_s for r in done),
@@ -222,5 +218,5 @@ def timeline(records: list[Record], bucket_s: float = 1.0) -> dict[str, list]:
     for r in records:
         sent[int((r.sent_at - start) / bucket_s)] += 1
         if r.received_at is not None:
-            (ok if r.state == SUCCESS else bad)[int((r.received_at - start) / bucket_s)] += 1
+            (ok if r.state == TaskState.SUCCEEDED else bad)[int((r.received_at - start) / bucket_s)] += 1
     return {"t": [i * bucket_s for i in range(n)], "sent": sent, "succeeded": ok, "failed": bad}

@@ -23,7 +23,8 @@ from celery import Celery, chain
 from conveyor.tasks import deadletter
 from conveyor.dispatch.dispatcher import TaskOutcome, fill_outcome
 from conveyor.amqp.topology import TASKS
-from conveyor.loadtest.metrics import PENDING, SUCCESS, Record, RunStats, Stage
+from conveyor.loadtest.metrics import Record, RunStats, Stage
+from conveyor.tasks.states import TaskState
 from conveyor.loadtest.publisher import BatchPublisher
 from conveyor.loadtest.results import IDLE_WAIT_S, watcher_for
 from conveyor.loadtest.scenario import Job, Plan, Scenario
@@ -124,7 +125,7 @@ class Runner:
         if record.done and not was_done:
             self._done += 1
             self._recent.append(stage.received_at)
-            if record.state != SUCCESS:
+            if record.state != TaskState.SUCCEEDED:
                 self._failed += 1
 
     # --- the loop --------------------------------------------------------------------------
@@ -203,7 +204,7 @@ class Runner:
                 paused_s += end - paused_since
             depths = {q: pub.queue_depth(q) for q in self.scenario.queues}
         not_sent = (self.plan.total - sent) if self.plan.total is not None else 0
-        pending = sum(r.state == PENDING for r in self.records)
+        pending = sum(r.state == TaskState.PENDING for r in self.records)
         stats = RunStats(
             planned=self.plan.total, started_at=start, ended_at=end, timed_out=bool(pending or not_sent),
             not_sent=not_sent, refused=refused, backpressure_s=paused_s, send_s=send_s, send_cpu_s=send_cpu_s,
