@@ -22,6 +22,7 @@ from conveyor.cli import common
 from conveyor.chaos import ChaosOptions, ChaosRun
 from conveyor.chaos.sweep import sweep
 from conveyor.settings.config import load_config
+from conveyor import console
 
 DEFAULTS = ChaosOptions()
 
@@ -56,7 +57,7 @@ def main() -> int:
 
     runs = environment.run_dir() / "chaos"
     for what in sweep(runs):
-        common.say(f"Removed {what}, left behind by a chaos run that was killed.")
+        console.say(f"Removed {what}, left behind by a chaos run that was killed.")
     if args.sweep:
         return 0
     # A SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C: the run stops its node, workers and namespace.
@@ -70,7 +71,7 @@ def main() -> int:
     config = load_config(args.config)
     home = runs / time.strftime("%Y%m%d-%H%M%S")
     run = ChaosRun(options, config, home)
-    common.say(f"Chaos run in {home}: {options.tasks} tasks, a replica killed every {options.kill_every_s:g} s"
+    console.say(f"Chaos run in {home}: {options.tasks} tasks, a replica killed every {options.kill_every_s:g} s"
             + (", a broker restart" if options.broker_restart else "") + (", a partition" if options.partition else "") + ".")
     report = run.run()
     if args.json:
@@ -82,4 +83,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    common.run(main)
+    console.run(main)

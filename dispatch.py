@@ -16,10 +16,12 @@ from conveyor.cli import common
 from conveyor.settings.config import config_path
 from conveyor.dispatch.dispatcher import dispatch
 from conveyor.errors import UsageError
-from conveyor.progress import progress_bar
+from conveyor.console import progress_bar
 from conveyor.dispatch.report import print_report
 from conveyor.stack.session import stack_session
 from conveyor.settings.context import settings_of
+from conveyor import console
+from conveyor.runtime.app import open_app
 
 
 def main() -> int:
@@ -35,7 +37,7 @@ def main() -> int:
     if args.timeout <= 0:
         raise UsageError(f"--timeout must be more than 0, got {args.timeout:g}")
 
-    app = common.open_app(args.config)
+    app = open_app(args.config)
     config = settings_of(app).config
     total = sum(t.count for t in config.tasks)
     with stack_session(app, config, start=args.start_stack):
@@ -50,4 +52,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    common.run(main)
+    console.run(main)

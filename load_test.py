@@ -24,6 +24,8 @@ from conveyor.loadtest.runner import Options, Runner
 from conveyor.loadtest.scenario import Plan, load_scenario
 from conveyor.stack.session import stack_session
 from conveyor.settings.context import settings_of
+from conveyor import console
+from conveyor.runtime.app import open_app
 
 DEFAULT_SCENARIO = Path(__file__).resolve().parent / "scenarios" / "seed.yml"
 
@@ -62,7 +64,7 @@ def main() -> int:
     check(args)
     scenario = load_scenario(args.scenario)
     plan = Plan(scenario, None) if args.duration else Plan.per_type(scenario, args.tasks or 20)
-    app = common.open_app(args.config)
+    app = open_app(args.config)
     config = settings_of(app).config
     options = Options(timeout_s=args.timeout, duration_s=args.duration, rate_per_s=args.rate,
                       concurrency=args.concurrency, max_queue_depth=args.max_depth, batch_size=args.batch)
@@ -87,11 +89,11 @@ def main() -> int:
         print(report.render(summary, scenario.name))
     if args.report:
         written = report.write_dir(Path(args.report), summary, outcome.records, scenario.name)
-        common.say(f"Report written: {', '.join(str(p) for p in written)}")
+        console.say(f"Report written: {', '.join(str(p) for p in written)}")
     if summary["timed_out"]:
         return DispatchTimeout.exit_code
     return 1 if summary["failed"] else 0
 
 
 if __name__ == "__main__":
-    common.run(main)
+    console.run(main)

@@ -48,6 +48,8 @@ from conveyor.monitor import Monitor, dashboard, prometheus
 from conveyor.monitor.influx import STDOUT
 from conveyor.stack import open_stack
 from conveyor.settings.context import settings_of
+from conveyor import console
+from conveyor.runtime.app import open_app
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,12 +79,12 @@ def main() -> int:
     if args.json and influx == STDOUT:
         raise UsageError("--json and InfluxDB lines to stdout (--influx -) would share stdout; send the lines to a file")
     port = None if args.no_prometheus else args.port if args.port is not None else settings.prometheus_port
-    app = common.open_app(config, announce=False)
+    app = open_app(config, announce=False)
     connection = settings_of(app).broker
     stack = open_stack(app, config, args.stack)
     quiet = args.once and args.json
     if not quiet:
-        common.say(f"Stack: {stack.name}. {connection.describe()}")
+        console.say(f"Stack: {stack.name}. {connection.describe()}")
 
     monitor = Monitor(stack, settings, influx)
     if args.once:
@@ -109,19 +111,19 @@ def main() -> int:
             server = prometheus.serve(monitor, settings.prometheus_host, port)
             url = f"http://{settings.prometheus_host}:{server.server_port}/metrics"
             heading += f", metrics on {url}"
-            common.say(f"Serving Prometheus metrics on {url}.")
-        console = Console()
+            console.say(f"Serving Prometheus metrics on {url}.")
+        screen = Console()
         headless = ("--no-dashboard" if args.no_dashboard else "stdout carries the InfluxDB lines" if influx == STDOUT
-                    else "stdout is not a terminal" if not console.is_terminal else None)
+                    else "stdout is not a terminal" if not screen.is_terminal else None)
         if headless:
-            common.say(f"No dashboard ({headless}); collecting until interrupted.")
+            console.say(f"No dashboard ({headless}); collecting until interrupted.")
             stop.wait()
         else:
-            dashboard.run(monitor.snapshot, settings.refresh_interval_s, heading, console, stop)
+            dashboard.run(monitor.snapshot, settings.refresh_interval_s, heading, screen, stop)
     finally:
         monitor.stop()
     return 0
 
 
 if __name__ == "__main__":
-    common.run(main)
+    console.run(main)

@@ -26,6 +26,8 @@ from conveyor.stack.autoscale import Autoscaler
 from conveyor.errors import UsageError
 from conveyor.stack import open_stack
 from conveyor.settings.context import settings_of
+from conveyor import console
+from conveyor.runtime.app import open_app
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,12 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> int:
     args = build_parser().parse_args()
     common.setup_logging(args.verbose, progress=args.command == "auto" and not args.once)  # decisions are logged
-    app = common.open_app(args.config, announce=False)
+    app = open_app(args.config, announce=False)
     config, settings = settings_of(app).config, settings_of(app).broker
     stack = open_stack(app, config, args.stack)
     quiet = args.command == "status" and args.json
     if not quiet:
-        common.say(f"Stack: {stack.name}. {settings.describe()}")
+        console.say(f"Stack: {stack.name}. {settings.describe()}")
 
     if args.command == "up":
         stack.up()
@@ -90,7 +92,7 @@ def main() -> int:
             for d in scaler.step():
                 print(f"{d.service}: {d.current} -> {d.desired} ({d.reason})")
         else:
-            common.say(f"Autoscaling every {config.autoscale.interval_s:g} s; Ctrl-C stops. Decisions are logged.")
+            console.say(f"Autoscaling every {config.autoscale.interval_s:g} s; Ctrl-C stops. Decisions are logged.")
             scaler.run(args.rounds)
     elif args.command == "rebalance":
         weights = rebalance.load_weights(args.weights) if args.weights else None
@@ -126,4 +128,4 @@ def print_replicas(stack) -> None:
 
 
 if __name__ == "__main__":
-    common.run(main)
+    console.run(main)

@@ -48,6 +48,7 @@ from conveyor.loadtest.runner import Options, Runner  # noqa: E402
 from conveyor.loadtest.scenario import Plan, Scenario  # noqa: E402
 from conveyor.stack.local import LocalStack  # noqa: E402
 from conveyor.amqp.topology import TASKS  # noqa: E402
+from conveyor import console
 
 PEERS = ROOT.parent / "shared" / "bench" / "peers.sh"
 PEER_NAMES = {"raw-amqp": "raw AMQP floor (pika)", "celery-prefork-c2": "Celery, plain",
@@ -74,7 +75,7 @@ def private_broker() -> Iterator[None]:
         raise StackError(f"cannot create a RabbitMQ virtual host through {MANAGEMENT} ({exc}); "
                          "the benchmark needs RabbitMQ with its management plugin on 127.0.0.1") from None
     try:
-        with common.environ(dict(BROKER_URL=f"amqp://guest:guest@127.0.0.1:5672/{vhost}", RESULT_BACKEND="rpc://",
+        with environment.environ(dict(BROKER_URL=f"amqp://guest:guest@127.0.0.1:5672/{vhost}", RESULT_BACKEND="rpc://",
                          **{environment.RUN_DIR_ENV: run_dir})):
             yield
     finally:
@@ -105,7 +106,7 @@ def run_peers(n: int, systems: list[str]) -> dict[str, float]:
     """Tasks per second of each of `systems` (peers.sh's names: raw, celery, celery-tuned, dramatiq)."""
     if not PEERS.is_file():
         return {}
-    common.say(f"Peers: {PEERS} {n} {' '.join(systems)}...")
+    console.say(f"Peers: {PEERS} {n} {' '.join(systems)}...")
     proc = subprocess.run(["bash", str(PEERS), str(n), *systems], capture_output=True, text=True, timeout=1800)
     rates = {}
     for line in proc.stdout.splitlines():
@@ -115,7 +116,7 @@ def run_peers(n: int, systems: list[str]) -> dict[str, float]:
         except (ValueError, KeyError):
             continue
     if proc.returncode != 0:
-        common.say(f"peers.sh failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+        console.say(f"peers.sh failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
     return rates
 
 
@@ -210,7 +211,7 @@ def seed_scaling(config_file: Path, seconds: float, replicas: list[int]) -> list
             rows.append({"replicas": count, "tasks": sum(counts.values()), "tasks_per_s": summary["throughput_per_s"],
                          "ideal_per_s": sum(ideal.values()), "efficiency": summary["throughput_per_s"] / sum(ideal.values()),
                          "latency_s": summary["latency_s"], "workers": summary["workers"]})
-            common.say(f"Seed workload, {count} replica(s) per service: {rows[-1]['tasks_per_s']:.1f}/s "
+            console.say(f"Seed workload, {count} replica(s) per service: {rows[-1]['tasks_per_s']:.1f}/s "
                     f"of an ideal {rows[-1]['ideal_per_s']:.0f}/s.")
     return rows
 
@@ -224,7 +225,7 @@ def paired_rounds(n: int, rounds: int, peers: bool) -> list[dict[str, float]]:
     measured = []
     for number in range(1, rounds + 1):
         row = run_peers(n, ["raw", "dramatiq"]) if peers else {}
-        common.say(f"Round {number} of {rounds}: conveyor, no-op tasks, tuned...")
+        console.say(f"Round {number} of {rounds}: conveyor, no-op tasks, tuned...")
         row["conveyor-tuned"] = noop(ROOT / "bench" / "noop.yml", n)["tasks_per_s"]
         measured.append(row)
     return measured
@@ -312,19 +313,19 @@ def main() -> int:
     results: dict[str, Any] = {"started_at": started, "tasks": args.tasks, "targets": TARGETS}
     peers = not args.no_peers and PEERS.is_file()
     if not args.no_peers and not peers:
-        common.say(f"No peer benchmarks at {PEERS}: comparing with nothing.")
+        console.say(f"No peer benchmarks at {PEERS}: comparing with nothing.")
     results["peers"] = run_peers(args.tasks, ["celery", "celery-tuned"]) if peers else {}
     with private_broker():
-        common.say("conveyor, no-op tasks, default settings...")
+        console.say("conveyor, no-op tasks, default settings...")
         results["noop"] = {"default": noop(ROOT / "test-config.yml", max(100, args.tasks // 4))}
-        with common.environ(TUNED_ENV):
+        with environment.environ(TUNED_ENV):
             results["rounds"] = paired_rounds(args.tasks, args.rounds, peers)
             tuned = statistics.median(r["conveyor-tuned"] for r in results["rounds"])
-            common.say("Dispatcher cost per task...")
+            console.say("Dispatcher cost per task...")
             results["dispatcher"] = dispatcher_cost(ROOT / "bench" / "noop.yml", 5_000)
-            common.say("p99 latency at half the no-op saturation rate...")
+            console.say("p99 latency at half the no-op saturation rate...")
             results["half_saturation"] = half_saturation(ROOT / "bench" / "noop.yml", tuned, args.half_saturation_s)
-            common.say("Seed workload at 1, 2 and 4 replicas per service...")
+            console.say("Seed workload at 1, 2 and 4 replicas per service...")
             results["seed"] = seed_scaling(ROOT / "bench" / "seed.yml", args.seed_s, [1, 2, 4])
     seed = {r["replicas"]: r for r in results["seed"]}
     results["paired"] = {peer: median_round(results["rounds"], peer) for peer in ("dramatiq-p2-t8", "raw-amqp")}
@@ -347,4 +348,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    common.run(main)
+    console.run(main)

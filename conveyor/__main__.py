@@ -22,6 +22,8 @@ from conveyor.tasks import deadletter
 from conveyor.errors import UsageError
 from conveyor.lifecycle import commands, records, render
 from conveyor.tasks.states import RECORD_STATES, TaskState
+from conveyor import console
+from conveyor.runtime.app import open_app
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +71,7 @@ def main() -> int:
     args = build_parser().parse_args()
     common.setup_logging(args.verbose)
     # Records live in Redis or SQLite: listing and showing them works while the broker is down.
-    app = common.open_app(args.config, announce=False, check=args.area == "dlq" or args.command == "revoke")
+    app = open_app(args.config, announce=False, check=args.area == "dlq" or args.command == "revoke")
     return (run_tasks if args.area == "tasks" else run_dlq)(app, args)
 
 
@@ -109,4 +111,4 @@ def run_dlq(app, args) -> int:
 
 
 if __name__ == "__main__":
-    common.run(main)
+    console.run(main)

@@ -14,6 +14,7 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
+from typing import Any
 from dataclasses import asdict, dataclass
 
 from celery import Celery
@@ -73,13 +74,21 @@ def _unacked(broker_url: str) -> dict[str, int]:
     return {q["name"]: int(q.get("messages_unacknowledged", 0)) for q in listing or []}
 
 
+def declared_depth(channel: Any, name: str) -> tuple[int, int]:
+    """(ready messages, consumers) of a queue from a passive queue.declare on `channel`: exact at this
+    instant, the one way every part of conveyor reads a queue's depth. A queue that does not exist
+    raises the broker's channel error (and the channel is closed)."""
+    _, ready, consumers = channel.queue_declare(queue=name, passive=True)
+    return ready, consumers
+
+
 def _from_declare(app: Celery, names: list[str]) -> list[QueueStats]:
     found = []
     with app.connection_for_read() as conn:
         for name in names:
             channel = conn.channel()
             try:
-                _, ready, consumers = channel.queue_declare(queue=name, passive=True)
+                ready, consumers = declared_depth(channel, name)
                 found.append(QueueStats(name, ready, None, consumers))
             except Exception as exc:  # the queue does not exist yet: report it empty
                 log.debug("Passive declare of %s failed: %s", name, exc)

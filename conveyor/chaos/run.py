@@ -31,7 +31,6 @@ import yaml
 from celery import Celery
 
 from conveyor.settings import environment
-from conveyor.cli import common
 from conveyor.tasks import deadletter
 from conveyor.lifecycle import ledger
 from conveyor.stack import control
@@ -39,11 +38,13 @@ from conveyor.settings.config import Config, load_config
 from conveyor.errors import UsageError
 from conveyor.stack.local import LocalStack
 from conveyor.amqp.topology import QUEUES, TASKS
+from conveyor.amqp.queues import declared_depth
 from conveyor.chaos.actors import Killer, PartitionedWorker, Publisher
 from conveyor.chaos.netns import Namespace
 from conveyor.chaos.node import BrokerNode
 from conveyor.chaos.report import ChaosReport, PartitionFinding
 from conveyor.tasks.states import FINAL
+from conveyor.runtime.app import open_app
 
 log = logging.getLogger(__name__)
 
@@ -144,20 +145,20 @@ class ChaosRun:
                 listen = ("127.0.0.1", namespace.host_ip) if namespace else ("127.0.0.1",)
                 node = cleanup.enter_context(BrokerNode(listen, keep_logs=self.home / "broker-log"))
                 self.node_home = node.home
-            cleanup.enter_context(common.environ({
+            cleanup.enter_context(environment.environ({
                 "BROKER_URL": self.broker_url or node.url(),
                 "RESULT_BACKEND": "rpc://",
                 environment.RECORDS_URL_ENV: f"sqlite:///{self.home / 'records.sqlite3'}",
                 environment.RUN_DIR_ENV: str(self.home),
             }))
             config = self._write_config()
-            app = common.open_app(config, announce=False)
+            app = open_app(config, announce=False)
             cleanup.callback(app.close)
             deadletter.declare(app)
             # Only the workers (which inherit the environment) write the ledger; this process reads it.
             ledger_path = self.home / "ledger.sqlite3"
             ledger.connect(ledger_path).close()
-            cleanup.enter_context(common.environ({ledger.LEDGER_ENV: str(ledger_path)}))
+            cleanup.enter_context(environment.environ({ledger.LEDGER_ENV: str(ledger_path)}))
             stack = LocalStack(app, config)
             cleanup.callback(stack.down)
             stack.up(wait_s=120)
@@ -298,7 +299,7 @@ def _backlog(app: Celery) -> int:
         with conn:
             channel = conn.channel()
             try:
-                return sum(channel.queue_declare(queue=name, passive=True).message_count for name in QUEUES)
+                return sum(declared_depth(channel, name)[0] for name in QUEUES)
             finally:
                 channel.close()
     except (OSError, *conn.connection_errors, *conn.channel_errors) as exc:

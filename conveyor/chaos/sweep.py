@@ -13,7 +13,6 @@ from conveyor.chaos.netns import leftovers as netns_leftovers
 from conveyor.chaos.netns import remove_leftover as remove_netns
 from conveyor.chaos.node import leftovers as node_leftovers
 from conveyor.chaos.node import remove_leftover as remove_node
-from conveyor.cli.common import environ
 
 
 def sweep(runs: Path) -> list[str]:
@@ -27,7 +26,7 @@ def sweep(runs: Path) -> list[str]:
         if PartitionedWorker.kill_leftover(home):
             removed.append(f"the partitioned worker of {home}")
         if list((home / "local").glob("*.pid")):
-            with environ({environment.RUN_DIR_ENV: str(home)}):  # the local stack keeps its pid files there
+            with environment.environ({environment.RUN_DIR_ENV: str(home)}):  # the local stack keeps its pid files there
                 config = load_config(home / "config.yml")
                 app = create_app(config, environment.resolve({"BROKER_URL": environment.EMBEDDED_URL, environment.RUN_DIR_ENV: str(home)}))
                 LocalStack(app, config).down()

@@ -1,18 +1,10 @@
-"""What every top-level script shares: logging set-up and turning a ConveyorError into one line."""
+"""What every top-level script shares: logging set-up."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING
-
-from conveyor.errors import ConveyorError
-
-if TYPE_CHECKING:
-    from conveyor.settings.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -26,54 +18,3 @@ def setup_logging(verbose: bool = False, progress: bool = False) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if progress and not verbose and not chosen:
         logging.getLogger("conveyor").setLevel(logging.INFO)
-
-
-def run(main: Callable[[], int | None]) -> None:
-    """Run a CLI entry point: user errors print one line on stderr and exit non-zero."""
-    try:
-        code = main()
-    except ConveyorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(code or 0)
-
-
-def say(message: str) -> None:
-    """A one-line notice for the user (which broker, which stack), kept off stdout so --json stays clean."""
-    print(message, file=sys.stderr)
-
-
-@contextmanager
-def environ(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for a block: the app, the stacks and the workers they start read them."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def open_app(config: Config | str | None, announce: bool = True, check: bool = True):
-    """What a CLI does first: load the config (unless given loaded), resolve the broker and check
-    that it answers (failing in one line; `check=False` for commands that can do without it), and
-    build the app; say which broker it is unless it is the one the user named."""
-    from conveyor.settings import environment
-    from conveyor.runtime.app import create_app
-    from conveyor.settings.config import Config, load_config
-
-    if not isinstance(config, Config):
-        config = load_config(config)
-    settings = environment.resolve()
-    if check:
-        environment.check(settings)
-    if announce and (settings.embedded or not settings.explicit):
-        say(settings.describe())
-    return create_app(config, settings)

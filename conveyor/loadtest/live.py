@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from conveyor.loadtest.runner import Progress as Snapshot
-from conveyor.progress import progress_bar
+from conveyor.console import progress_bar
 
 
 @contextmanager

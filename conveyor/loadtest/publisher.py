@@ -25,6 +25,7 @@ from celery.utils.nodenames import anon_nodename
 from kombu.serialization import dumps
 from kombu.utils.uuid import uuid
 
+from conveyor.amqp.queues import declared_depth
 from conveyor.seam import frames
 from conveyor.errors import BrokerError
 from conveyor.settings.context import settings_of
@@ -196,8 +197,7 @@ class BatchPublisher:
         if not self.confirms:  # the filesystem transport counts neither
             return 0, None
         self._write_frames()  # what is published counts in the depth
-        _, ready, consumers = self.channel.queue_declare(queue=name, passive=True)
-        return ready, consumers
+        return declared_depth(self.channel, name)
 
     def _write_frames(self) -> None:
         if self._frames:

@@ -5,19 +5,18 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
-from celery.app import trace
 from celery.signals import celeryd_after_setup, worker_ready
-from celery.utils.saferepr import saferepr
 
 from conveyor.settings import environment
 from conveyor.tasks import deadletter
 from conveyor.lifecycle import ledger
-from conveyor.seam import rpc_backend
+from conveyor.seam import rpc_backend, trace
 from conveyor.tasks import simulated
 from conveyor.lifecycle import records, signals as record_signals
 from conveyor.settings.config import Config, load_config
 from conveyor.amqp.topology import routes, work_queues
-from conveyor.settings.context import Settings, attach
+from conveyor.console import say
+from conveyor.settings.context import Settings, attach, settings_of
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ def create_app(config: Config | None = None, settings: environment.BrokerSetting
         worker_send_task_events=config.tuning.task_events,
         worker_hijack_root_logger=False,
     )
-    attach(app, Settings(config, settings))
+    attach(app, Settings(config, settings, config.tuning.fast_paths and environment.fast_paths_allowed()))
     simulated.register(app, config.retry, config.time_limits)
     if settings.records_url not in records.OFF:
         record_signals.connect()
@@ -83,19 +82,19 @@ def _declare_on_start(sender=None, **_kwargs) -> None:
 
 @celeryd_after_setup.connect
 def _skip_unshown_result_repr(sender=None, instance=None, conf=None, **_kwargs) -> None:
-    # Celery's tracer builds a repr of every result (saferepr, up to the task's resultrepr_maxsize)
-    # for its INFO "succeeded" line even when INFO is off; the task-succeeded event is its only
-    # other reader. For our result dicts that is ~85 us a task, 5 % of a no-op task's worker CPU
-    # (docs/performance.md). The tracers are built after this signal, so they read the new size.
-    if conf.worker_send_task_events or logging.getLogger("celery.app.trace").isEnabledFor(logging.INFO):
-        return
-    for task in instance.app.tasks.values():
-        task.resultrepr_maxsize = 0
-    # Even at size 0, saferepr walks the whole result to close its brackets (another 6 % of the
-    # worker's CPU, profiled): the tracer's own reference to it is pointed at one that does not.
-    trace.saferepr = _saferepr_unless_empty
-    log.debug("Worker %s logs no task results: their repr is not built.", sender)
+    if settings_of(instance.app).fast_paths and trace.skip_unshown_result_repr(instance.app, conf):
+        log.debug("Worker %s logs no task results: their repr is not built.", sender)
 
 
-def _saferepr_unless_empty(o: object, maxlen: int | None = None, *args: object, **kwargs: object) -> str:
-    return "" if maxlen == 0 else saferepr(o, maxlen, *args, **kwargs)
+def open_app(config: Config | str | None, announce: bool = True, check: bool = True):
+    """What a CLI does first: load the config (unless given loaded), resolve the broker and check
+    that it answers (failing in one line; `check=False` for commands that can do without it), and
+    build the app; say which broker it is unless it is the one the user named."""
+    if not isinstance(config, Config):
+        config = load_config(config)
+    settings = environment.resolve()
+    if check:
+        environment.check(settings)
+    if announce and (settings.embedded or not settings.explicit):
+        say(settings.describe())
+    return create_app(config, settings)

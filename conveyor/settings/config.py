@@ -145,6 +145,9 @@ class Tuning(Strict):
     result_confirms: bool = Field(True, description=(
         "workers wait for the broker's confirm of each rpc:// result before acknowledging the task; "
         "off, a broker crash in between can lose a result (never the task), docs/reliability.md"))
+    fast_paths: bool = Field(True, description=(
+        "use the seam's replacements of Celery/kombu/py-amqp internals (conveyor/seam); off, or "
+        "CONVEYOR_FAST_PATHS=off in the environment, every one falls back to the libraries' own code"))
 
 
 class Config(Strict):

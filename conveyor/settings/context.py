@@ -22,6 +22,9 @@ CONF_KEY = "__conveyor_settings"
 class Settings:
     config: Config
     broker: BrokerSettings
+    # The seam's replacements of library internals are in use (config tuning.fast_paths and
+    # CONVEYOR_FAST_PATHS both allow them); off, every one falls back to the library's own code.
+    fast_paths: bool = True
 
 
 def attach(app: Any, settings: Settings) -> None:

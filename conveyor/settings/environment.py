@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 from amqp.exceptions import MessageNacked
 from kombu import Connection
@@ -32,8 +33,15 @@ DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
 EMBEDDED_URL = "filesystem://localhost/"  # the host means nothing to this transport, but kombu warns without one
 RUN_DIR_ENV = "CONVEYOR_RUN_DIR"
 RECORDS_URL_ENV = "RECORDS_URL"
+FAST_PATHS_ENV = "CONVEYOR_FAST_PATHS"
 DEFAULT_REDIS = ("127.0.0.1", 6379)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def fast_paths_allowed(env: Mapping[str, str] = os.environ) -> bool:
+    """False when CONVEYOR_FAST_PATHS says off (0, off, false, no): the one switch, beside the config's
+    tuning.fast_paths, that sends every process back to Celery's, kombu's and py-amqp's own code."""
+    return env.get(FAST_PATHS_ENV, "").strip().lower() not in ("0", "off", "false", "no")
 
 
 def run_dir(env: Mapping[str, str] = os.environ) -> Path:
@@ -171,3 +179,18 @@ def publish_retry_policy(total_s: float, start_s: float = 0.2, step_s: float = 0
         waited += next(waits)
         retries += 1
     return {"max_retries": retries, "interval_start": start_s, "interval_step": step_s, "interval_max": most_s}
+
+
+@contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for a block: the app, the stacks and the workers they start read them."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

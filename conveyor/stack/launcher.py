@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="config file (default: CONVEYOR_CONFIG or test-config.yml)")
     parser.add_argument("--loglevel", default=os.environ.get("WORKER_LOGLEVEL", "INFO"))
     args = parser.parse_args(argv)
-    from conveyor.cli.common import run
+    from conveyor.console import run
 
     def start() -> None:
         service = load_config(args.config).service(args.service)

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from celery import Celery
 
 from conveyor.stack import control
-from conveyor.cli.common import say
+from conveyor.console import say
 from conveyor.settings.config import Config
 from conveyor.stack import open_stack
 
