@@ -14,7 +14,7 @@ from kombu import Exchange, Producer
 from helpers import ROOT, module_stack, one_line_error, queue_depth, run_cli, wait_for, write_config
 from conveyor.tasks import deadletter
 from conveyor.seam.consumer import ENVELOPE_BYTES
-from conveyor.tasks.simulated import DeadLettered
+from conveyor.tasks.deadletter import DeadLettered
 
 SHIPPED = (ROOT / "test-config.yml").read_text()
 

@@ -14,7 +14,7 @@ from celery import states
 from helpers import queue_depth, run_cli, wait_for, write_config
 from conveyor.tasks import deadletter
 from conveyor.amqp import queues
-from conveyor.tasks.simulated import DeadLettered
+from conveyor.tasks.deadletter import DeadLettered
 from conveyor.stack.control import service_of
 from helpers.events import EventLog
 

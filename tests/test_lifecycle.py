@@ -20,7 +20,7 @@ from conveyor.dispatch.dispatcher import dispatch
 from conveyor.lifecycle import records
 from conveyor.tasks.states import TaskState
 from conveyor.lifecycle.unique import Dispatched, send_unique
-from conveyor.tasks.simulated import DeadLettered
+from conveyor.tasks.deadletter import DeadLettered
 from conveyor.stack.control import service_of
 from helpers.events import EventLog
 from conveyor.settings.context import settings_of

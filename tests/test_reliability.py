@@ -31,7 +31,7 @@ from conveyor.chaos import ChaosOptions, ChaosRun
 from conveyor.chaos.netns import Namespace
 from conveyor.settings.config import load_config
 from conveyor.errors import BrokerError, ConfigError, UsageError
-from conveyor.tasks.simulated import DeadLettered
+from conveyor.tasks.deadletter import DeadLettered
 from conveyor.amqp.topology import QUEUES, work_queues
 from conveyor.stack.control import service_of
 from conveyor.tasks.states import TaskState

@@ -22,7 +22,7 @@ from conveyor.tasks import deadletter
 from conveyor.settings.config import Config, TaskSpec
 from conveyor.errors import BrokerError
 from conveyor.lifecycle import unique
-from conveyor.tasks.simulated import DeadLettered
+from conveyor.tasks.deadletter import DeadLettered
 from conveyor.tasks.states import TaskState
 from conveyor.amqp.topology import TASKS
 from conveyor.settings.context import settings_of

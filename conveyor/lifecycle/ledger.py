@@ -34,7 +34,7 @@ from typing import Any
 from celery.signals import task_postrun, task_prerun
 
 from conveyor.lifecycle import sqlite
-from conveyor.tasks.simulated import DeadLettered
+from conveyor.tasks.deadletter import DeadLettered
 from conveyor.tasks.states import FINAL, TaskState
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
     queued          before_task_publish, in whichever process publishes (dispatcher, `dlq requeue`)
     running         task_prerun, in the pool process about to run the task
-    retrying        LifecycleTask.retry, in the pool process, *before* the retry is published
+    retrying        retry_scheduled (conveyor.tasks.base), in the pool process, *before* the retry is published
     succeeded       task_success, in the pool process
     failed          task_failure, in the pool process (or the worker's main process on a hard timeout)
     dead_lettered   before_task_publish of the dead-letter publish, before the message reaches the DLQ
@@ -31,6 +31,9 @@ from conveyor.lifecycle import records
 from conveyor.lifecycle.records import now
 from conveyor.tasks.states import TaskState
 from conveyor.settings.context import settings_of
+from conveyor.seam.request import revoke_lookup
+from conveyor.tasks.base import effective_limits, retry_scheduled
+from conveyor.tasks.deadletter import DeadLettered
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +52,6 @@ def _best_effort(receiver):
             log.warning("The task record was not updated: %s.", exc)
 
     return run
-
-
-def effective_limits(task: Task) -> tuple[float | None, float | None]:
-    """(soft, hard) seconds for the current request: its own, else the task type's."""
-    hard, soft = task.request.timelimit or (None, None)
-    return soft or task.soft_time_limit, hard or task.time_limit
 
 
 def describe_limits(soft: float | None, hard: float | None) -> str:
@@ -88,7 +85,7 @@ def _published(sender: str | None = None, headers: dict | None = None, routing_k
                          error=headers.get("x-exception"), finished_at=now(), worker=headers.get("x-worker") or None)
         return
     if headers.get("retries"):
-        return  # a retry: LifecycleTask.retry recorded it before publishing
+        return  # a retry: record_retry recorded it before publishing
     hard, soft = headers.get("timelimit") or (None, None)
     limits = settings_of(current_app).config.time_limits.get(sender or headers.get("task"))
     soft, hard = soft or (limits and limits.soft_s), hard or (limits and limits.hard_s)
@@ -113,9 +110,10 @@ def _started(sender: Task | None = None, task_id: str | None = None, **_: Any) -
                      worker=request.hostname, started_at=now(), soft_time_limit_s=soft, time_limit_s=hard)
 
 
-def record_retry(task: Task, exc: BaseException | None, when: Any, soft: float | None, hard: float | None,
-                 note: str = "") -> None:
-    """Called by LifecycleTask.retry just before it publishes the retry."""
+def record_retry(sender: Task | None = None, exc: BaseException | None = None, when: Any = None,
+                 soft: float | None = None, hard: float | None = None, note: str = "", **_: Any) -> None:
+    """Received from LifecycleTask.retry (retry_scheduled) just before it publishes the retry."""
+    task = sender
     store = records.store_for(task.app)
     if store is None:
         return
@@ -142,7 +140,6 @@ def _succeeded(sender: Task | None = None, **_: Any) -> None:
 @_best_effort
 def _failed(sender: Task | None = None, task_id: str | None = None, exception: BaseException | None = None,
             **_: Any) -> None:
-    from conveyor.tasks.simulated import DeadLettered  # conveyor.tasks imports this package
 
     store = records.store_for(sender.app)
     if store is None or isinstance(exception, DeadLettered):
@@ -172,8 +169,19 @@ def _revoked(sender: Task | None = None, request: Any = None, terminated: bool =
     store.transition(request.id, TaskState.REVOKED, detail=detail, finished_at=now())
 
 
+def _revoked_in_store(sender: Task | None = None, task_id: str | None = None, **_: Any) -> bool:
+    """Asked by the worker's request (conveyor.seam.request) before a task runs: was it revoked?"""
+    try:
+        store = records.store_for(sender.app)
+        return store is not None and store.is_revoked(task_id)
+    except Exception as exc:  # noqa: BLE001  (runs in the worker's consumer: fail open, the task runs)
+        log.warning("Could not check whether task %s was revoked, so it runs: %s.", task_id, exc)
+        return False
+
+
 _RECEIVERS = ((before_task_publish, _published), (task_prerun, _started), (task_success, _succeeded),
-              (task_failure, _failed), (task_revoked, _revoked))
+              (task_failure, _failed), (task_revoked, _revoked), (retry_scheduled, record_retry),
+              (revoke_lookup, _revoked_in_store))
 
 
 def connect() -> None:

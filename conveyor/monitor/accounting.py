@@ -52,7 +52,7 @@ from celery.events.state import heartbeat_expires
 from conveyor.stats import percentile_linear
 from prometheus_client import Histogram
 
-from conveyor.tasks.simulated import DeadLettered
+from conveyor.tasks.deadletter import DeadLettered
 from conveyor.amqp.topology import DEAD_LETTER_QUEUE, TASKS
 from conveyor.stack.control import service_of
 

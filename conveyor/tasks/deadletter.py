@@ -25,6 +25,17 @@ from conveyor.settings.context import settings_of
 log = logging.getLogger(__name__)
 
 
+class DeadLettered(Exception):
+    """The final result of a task that failed for good: it is now in the dead-letter queue."""
+
+    def __init__(self, reason: str, attempts: int, queue: str = "") -> None:
+        super().__init__(reason, attempts, queue)
+        self.reason, self.attempts, self.queue = reason, attempts, queue
+
+    def __str__(self) -> str:
+        return f"dead-lettered after {self.attempts} attempt(s): {self.reason}"
+
+
 def declare(app: Celery) -> None:
     """Declare the exchanges and queues, the dead-letter queue first so nothing is dead-lettered into nowhere."""
     with app.connection_for_write() as conn:

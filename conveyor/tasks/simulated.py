@@ -17,9 +17,10 @@ from celery import Celery, Task
 from celery.exceptions import Ignore, Reject, Retry
 
 from conveyor.tasks import deadletter
+from conveyor.tasks.deadletter import DeadLettered
 from conveyor.tasks import retry
 from conveyor.settings.config import RetryPolicy, TimeLimit
-from conveyor.lifecycle.task import LifecycleTask
+from conveyor.tasks.base import LifecycleTask
 from conveyor.amqp.topology import TASKS, TaskType
 
 log = logging.getLogger(__name__)
@@ -31,17 +32,6 @@ class SimulatedFailure(retry.TransientTaskError):
 
 class InvalidTaskArguments(ValueError):
     """The task was called with arguments no retry can fix."""
-
-
-class DeadLettered(Exception):
-    """The final result of a task that failed for good: it is now in the dead-letter queue."""
-
-    def __init__(self, reason: str, attempts: int, queue: str = "") -> None:
-        super().__init__(reason, attempts, queue)
-        self.reason, self.attempts, self.queue = reason, attempts, queue
-
-    def __str__(self) -> str:
-        return f"dead-lettered after {self.attempts} attempt(s): {self.reason}"
 
 
 class DeadLetteringTask(LifecycleTask):

@@ -1,0 +1,43 @@
+"""The worker's request class, asking a shared store whether a task was revoked.
+
+Celery keeps revoked ids in each worker's memory (or a per-node --statedb file), so a worker
+started after `revoke`, or on another host, would run the task. conveyor's record store is shared
+and persistent; `revoke_lookup` (a Celery signal, so this layer knows nothing of the store) is
+asked once per task just before the task is handed to the pool. A receiver that answers True sends
+the task down Celery's own revoke path: REVOKED result, task-revoked event, message acknowledged.
+
+Internals used (checked against celery 5.7.0):
+- `celery.worker.request.Request`, subclassed for `revoked()`, the check Celery makes before a task
+  is handed to the pool (Task.Request names the subclass, Celery's documented hook for it).
+- `celery.worker.state.revoked`, the set `celery control revoke` fills, added to so that Celery's
+  own `revoked()` then takes its revoke path. Not a fast path: it is the durable revoke itself.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery.utils.dispatch import Signal
+from celery.worker import state as worker_state
+from celery.worker.request import Request
+
+log = logging.getLogger(__name__)
+
+# sender: the task; task_id: the request's id. A receiver returns True when the task was revoked.
+revoke_lookup = Signal(name="conveyor_revoke_lookup", providing_args={"task_id"})
+
+
+class DurableRevokeRequest(Request):
+    def revoked(self) -> bool:
+        if super().revoked():
+            return True
+        try:
+            answers = revoke_lookup.send(sender=self.task, task_id=self.id)
+        except Exception as exc:  # noqa: BLE001  (this runs in the worker's consumer: nothing may escape)
+            # Fail open: a revoke is rare, and a store outage must not stop every task.
+            log.warning("Could not check whether task %s was revoked, so it runs: %s.", self.id, exc)
+            return False
+        if not any(answer is True for _receiver, answer in answers):
+            return False
+        worker_state.revoked.add(self.id)
+        return super().revoked()
