@@ -34,7 +34,7 @@ def main() -> int:
     if args.timeout <= 0:
         raise UsageError(f"--timeout must be more than 0, got {args.timeout:g}")
 
-    app = cli.open_app(args.config)
+    app = cli.open_app(args.config, starts_stack=args.start_stack)
     config = app.conveyor_config
     total = sum(t.count for t in config.tasks)
     with stack_session(app, config, start=args.start_stack):

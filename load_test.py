@@ -60,7 +60,7 @@ def main() -> int:
     check(args)
     scenario = load_scenario(args.scenario)
     plan = Plan(scenario, None) if args.duration else Plan.per_type(scenario, args.tasks or 20)
-    app = cli.open_app(args.config)
+    app = cli.open_app(args.config, starts_stack=args.start_stack)
     config = app.conveyor_config
     options = Options(timeout_s=args.timeout, duration_s=args.duration, rate_per_s=args.rate,
                       concurrency=args.concurrency, max_queue_depth=args.max_depth, batch_size=args.batch)

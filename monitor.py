@@ -76,12 +76,9 @@ def main() -> int:
     if args.json and influx == STDOUT:
         raise UsageError("--json and InfluxDB lines to stdout (--influx -) would share stdout; send the lines to a file")
     port = None if args.no_prometheus else args.port if args.port is not None else settings.prometheus_port
-    app = cli.open_app(config, announce=False)
+    app = cli.open_app(config, announce=not (args.once and args.json), stack=args.stack)
     connection = app.conveyor_broker
-    stack = open_stack(app, config, args.stack)
-    quiet = args.once and args.json
-    if not quiet:
-        cli.say(f"Stack: {stack.name}. {connection.describe()}")
+    stack = open_stack(app, config)
 
     monitor = Monitor(stack, settings, influx)
     if args.once:

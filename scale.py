@@ -9,8 +9,9 @@
     python scale.py rebalance --workers N [--weights FILE]     (share N replicas by queue weights)
     python scale.py build                                      (build the worker image; compose only)
 
-The backend is Docker Compose when a Docker engine answers, local processes otherwise;
-STACK=compose|local (or --stack) chooses, and every command says which it uses.
+Which broker and which backend (Docker Compose or local processes) is one decision, the same for
+every command and said in its first line (conveyor/stack/choice.py); STACK=compose|local (or
+--stack) and BROKER_URL choose explicitly.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from conveyor import cli, rebalance, status
 from conveyor.autoscale import Autoscaler
 from conveyor.errors import UsageError
 from conveyor.stack import open_stack
+
+
+STARTS = {"up", "scale", "scale-all", "auto", "rebalance"}  # may start the stack, and with it its own broker
+LOCAL_ONLY = {"down", "logs", "build"}  # work on containers or processes alone, broker or not
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,12 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> int:
     args = build_parser().parse_args()
     cli.setup_logging(args.verbose, progress=args.command == "auto" and not args.once)  # decisions are logged
-    app = cli.open_app(args.config, announce=False)
-    config, settings = app.conveyor_config, app.conveyor_broker
-    stack = open_stack(app, config, args.stack)
     quiet = args.command == "status" and args.json
-    if not quiet:
-        cli.say(f"Stack: {stack.name}. {settings.describe()}")
+    app = cli.open_app(args.config, announce=not quiet, stack=args.stack, check=args.command not in LOCAL_ONLY,
+                       starts_stack=args.command in STARTS)
+    config = app.conveyor_config
+    stack = open_stack(app, config)
 
     if args.command == "up":
         stack.up()

@@ -72,7 +72,7 @@ def resolve(env: Mapping[str, str] = os.environ, probe: tuple[str, int] = ("127.
     url = env.get("BROKER_URL", "").strip()
     explicit = bool(url)
     if not url:
-        url = DEFAULT_BROKER_URL if _listening(*probe) else EMBEDDED_URL
+        url = DEFAULT_BROKER_URL if listening(*probe) else EMBEDDED_URL
     embedded = url.startswith("filesystem:")
     if embedded:
         url = EMBEDDED_URL
@@ -100,7 +100,7 @@ def records_url(env: Mapping[str, str], embedded: bool, root: Path) -> str:
     url = env.get(RECORDS_URL_ENV, "").strip()
     if url:
         return url
-    if not embedded and _listening(*DEFAULT_REDIS):
+    if not embedded and listening(*DEFAULT_REDIS):
         return f"redis://{DEFAULT_REDIS[0]}:{DEFAULT_REDIS[1]}/0"
     return f"sqlite:///{root / 'records.sqlite3'}"
 
@@ -116,7 +116,7 @@ def _default_backend(url: str, root: Path) -> str:
     return "rpc://"
 
 
-def _listening(host: str, port: int) -> bool:
+def listening(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
             return True

@@ -61,19 +61,27 @@ def environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def open_app(config: Config | str | None, announce: bool = True, check: bool = True):
-    """What a CLI does first: load the config (unless given loaded), resolve the broker and check
-    that it answers (failing in one line; `check=False` for commands that can do without it), and
-    build the app; say which broker it is unless it is the one the user named."""
+def open_app(config: Config | str | None, announce: bool = True, check: bool = True, stack: str | None = None,
+             starts_stack: bool = False):
+    """What a CLI does first: load the config (unless given loaded), make the one decision of broker
+    and stack backend (conveyor/stack/choice.py; `stack` is --stack), check that the broker answers
+    (failing in one line; `check=False` for commands that can do without it), build the app, and say
+    the decision in one line. `starts_stack`: the command starts the stack, which may bring the broker
+    (and may pull its image)."""
     from . import broker
     from .app import create_app
     from .config import Config, load_config
+    from .stack.choice import choose
 
     if not isinstance(config, Config):
         config = load_config(config)
-    settings = broker.resolve()
-    if check:
-        broker.check(settings)
-    if announce and (settings.embedded or not settings.explicit):
-        say(settings.describe())
-    return create_app(config, settings)
+    choice = choose(stack, may_pull=starts_stack)
+    if check and choice.broker_up:
+        broker.check(choice.broker)
+    elif check and not starts_stack:
+        choice.require_broker()
+    if announce:
+        say(choice.describe())
+    app = create_app(config, choice.broker)
+    app.conveyor_choice = choice
+    return app

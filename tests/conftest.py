@@ -23,6 +23,8 @@ sys.path.insert(0, str(ROOT))
 from conveyor import broker, queues  # noqa: E402
 from conveyor.app import create_app  # noqa: E402
 from conveyor.config import load_config  # noqa: E402
+from conveyor.stack import docker_available  # noqa: E402
+from conveyor.stack.compose import compose_command, project_name  # noqa: E402
 
 IN_CI = bool(os.environ.get("CI"))
 RABBIT = ("127.0.0.1", 5672)
@@ -188,3 +190,74 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
 
 def queue_depth(app, name: str) -> int:
     return queues.stats(app, [name])[0].messages_ready or 0
+
+
+# --- Docker: engine, image, compose project (tests/test_docker.py, tests/test_first_run.py) ----
+OFFLINE_SCRIPT = ROOT.parent / "shared" / "ci" / "docker-offline.sh"
+TEST_IMAGE = "conveyor-worker:test"
+BASE_IMAGE = "python:3.11-slim"
+
+
+def _image_exists(name: str) -> bool:
+    return subprocess.run(["docker", "image", "inspect", name], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> None:
+    """A Docker engine with Compose. The shared CI script starts one (host networking only, a
+    stand-in base image) where none runs yet; a machine whose engine already works is left alone."""
+    if not docker_available() or not _image_exists(BASE_IMAGE):
+        if not OFFLINE_SCRIPT.is_file():
+            if not docker_available():
+                unavailable("Docker")
+        else:
+            done = subprocess.run(["bash", str(OFFLINE_SCRIPT)], capture_output=True, text=True, timeout=900)
+            if done.returncode != 0 or not docker_available():
+                unavailable(f"Docker ({OFFLINE_SCRIPT.name} failed: {done.stderr.strip()[-500:]})")
+    try:
+        compose_command()
+    except Exception as exc:
+        unavailable(f"Docker Compose ({exc})")
+
+
+@pytest.fixture(scope="session")
+def docker_image(docker_engine) -> str:
+    """The worker image, built once per session from the Dockerfile as it is."""
+    previous = _image_id(TEST_IMAGE)
+    started = time.monotonic()
+    done = subprocess.run(["docker", "build", "--network", "host", "--tag", TEST_IMAGE, "."],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"docker build failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    print(f"built {TEST_IMAGE} in {time.monotonic() - started:.1f} s")
+    if previous and previous != _image_id(TEST_IMAGE):
+        # The last session's test image, untagged now: remove it rather than let every code change
+        # leave one more behind (it stays if a container still uses it).
+        subprocess.run(["docker", "image", "rm", previous], capture_output=True, timeout=120)
+    return TEST_IMAGE
+
+
+def _image_id(name: str) -> str | None:
+    done = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", name], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+@pytest.fixture(scope="session")
+def compose_project(docker_image) -> str:
+    """A compose project name of this session's own; whatever a failed test left in it is removed at the end."""
+    name = project_name({"COMPOSE_PROJECT_NAME": f"conveyor-test-{uuid.uuid4().hex[:8]}"})
+    yield name
+    left = project_containers(name)
+    if left:
+        subprocess.run(["docker", "rm", "--force", *left], capture_output=True, timeout=120)
+
+
+def project_containers(project: str) -> list[str]:
+    out = subprocess.run(["docker", "ps", "--all", "--quiet", "--filter", f"label=com.docker.compose.project={project}"],
+                         capture_output=True, text=True, check=True).stdout
+    return out.split()
+
+
+def project_networks(project: str) -> list[str]:
+    out = subprocess.run(["docker", "network", "ls", "--quiet", "--filter", f"label=com.docker.compose.project={project}"],
+                         capture_output=True, text=True, check=True).stdout
+    return out.split()

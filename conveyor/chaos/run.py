@@ -33,6 +33,7 @@ from celery import Celery
 from .. import broker, cli, deadletter, ledger, workers
 from ..config import Config, load_config
 from ..errors import UsageError
+from ..stack import choice
 from ..stack.local import LocalStack
 from ..topology import QUEUES, TASKS
 from .actors import Killer, PartitionedWorker, Publisher
@@ -146,7 +147,10 @@ class ChaosRun:
                 broker.RUN_DIR_ENV: str(self.home),
             }))
             config = self._write_config()
-            app = cli.open_app(config, announce=False)
+            app = cli.open_app(config, announce=False, stack="local")
+            # The run's pairing is fixed (it restarts its broker and kills its workers); said as every command says its own.
+            app.conveyor_choice = choice.chaos(app.conveyor_broker, own_node=node is not None)
+            cli.say(app.conveyor_choice.describe())
             cleanup.callback(app.close)
             deadletter.declare(app)
             # Only the workers (which inherit the environment) write the ledger; this process reads it.

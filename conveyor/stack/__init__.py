@@ -1,49 +1,36 @@
-"""Choosing the stack backend: STACK=compose|local, or compose when a Docker engine answers."""
+"""Opening the stack backend the one decision picked (conveyor/stack/choice.py)."""
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import subprocess
 
 from celery import Celery
 
 from ..config import Config
-from ..errors import UsageError
 from .base import Replica, Stack
+from .choice import StackChoice, choose, docker_available, for_broker, requested_backend
 from .local import LocalStack
 
 log = logging.getLogger(__name__)
 
-STACK_ENV = "STACK"
 
-
-def docker_available() -> bool:
-    if not shutil.which("docker"):
-        return False
-    try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def backend_name(requested: str | None = None) -> str:
-    choice = (requested or os.environ.get(STACK_ENV) or "").strip().lower()
-    if choice in ("", "auto"):
-        return "compose" if docker_available() else "local"
-    if choice not in ("compose", "local"):
-        raise UsageError(f"unknown stack {choice!r}: STACK must be compose or local")
-    return choice
+def stack_choice(app: Celery, requested: str | None = None) -> StackChoice:
+    """The decision the app was opened with (cli.open_app), or, for an app built directly (tests,
+    the chaos run), the backend for its broker; --stack (`requested`) must agree with it."""
+    made: StackChoice | None = getattr(app, "conveyor_choice", None)
+    wanted = requested_backend(requested) if requested else ""
+    if made and wanted in ("", made.backend):
+        return made
+    return for_broker(app.conveyor_broker, wanted)
 
 
 def open_stack(app: Celery, config: Config, requested: str | None = None) -> Stack:
-    name = backend_name(requested)
-    if name == "compose":
+    choice = stack_choice(app, requested)
+    if choice.backend == "compose":
         from .compose import ComposeStack
 
-        return ComposeStack(app, config)
+        return ComposeStack(app, config, own_broker=choice.own_broker)
     return LocalStack(app, config)
 
 
-__all__ = ["Replica", "Stack", "backend_name", "open_stack", "docker_available"]
+__all__ = ["Replica", "Stack", "StackChoice", "choose", "docker_available", "open_stack", "stack_choice"]

@@ -1,0 +1,198 @@
+"""The one decision every command makes first: which broker, and where the workers run.
+
+    broker on 127.0.0.1:5672   Docker engine   decision
+    yes                        yes             that broker; workers in containers (docker-compose.host.yml)
+    yes                        no              that broker; workers as local processes
+    no                         yes             compose brings its own RabbitMQ (docker-compose.yml), with
+                                               credentials generated once (see credentials.py), when its
+                                               image is here or can be pulled
+    no                         yes, no image   the embedded broker; workers as local processes
+    no                         no              the embedded broker; workers as local processes
+
+BROKER_URL names the broker outright (and fails loudly when it does not answer); STACK=compose|local
+(or --stack) names the backend. The embedded broker lives in files on this machine, which containers
+cannot reach, so it is never paired with containers: asked for both, the command stops with why.
+A running compose broker of the project is found first, so that every command after `make up`
+decides the same as `make up` did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .. import broker
+from ..broker import BrokerSettings
+from ..cli import say
+from ..errors import BrokerError, StackError, UsageError
+from . import credentials
+from .compose import BROKER_SERVICE, EMBEDDED_REFUSAL, broker_image, docker, project_name
+
+log = logging.getLogger(__name__)
+
+STACK_ENV = "STACK"
+BACKENDS = ("compose", "local")
+PULL_TIMEOUT_S = 300.0  # a first pull of the RabbitMQ image over a slow link; a registry out of reach fails at once
+DOCKER_PROBE_TIMEOUT_S = 10.0
+DEFAULT_BROKER = ("127.0.0.1", 5672)
+
+
+@dataclass(frozen=True)
+class StackChoice:
+    backend: str  # "compose" or "local"
+    broker: BrokerSettings
+    reason: str  # why, as a clause: what was found on this machine
+    own_broker: bool = False  # compose runs the broker too (docker-compose.yml's rabbitmq service)
+    broker_up: bool = True  # False while that broker is still to be started
+
+    def describe(self) -> str:
+        """The decision in one line, the first thing every command says."""
+        return f"{self.broker.describe().rstrip('.')} with the {self.backend} stack: {self.reason}."
+
+    def require_broker(self) -> None:
+        """For a command that needs the broker now and does not start the stack."""
+        if not self.broker_up:
+            raise BrokerError("the compose stack's own RabbitMQ is not running yet; `make up` starts it "
+                              "(or `make run`, which starts the stack for the run)")
+
+
+def requested_backend(requested: str | None = None, env: Mapping[str, str] = os.environ) -> str:
+    """compose, local, or "" for the automatic choice."""
+    name = (requested or env.get(STACK_ENV) or "").strip().lower()
+    if name == "auto":
+        return ""
+    if name and name not in BACKENDS:
+        raise UsageError(f"unknown stack {name!r}: STACK must be compose or local")
+    return name
+
+
+def choose(requested: str | None = None, env: Mapping[str, str] = os.environ, may_pull: bool = False) -> StackChoice:
+    """Decide for this machine, as it is now (see the module's table). `may_pull`: the command is
+    about to start the stack, so a missing broker image is worth a pull; a command that only looks
+    (or stops) never downloads one."""
+    wanted = requested_backend(requested, env)
+    if env.get("BROKER_URL", "").strip():
+        return for_broker(broker.resolve(env), wanted, "BROKER_URL names the broker")
+    if wanted == "local":
+        return StackChoice("local", _settings(env, _default_url()), f"{_named(requested)} asks for local processes")
+    docker = docker_available()
+    project = project_name(env)
+    if docker:
+        known = credentials.load(project, env)
+        if known and own_broker_running(project):
+            return StackChoice("compose", _settings(env, known.url(env)), "the compose stack's own RabbitMQ is running",
+                               own_broker=True)
+    if broker.listening(*DEFAULT_BROKER):
+        settings = _settings(env, broker.DEFAULT_BROKER_URL)
+        if wanted == "compose" or (not wanted and docker):
+            found = "so does a Docker engine" if docker else "no Docker engine does"
+            return StackChoice("compose", settings, f"RabbitMQ answers on 127.0.0.1:5672 and {found}")
+        return StackChoice("local", settings, "RabbitMQ answers on 127.0.0.1:5672 and no Docker engine does")
+    if not docker:
+        if wanted == "compose":
+            raise StackError(f"{_named(requested)} asks for containers, but no Docker engine answers (`docker info` "
+                             "fails); start Docker, or use STACK=local with the embedded broker")
+        return StackChoice("local", _settings(env, broker.EMBEDDED_URL),
+                           "nothing answers on 127.0.0.1:5672 and no Docker engine does")
+    image = broker_image(env)
+    missing = image_problem(image, may_pull)
+    if missing is None:
+        if not credentials.load(project, env) and _broker_volume_exists(project):
+            raise StackError(f"the broker volume of compose project {project} exists but its credentials file "
+                             f"{credentials.path(project, env)} is gone, so no login would work; remove the volume "
+                             f"(`docker volume rm {project}_rabbitmq-data`) or set RABBITMQ_USER and RABBITMQ_PASSWORD to its pair")
+        made = credentials.ensure(project, env)
+        return StackChoice("compose", _settings(env, made.url(env)),
+                           f"nothing answers on 127.0.0.1:5672, so compose starts its own RabbitMQ ({image})",
+                           own_broker=True, broker_up=False)
+    if wanted == "compose":
+        raise StackError(f"{_named(requested)} asks for containers, but nothing answers on 127.0.0.1:5672 and compose "
+                         f"cannot start a RabbitMQ: {missing}; start RabbitMQ and set BROKER_URL, or use STACK=local")
+    return StackChoice("local", _settings(env, broker.EMBEDDED_URL),
+                       f"nothing answers on 127.0.0.1:5672 and Docker cannot start a RabbitMQ: {missing}")
+
+
+def for_broker(settings: BrokerSettings, wanted: str = "", why: str = "the broker is given") -> StackChoice:
+    """The backend for a broker already decided (BROKER_URL, or an app built by a test or the chaos run)."""
+    if settings.embedded:
+        if wanted == "compose":
+            raise StackError(EMBEDDED_REFUSAL)
+        return StackChoice("local", settings, f"{why}, and containers cannot reach the embedded broker's files")
+    if wanted:
+        return StackChoice(wanted, settings, f"{why} and STACK={wanted}")
+    if docker_available():
+        return StackChoice("compose", settings, f"{why} and a Docker engine answers")
+    return StackChoice("local", settings, f"{why} and no Docker engine answers")
+
+
+def chaos(settings: BrokerSettings, own_node: bool) -> StackChoice:
+    """A chaos run's fixed pairing: it kills replicas and restarts the broker, so both must be its own."""
+    node = "a RabbitMQ node of the run's own, which it restarts" if own_node else "BROKER_URL (no broker restart)"
+    return StackChoice("local", settings, f"a chaos run uses {node}, and local workers, which it kills")
+
+
+# --- what the machine has -----------------------------------------------------------------
+def docker_available() -> bool:
+    """A Docker engine answers (the CLI is on PATH and `docker info` succeeds against DOCKER_HOST)."""
+    if not shutil.which("docker"):
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=DOCKER_PROBE_TIMEOUT_S).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def image_problem(image: str, may_pull: bool, pull_timeout_s: float = PULL_TIMEOUT_S) -> str | None:
+    """None when the image is on the engine or a pull (bounded in time) brings it; else why not."""
+    if _docker_quietly("image", "inspect", image) is not None:
+        return None
+    if not may_pull:
+        return f"the image {image} is not here (only a command that starts the stack pulls it)"
+    say(f"Pulling the broker image {image} (at most {pull_timeout_s:.0f} s).")
+    try:
+        done = subprocess.run(["docker", "pull", image], capture_output=True, text=True, timeout=pull_timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"the image {image} is not here and pulling it took over {pull_timeout_s:.0f} s"
+    except OSError as exc:
+        return f"the image {image} is not here and `docker pull` did not run ({exc.strerror})"
+    if done.returncode == 0:
+        return None
+    last = ([line for line in done.stderr.splitlines() if line.strip()] or ["no output"])[-1].strip()
+    return f"the image {image} is not here and cannot be pulled ({last[:160]})"
+
+
+def own_broker_running(project: str) -> bool:
+    return bool(_docker_quietly("ps", "--quiet", "--filter", f"label=com.docker.compose.project={project}",
+                                "--filter", f"label=com.docker.compose.service={BROKER_SERVICE}", "--filter", "status=running"))
+
+
+def _broker_volume_exists(project: str) -> bool:
+    return bool(_docker_quietly("volume", "ls", "--quiet", "--filter", f"label=com.docker.compose.project={project}",
+                                "--filter", "label=com.docker.compose.volume=rabbitmq-data"))
+
+
+def _docker_quietly(*args: str) -> str | None:
+    """The command's output, stripped; None when it fails (for a probe, failing is an answer)."""
+    try:
+        return docker(*args).strip()
+    except StackError:
+        return None
+
+
+# --- broker settings for a decided URL -------------------------------------------------------
+def _default_url() -> str:
+    return broker.DEFAULT_BROKER_URL if broker.listening(*DEFAULT_BROKER) else broker.EMBEDDED_URL
+
+
+def _settings(env: Mapping[str, str], url: str) -> BrokerSettings:
+    """Resolve a URL this module picked: the messages then speak of the default broker, not of BROKER_URL."""
+    return dataclasses.replace(broker.resolve({**env, "BROKER_URL": url}), explicit=False)
+
+
+def _named(requested: str | None) -> str:
+    return "--stack" if requested else "STACK"
