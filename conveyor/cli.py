@@ -66,8 +66,7 @@ def open_app(config: Config | str | None, announce: bool = True, check: bool = T
     """What a CLI does first: load the config (unless given loaded), make the one decision of broker
     and stack backend (conveyor/stack/choice.py; `stack` is --stack), check that the broker answers
     (failing in one line; `check=False` for commands that can do without it), build the app, and say
-    the decision in one line. `starts_stack`: the command starts the stack, which may bring the broker
-    (and may pull its image)."""
+    the decision in one line. `starts_stack`: the command starts the stack, which may bring the broker."""
     from . import broker
     from .app import create_app
     from .config import Config, load_config
@@ -75,7 +74,7 @@ def open_app(config: Config | str | None, announce: bool = True, check: bool = T
 
     if not isinstance(config, Config):
         config = load_config(config)
-    choice = choose(stack, may_pull=starts_stack)
+    choice = choose(stack)
     if check and choice.broker_up:
         broker.check(choice.broker)
     elif check and not starts_stack:

@@ -260,9 +260,13 @@ def test_containers_asked_for_without_a_broker_image_is_one_line(netns, docker_e
     assert len(errors) == 1 and "cannot start a RabbitMQ" in errors[0] and "STACK=local" in errors[0], proc.stderr
 
 
-def test_every_command_reports_the_same_decision(netns, machine, tmp_path):
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("docker", [pytest.param(True, marks=pytest.mark.docker), False], ids=["no-image", "no-docker"])
+def test_every_command_reports_the_same_decision(netns, machine, tmp_path, request, docker):
     """make status, make down and make monitor decide as make run does, and say it in the same words."""
-    env = no_docker("docker_host", machine, tmp_path)
+    if docker:
+        request.getfixturevalue("docker_engine")
+    env = no_image(machine) if docker else no_docker("docker_host", machine, tmp_path)
     commands = [["dispatch.py", "--start-stack", "--json"], ["scale.py", "status"], ["scale.py", "down"],
                 ["monitor.py", "--once", "--no-prometheus"]]
     lines = set()
@@ -272,6 +276,7 @@ def test_every_command_reports_the_same_decision(netns, machine, tmp_path):
         assert proc.returncode == 0, f"{argv}: {proc.stderr}"
         lines.add(decision_line(proc))
     assert len(lines) == 1, lines
+    assert "embedded filesystem broker" in lines.pop()
 
 
 # --- the credentials file ---------------------------------------------------------------------------

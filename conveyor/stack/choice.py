@@ -71,10 +71,10 @@ def requested_backend(requested: str | None = None, env: Mapping[str, str] = os.
     return name
 
 
-def choose(requested: str | None = None, env: Mapping[str, str] = os.environ, may_pull: bool = False) -> StackChoice:
-    """Decide for this machine, as it is now (see the module's table). `may_pull`: the command is
-    about to start the stack, so a missing broker image is worth a pull; a command that only looks
-    (or stops) never downloads one."""
+def choose(requested: str | None = None, env: Mapping[str, str] = os.environ) -> StackChoice:
+    """Decide for this machine, as it is now (see the module's table). Every command may pull the
+    broker image: the first command that finds it missing fetches it (once), and one that cannot
+    reach a registry fails at once, so all of them decide alike."""
     wanted = requested_backend(requested, env)
     if env.get("BROKER_URL", "").strip():
         return for_broker(broker.resolve(env), wanted, "BROKER_URL names the broker")
@@ -100,7 +100,7 @@ def choose(requested: str | None = None, env: Mapping[str, str] = os.environ, ma
         return StackChoice("local", _settings(env, broker.EMBEDDED_URL),
                            "nothing answers on 127.0.0.1:5672 and no Docker engine does")
     image = broker_image(env)
-    missing = image_problem(image, may_pull)
+    missing = image_problem(image)
     if missing is None:
         if not credentials.load(project, env) and _broker_volume_exists(project):
             raise StackError(f"the broker volume of compose project {project} exists but its credentials file "
@@ -132,8 +132,8 @@ def for_broker(settings: BrokerSettings, wanted: str = "", why: str = "the broke
 
 def chaos(settings: BrokerSettings, own_node: bool) -> StackChoice:
     """A chaos run's fixed pairing: it kills replicas and restarts the broker, so both must be its own."""
-    node = "a RabbitMQ node of the run's own, which it restarts" if own_node else "BROKER_URL (no broker restart)"
-    return StackChoice("local", settings, f"a chaos run uses {node}, and local workers, which it kills")
+    node = "a RabbitMQ node of its own (so that it can restart it)" if own_node else "BROKER_URL (and restarts no broker)"
+    return StackChoice("local", settings, f"a chaos run uses {node} and local workers (so that it can kill them)")
 
 
 # --- what the machine has -----------------------------------------------------------------
@@ -147,12 +147,10 @@ def docker_available() -> bool:
         return False
 
 
-def image_problem(image: str, may_pull: bool, pull_timeout_s: float = PULL_TIMEOUT_S) -> str | None:
+def image_problem(image: str, pull_timeout_s: float = PULL_TIMEOUT_S) -> str | None:
     """None when the image is on the engine or a pull (bounded in time) brings it; else why not."""
     if _docker_quietly("image", "inspect", image) is not None:
         return None
-    if not may_pull:
-        return f"the image {image} is not here (only a command that starts the stack pulls it)"
     say(f"Pulling the broker image {image} (at most {pull_timeout_s:.0f} s).")
     try:
         done = subprocess.run(["docker", "pull", image], capture_output=True, text=True, timeout=pull_timeout_s)
