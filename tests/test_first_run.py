@@ -213,6 +213,28 @@ def test_docker_with_the_broker_image_brings_its_own_broker_with_private_credent
 
 
 @pytest.mark.docker
+def test_the_projects_running_compose_broker_is_what_every_later_command_uses(netns, docker_engine, machine):
+    """After `make up` started compose's own RabbitMQ, status, down and run must use it, not decide
+    afresh. A container carrying the labels compose gives the project's broker service stands in
+    for it (no RabbitMQ image here): only the decision is checked, which reads nothing but them."""
+    project = machine["COMPOSE_PROJECT_NAME"]
+    saved = credentials.ensure(project, machine)
+    labels = ["--label", f"com.docker.compose.project={project}", "--label", "com.docker.compose.service=rabbitmq"]
+    started = subprocess.run(["docker", "run", "--detach", "--rm", "--network", "host", *labels, BASE_IMAGE, "sleep", "300"],
+                             capture_output=True, text=True, timeout=60)
+    assert started.returncode == 0, started.stderr
+    try:
+        made = decide(machine, netns)
+        assert made["backend"] == "compose" and made["own_broker"] and made["broker_up"]
+        assert made["url"] == saved.url(machine) and "the compose stack's own RabbitMQ is running" in made["line"]
+        local = decide({**machine, "STACK": "local"}, netns)
+        assert local["backend"] == "local" and not local["own_broker"] and local["url"] == saved.url(machine)
+    finally:
+        subprocess.run(["docker", "rm", "--force", started.stdout.strip()], capture_output=True, timeout=60)
+    assert project_containers(project) == []
+
+
+@pytest.mark.docker
 def test_the_own_broker_compose_file_interpolates_without_a_dot_env(docker_engine, machine, monkeypatch, tmp_path):
     """What made the first run stop before: compose's `Missing mandatory value ... RABBITMQ_USER`."""
     for key, value in machine.items():
@@ -237,8 +259,10 @@ def test_the_own_broker_compose_file_interpolates_without_a_dot_env(docker_engin
     [
         ({"STACK": "compose", "DOCKER_HOST": "unix:///nonexistent/docker.sock"}, ["no Docker engine answers"]),
         ({"STACK": "compose", "BROKER_URL": "filesystem://"}, ["embedded filesystem broker", "containers cannot"]),
+        ({"STACK": "compose", "BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//", "PATH": "/nonexistent"},
+         ["no Docker engine answers"]),
     ],
-    ids=["compose-without-docker", "compose-with-the-embedded-broker"],
+    ids=["compose-without-docker", "compose-with-the-embedded-broker", "compose-on-a-broker-without-docker"],
 )
 def test_containers_asked_for_where_they_cannot_work_is_one_line(netns, machine, env, words):
     before = _tree()

@@ -40,6 +40,8 @@ BACKENDS = ("compose", "local")
 PULL_TIMEOUT_S = 300.0  # a first pull of the RabbitMQ image over a slow link; a registry out of reach fails at once
 DOCKER_PROBE_TIMEOUT_S = 10.0
 DEFAULT_BROKER = ("127.0.0.1", 5672)
+NO_DOCKER = ("containers are asked for (STACK or --stack), but no Docker engine answers (`docker info` fails); "
+             "start Docker, or use STACK=local")
 
 
 @dataclass(frozen=True)
@@ -78,31 +80,28 @@ def choose(requested: str | None = None, env: Mapping[str, str] = os.environ) ->
     wanted = requested_backend(requested, env)
     if env.get("BROKER_URL", "").strip():
         return for_broker(broker.resolve(env), wanted, "BROKER_URL names the broker")
-    if wanted == "local":
-        return StackChoice("local", _settings(env, _default_url()), f"{_named(requested)} asks for local processes")
-    docker = docker_available()
     project = project_name(env)
-    if docker:
-        known = credentials.load(project, env)
-        if known and own_broker_running(project):
-            return StackChoice("compose", _settings(env, known.url(env)), "the compose stack's own RabbitMQ is running",
-                               own_broker=True)
+    known = credentials.load(project, env)
+    # Docker is asked only when containers may be used, or when a compose broker of ours may be running.
+    docker = (wanted != "local" or known is not None) and docker_available()
+    if wanted == "compose" and not docker:
+        raise StackError(NO_DOCKER)
+    asked = _asked(wanted)
+    if known and docker and own_broker_running(project):
+        why = "the compose stack's own RabbitMQ is running"
+        return StackChoice(wanted or "compose", _settings(env, known.url(env)), f"{why} and {asked}" if wanted else why,
+                           own_broker=wanted != "local")
     if broker.listening(*DEFAULT_BROKER):
-        settings = _settings(env, broker.DEFAULT_BROKER_URL)
-        if wanted == "compose" or (not wanted and docker):
-            found = "so does a Docker engine" if docker else "no Docker engine does"
-            return StackChoice("compose", settings, f"RabbitMQ answers on 127.0.0.1:5672 and {found}")
-        return StackChoice("local", settings, "RabbitMQ answers on 127.0.0.1:5672 and no Docker engine does")
-    if not docker:
-        if wanted == "compose":
-            raise StackError(f"{_named(requested)} asks for containers, but no Docker engine answers (`docker info` "
-                             "fails); start Docker, or use STACK=local with the embedded broker")
+        found = asked if wanted else "so does a Docker engine" if docker else "no Docker engine does"
+        return StackChoice(wanted or ("compose" if docker else "local"), _settings(env, broker.DEFAULT_BROKER_URL),
+                           f"RabbitMQ answers on 127.0.0.1:5672 and {found}")
+    if not docker or wanted == "local":
         return StackChoice("local", _settings(env, broker.EMBEDDED_URL),
-                           "nothing answers on 127.0.0.1:5672 and no Docker engine does")
+                           f"nothing answers on 127.0.0.1:5672 and {asked if wanted else 'no Docker engine does'}")
     image = broker_image(env)
     missing = image_problem(image)
     if missing is None:
-        if not credentials.load(project, env) and _broker_volume_exists(project):
+        if not known and _broker_volume_exists(project):
             raise StackError(f"the broker volume of compose project {project} exists but its credentials file "
                              f"{credentials.path(project, env)} is gone, so no login would work; remove the volume "
                              f"(`docker volume rm {project}_rabbitmq-data`) or set RABBITMQ_USER and RABBITMQ_PASSWORD to its pair")
@@ -111,8 +110,8 @@ def choose(requested: str | None = None, env: Mapping[str, str] = os.environ) ->
                            f"nothing answers on 127.0.0.1:5672, so compose starts its own RabbitMQ ({image})",
                            own_broker=True, broker_up=False)
     if wanted == "compose":
-        raise StackError(f"{_named(requested)} asks for containers, but nothing answers on 127.0.0.1:5672 and compose "
-                         f"cannot start a RabbitMQ: {missing}; start RabbitMQ and set BROKER_URL, or use STACK=local")
+        raise StackError(f"containers are asked for (STACK or --stack), but nothing answers on 127.0.0.1:5672 and "
+                         f"compose cannot start a RabbitMQ: {missing}; start RabbitMQ and set BROKER_URL, or use STACK=local")
     return StackChoice("local", _settings(env, broker.EMBEDDED_URL),
                        f"nothing answers on 127.0.0.1:5672 and Docker cannot start a RabbitMQ: {missing}")
 
@@ -123,11 +122,15 @@ def for_broker(settings: BrokerSettings, wanted: str = "", why: str = "the broke
         if wanted == "compose":
             raise StackError(EMBEDDED_REFUSAL)
         return StackChoice("local", settings, f"{why}, and containers cannot reach the embedded broker's files")
+    if wanted == "local":
+        return StackChoice("local", settings, f"{why} and {_asked(wanted)}")
+    docker = docker_available()
+    if wanted == "compose" and not docker:
+        raise StackError(NO_DOCKER)
     if wanted:
-        return StackChoice(wanted, settings, f"{why} and STACK={wanted}")
-    if docker_available():
-        return StackChoice("compose", settings, f"{why} and a Docker engine answers")
-    return StackChoice("local", settings, f"{why} and no Docker engine answers")
+        return StackChoice("compose", settings, f"{why} and {_asked(wanted)}")
+    return StackChoice("compose" if docker else "local", settings,
+                       f"{why} and {'a' if docker else 'no'} Docker engine answers")
 
 
 def chaos(settings: BrokerSettings, own_node: bool) -> StackChoice:
@@ -183,14 +186,10 @@ def _docker_quietly(*args: str) -> str | None:
 
 
 # --- broker settings for a decided URL -------------------------------------------------------
-def _default_url() -> str:
-    return broker.DEFAULT_BROKER_URL if broker.listening(*DEFAULT_BROKER) else broker.EMBEDDED_URL
-
-
 def _settings(env: Mapping[str, str], url: str) -> BrokerSettings:
     """Resolve a URL this module picked: the messages then speak of the default broker, not of BROKER_URL."""
     return dataclasses.replace(broker.resolve({**env, "BROKER_URL": url}), explicit=False)
 
 
-def _named(requested: str | None) -> str:
-    return "--stack" if requested else "STACK"
+def _asked(wanted: str) -> str:
+    return f"{'local processes' if wanted == 'local' else 'containers'} are asked for (STACK or --stack)"
