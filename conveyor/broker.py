@@ -6,7 +6,8 @@ broker: kombu's filesystem transport and Celery's file result backend inside the
 RECORDS_URL (redis://..., sqlite:///FILE or `off`) likewise names where task records live; unset:
 the run directory's SQLite file with the embedded broker, else Redis on 127.0.0.1:6379 if something
 listens there, else that SQLite file (see conveyor/lifecycle/store.py and docs/tasks.md).
-Workers started by a stack are handed the resolved URLs, so they never decide differently.
+Workers started by a stack are handed the resolved URLs, so they never decide differently. The
+commands decide through conveyor/stack/choice.py, which weighs the Docker engine too.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
 EMBEDDED_URL = "filesystem://localhost/"  # the host means nothing to this transport, but kombu warns without one
 RUN_DIR_ENV = "CONVEYOR_RUN_DIR"
 RECORDS_URL_ENV = "RECORDS_URL"
+DEFAULT_BROKER = ("127.0.0.1", 5672)  # where DEFAULT_BROKER_URL points
 DEFAULT_REDIS = ("127.0.0.1", 6379)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,7 +70,7 @@ class BrokerSettings:
         return f"Using the broker at {self.safe_url}."
 
 
-def resolve(env: Mapping[str, str] = os.environ, probe: tuple[str, int] = ("127.0.0.1", 5672)) -> BrokerSettings:
+def resolve(env: Mapping[str, str] = os.environ, probe: tuple[str, int] = DEFAULT_BROKER) -> BrokerSettings:
     url = env.get("BROKER_URL", "").strip()
     explicit = bool(url)
     if not url:

@@ -39,7 +39,6 @@ STACK_ENV = "STACK"
 BACKENDS = ("compose", "local")
 PULL_TIMEOUT_S = 300.0  # a first pull of the RabbitMQ image over a slow link; a registry out of reach fails at once
 DOCKER_PROBE_TIMEOUT_S = 10.0
-DEFAULT_BROKER = ("127.0.0.1", 5672)
 NO_DOCKER = ("containers are asked for (STACK or --stack), but no Docker engine answers (`docker info` fails); "
              "start Docker, or use STACK=local")
 
@@ -91,7 +90,7 @@ def choose(requested: str | None = None, env: Mapping[str, str] = os.environ) ->
         why = "the compose stack's own RabbitMQ is running"
         return StackChoice(wanted or "compose", _settings(env, known.url(env)), f"{why} and {asked}" if wanted else why,
                            own_broker=wanted != "local")
-    if broker.listening(*DEFAULT_BROKER):
+    if broker.listening(*broker.DEFAULT_BROKER):
         found = asked if wanted else "so does a Docker engine" if docker else "no Docker engine does"
         return StackChoice(wanted or ("compose" if docker else "local"), _settings(env, broker.DEFAULT_BROKER_URL),
                            f"RabbitMQ answers on 127.0.0.1:5672 and {found}")
