@@ -163,7 +163,7 @@ def image_problem(image: str, pull_timeout_s: float = PULL_TIMEOUT_S) -> str | N
     if done.returncode == 0:
         return None
     last = ([line for line in done.stderr.splitlines() if line.strip()] or ["no output"])[-1].strip()
-    return f"the image {image} is not here and cannot be pulled ({last[:160]})"
+    return f"the image {image} is not here and cannot be pulled ({last.removeprefix('Error response from daemon: ')[:160]})"
 
 
 def own_broker_running(project: str) -> bool:
