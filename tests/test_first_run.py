@@ -55,10 +55,12 @@ def netns() -> list[str]:
 
 @pytest.fixture
 def machine(tmp_path: Path) -> dict[str, str]:
-    """The environment of one first run: a run directory and a compose project of its own, no
-    BROKER_URL, no STACK, and no bytecode written (so that any file the run creates shows up)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("BROKER_URL", "RESULT_BACKEND", "RECORDS_URL", "STACK",
-                                                             "COMPOSE_FILES", "DOCKER_HOST", "CI")}
+    """The environment of one first run: a run directory and a compose project of its own, none of
+    the variables that choose explicitly, and no bytecode written (so that any file the run creates
+    shows up)."""
+    chosen = ("BROKER_URL", "RESULT_BACKEND", "RECORDS_URL", "STACK", "COMPOSE_FILES", "DOCKER_HOST", "CONVEYOR_IMAGE",
+              "CONVEYOR_BROKER_IMAGE", "RABBITMQ_USER", "RABBITMQ_PASSWORD", "RABBITMQ_PORT", "CONVEYOR_CONFIG")
+    env = {k: v for k, v in os.environ.items() if k not in chosen}
     env.update({broker.RUN_DIR_ENV: str(tmp_path / "run"), "COMPOSE_PROJECT_NAME": f"conveyor-first-{uuid.uuid4().hex[:8]}",
                 "PYTHONDONTWRITEBYTECODE": "1"})
     return env
