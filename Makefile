@@ -39,7 +39,7 @@ bench: install ## Benchmark vs the peers in ../shared/bench and the targets (BEN
 test: install ## Run the unit and integration tests.
 	$(PY) -m pytest
 
-up: install ## Start the worker services (Docker Compose if a Docker engine answers, else local processes).
+up: install ## Start the worker services (Docker Compose or local processes, and a broker if none answers; the first line says which).
 	$(PY) scale.py up
 
 down: install ## Stop the worker services (warm shutdown) and remove what `up` created.

@@ -21,7 +21,7 @@ from conveyor.dispatch.report import print_report
 from conveyor.stack.session import stack_session
 from conveyor.settings.context import settings_of
 from conveyor import console
-from conveyor.runtime.app import open_app
+from conveyor.stack import open_app
 
 
 def main() -> int:
@@ -37,7 +37,7 @@ def main() -> int:
     if args.timeout <= 0:
         raise UsageError(f"--timeout must be more than 0, got {args.timeout:g}")
 
-    app = open_app(args.config)
+    app = open_app(args.config, starts_stack=args.start_stack)
     config = settings_of(app).config
     total = sum(t.count for t in config.tasks)
     with stack_session(app, config, start=args.start_stack):

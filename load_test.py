@@ -25,7 +25,7 @@ from conveyor.loadtest.scenario import Plan, load_scenario
 from conveyor.stack.session import stack_session
 from conveyor.settings.context import settings_of
 from conveyor import console
-from conveyor.runtime.app import open_app
+from conveyor.stack import open_app
 
 DEFAULT_SCENARIO = Path(__file__).resolve().parent / "scenarios" / "seed.yml"
 
@@ -64,7 +64,7 @@ def main() -> int:
     check(args)
     scenario = load_scenario(args.scenario)
     plan = Plan(scenario, None) if args.duration else Plan.per_type(scenario, args.tasks or 20)
-    app = open_app(args.config)
+    app = open_app(args.config, starts_stack=args.start_stack)
     config = settings_of(app).config
     options = Options(timeout_s=args.timeout, duration_s=args.duration, rate_per_s=args.rate,
                       concurrency=args.concurrency, max_queue_depth=args.max_depth, batch_size=args.batch)

@@ -49,7 +49,7 @@ from conveyor.monitor.influx import STDOUT
 from conveyor.stack import open_stack
 from conveyor.settings.context import settings_of
 from conveyor import console
-from conveyor.runtime.app import open_app
+from conveyor.stack import open_app
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,12 +79,9 @@ def main() -> int:
     if args.json and influx == STDOUT:
         raise UsageError("--json and InfluxDB lines to stdout (--influx -) would share stdout; send the lines to a file")
     port = None if args.no_prometheus else args.port if args.port is not None else settings.prometheus_port
-    app = open_app(config, announce=False)
+    app = open_app(config, announce=not (args.once and args.json), stack=args.stack)
     connection = settings_of(app).broker
-    stack = open_stack(app, config, args.stack)
-    quiet = args.once and args.json
-    if not quiet:
-        console.say(f"Stack: {stack.name}. {connection.describe()}")
+    stack = open_stack(app, config)
 
     monitor = Monitor(stack, settings, influx)
     if args.once:

@@ -9,8 +9,9 @@
     python scale.py rebalance --workers N [--weights FILE]     (share N replicas by queue weights)
     python scale.py build                                      (build the worker image; compose only)
 
-The backend is Docker Compose when a Docker engine answers, local processes otherwise;
-STACK=compose|local (or --stack) chooses, and every command says which it uses.
+Which broker and which backend (Docker Compose or local processes) is one decision, the same for
+every command and said in its first line (conveyor/stack/choice.py); STACK=compose|local (or
+--stack) and BROKER_URL choose explicitly.
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ from conveyor.errors import UsageError
 from conveyor.stack import open_stack
 from conveyor.settings.context import settings_of
 from conveyor import console
-from conveyor.runtime.app import open_app
+from conveyor.stack import open_app
+
+
+STARTS = {"up", "scale", "scale-all", "auto", "rebalance"}  # may start the stack, and with it its own broker
+LOCAL_ONLY = {"down", "logs", "build"}  # work on containers or processes alone, broker or not
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,12 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> int:
     args = build_parser().parse_args()
     common.setup_logging(args.verbose, progress=args.command == "auto" and not args.once)  # decisions are logged
-    app = open_app(args.config, announce=False)
-    config, settings = settings_of(app).config, settings_of(app).broker
-    stack = open_stack(app, config, args.stack)
     quiet = args.command == "status" and args.json
-    if not quiet:
-        console.say(f"Stack: {stack.name}. {settings.describe()}")
+    app = open_app(args.config, announce=not quiet, stack=args.stack, check=args.command not in LOCAL_ONLY,
+                       starts_stack=args.command in STARTS)
+    config = settings_of(app).config
+    stack = open_stack(app, config)
 
     if args.command == "up":
         stack.up()

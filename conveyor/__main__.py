@@ -23,7 +23,7 @@ from conveyor.errors import UsageError
 from conveyor.lifecycle import commands, records, render
 from conveyor.tasks.states import RECORD_STATES, TaskState
 from conveyor import console
-from conveyor.runtime.app import open_app
+from conveyor.stack import open_app
 
 
 def build_parser() -> argparse.ArgumentParser:

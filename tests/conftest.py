@@ -4,6 +4,9 @@ with CI set they fail instead, so CI can never pass by skipping them."""
 
 from __future__ import annotations
 
+import subprocess
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +18,9 @@ from conveyor.runtime.app import create_app
 from conveyor.settings import environment
 from conveyor.settings.config import load_config
 from conveyor.settings.context import settings_of
+from conveyor.stack import docker_available
+from conveyor.stack.compose import compose_command, project_name
+from helpers.docker import BASE_IMAGE, OFFLINE_SCRIPT, TEST_IMAGE, image_exists, image_id, project_containers
 
 
 @pytest.fixture(scope="session")
@@ -107,3 +113,53 @@ def local_stack(make_app):
         stack.down()
 
 
+
+# --- Docker: engine, image, compose project (tests/test_docker.py, tests/test_first_run.py) ----
+
+
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> None:
+    """A Docker engine with Compose. The shared CI script starts one (host networking only, a
+    stand-in base image) where none runs yet; a machine whose engine already works is left alone."""
+    if not docker_available() or not image_exists(BASE_IMAGE):
+        if not OFFLINE_SCRIPT.is_file():
+            if not docker_available():
+                unavailable("Docker")
+        else:
+            done = subprocess.run(["bash", str(OFFLINE_SCRIPT)], capture_output=True, text=True, timeout=900)
+            if done.returncode != 0 or not docker_available():
+                unavailable(f"Docker ({OFFLINE_SCRIPT.name} failed: {done.stderr.strip()[-500:]})")
+    try:
+        compose_command()
+    except Exception as exc:
+        unavailable(f"Docker Compose ({exc})")
+
+
+@pytest.fixture(scope="session")
+def docker_image(docker_engine) -> str:
+    """The worker image, built once per session from the Dockerfile as it is."""
+    previous = image_id(TEST_IMAGE)
+    started = time.monotonic()
+    done = subprocess.run(["docker", "build", "--network", "host", "--tag", TEST_IMAGE, "."],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"docker build failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    print(f"built {TEST_IMAGE} in {time.monotonic() - started:.1f} s")
+    if previous and previous != image_id(TEST_IMAGE):
+        # The last session's test image, untagged now: remove it rather than let every code change
+        # leave one more behind (it stays if a container still uses it).
+        subprocess.run(["docker", "image", "rm", previous], capture_output=True, timeout=120)
+    return TEST_IMAGE
+
+
+
+
+@pytest.fixture(scope="session")
+def compose_project(docker_image) -> str:
+    """A compose project name of this session's own; whatever a failed test left in it is removed at the end."""
+    name = project_name({"COMPOSE_PROJECT_NAME": f"conveyor-test-{uuid.uuid4().hex[:8]}"})
+    yield name
+    left = project_containers(name)
+    if left:
+        subprocess.run(["docker", "rm", "--force", *left], capture_output=True, timeout=120)

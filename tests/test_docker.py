@@ -16,19 +16,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, queue_depth, run_cli, unavailable, wait_for, write_config
+from helpers import ROOT, queue_depth, run_cli, wait_for, write_config
+from helpers.docker import TEST_IMAGE, project_containers, project_networks
 from kombu import Queue
 
 from conveyor.stack import control
 from conveyor.errors import StackError
-from conveyor.stack import docker_available
 from conveyor.stack.compose import ComposeStack, compose_command, project_name
 from conveyor.stack.local import LocalStack
 from conveyor.settings.context import settings_of
 
-OFFLINE_SCRIPT = ROOT.parent / "shared" / "ci" / "docker-offline.sh"
-TEST_IMAGE = "conveyor-worker:test"
-BASE_IMAGE = "python:3.11-slim"
 STOP_GRACE_S = 20
 WAIT_S = 90  # for replicas to answer; 2 cores start three containers in a few seconds
 
@@ -67,72 +64,6 @@ BACKENDS = [
     pytest.param("local", id="local", marks=[pytest.mark.broker]),
     pytest.param("compose", id="compose", marks=docker),
 ]
-
-
-# --- Docker: engine, image, compose project -----------------------------------------------
-def _image_exists(name: str) -> bool:
-    return subprocess.run(["docker", "image", "inspect", name], capture_output=True).returncode == 0
-
-
-@pytest.fixture(scope="session")
-def docker_engine() -> None:
-    """A Docker engine with Compose. The shared CI script starts one (host networking only, a
-    stand-in base image) where none runs yet; a machine whose engine already works is left alone."""
-    if not docker_available() or not _image_exists(BASE_IMAGE):
-        if not OFFLINE_SCRIPT.is_file():
-            if not docker_available():
-                unavailable("Docker")
-        else:
-            done = subprocess.run(["bash", str(OFFLINE_SCRIPT)], capture_output=True, text=True, timeout=900)
-            if done.returncode != 0 or not docker_available():
-                unavailable(f"Docker ({OFFLINE_SCRIPT.name} failed: {done.stderr.strip()[-500:]})")
-    try:
-        compose_command()
-    except Exception as exc:
-        unavailable(f"Docker Compose ({exc})")
-
-
-@pytest.fixture(scope="session")
-def docker_image(docker_engine) -> str:
-    """The worker image, built once per session from the Dockerfile as it is."""
-    previous = _image_id(TEST_IMAGE)
-    started = time.monotonic()
-    done = subprocess.run(["docker", "build", "--network", "host", "--tag", TEST_IMAGE, "."],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"docker build failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    print(f"built {TEST_IMAGE} in {time.monotonic() - started:.1f} s")
-    if previous and previous != _image_id(TEST_IMAGE):
-        # The last session's test image, untagged now: remove it rather than let every code change
-        # leave one more behind (it stays if a container still uses it).
-        subprocess.run(["docker", "image", "rm", previous], capture_output=True, timeout=120)
-    return TEST_IMAGE
-
-
-def _image_id(name: str) -> str | None:
-    done = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", name], capture_output=True, text=True)
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-@pytest.fixture(scope="session")
-def compose_project(docker_image) -> str:
-    """A compose project name of this session's own; whatever a failed test left in it is removed at the end."""
-    name = project_name({"COMPOSE_PROJECT_NAME": f"conveyor-test-{uuid.uuid4().hex[:8]}"})
-    yield name
-    left = _project_containers(name)
-    if left:
-        subprocess.run(["docker", "rm", "--force", *left], capture_output=True, timeout=120)
-
-
-def _project_containers(project: str) -> list[str]:
-    out = subprocess.run(["docker", "ps", "--all", "--quiet", "--filter", f"label=com.docker.compose.project={project}"],
-                         capture_output=True, text=True, check=True).stdout
-    return out.split()
-
-
-def _project_networks(project: str) -> list[str]:
-    out = subprocess.run(["docker", "network", "ls", "--quiet", "--filter", f"label=com.docker.compose.project={project}"],
-                         capture_output=True, text=True, check=True).stdout
-    return out.split()
 
 
 # --- a stack of either backend ------------------------------------------------------------
@@ -380,8 +311,8 @@ def test_down_leaves_nothing_behind(stack_up) -> None:
     left = [pid for pid, started in processes.items() if _start_time(pid) == started]
     assert left == [], f"worker processes left running: {left}"
     if stack.name == "compose":
-        assert _project_containers(stack.project) == []
-        assert _project_networks(stack.project) == []
+        assert project_containers(stack.project) == []
+        assert project_networks(stack.project) == []
     else:
         assert list(stack.home.glob("*.pid")) == []
 
@@ -423,19 +354,16 @@ def _start_time(pid: int) -> int | None:
 
 # --- choosing files and refusing what cannot work (no Docker needed) ---------------------------
 def test_compose_file_follows_where_the_broker_is() -> None:
-    from conveyor.settings.environment import BrokerSettings
     from conveyor.stack.compose import compose_files
 
     host, full = [ROOT / "docker-compose.host.yml"], [ROOT / "docker-compose.yml"]
-    on_host = BrokerSettings("amqp://u:p@127.0.0.1:5672/vh", "rpc://", embedded=False)
-    assert compose_files(on_host, {}) == host
-    assert compose_files(BrokerSettings("amqp://u:p@localhost:5672//", "rpc://", False), {}) == host
-    # A broker on another machine: containers on the host network reach it as the host does.
-    assert compose_files(BrokerSettings("amqp://u:p@broker.example:5672//", "rpc://", False), {}) == host
-    assert compose_files(BrokerSettings("filesystem://", "file:///tmp/r", True), {}) == full
-    assert compose_files(on_host, {"COMPOSE_FILES": "docker-compose.yml"}) == full
+    # A broker of the app's own, here or on another machine: containers on the host network reach it as the host does.
+    assert compose_files(own_broker=False, env={}) == host
+    # No broker anywhere: the stack brings its own RabbitMQ.
+    assert compose_files(own_broker=True, env={}) == full
+    assert compose_files(False, {"COMPOSE_FILES": "docker-compose.yml"}) == full
     with pytest.raises(StackError, match="does not exist"):
-        compose_files(on_host, {"COMPOSE_FILES": "no-such-compose.yml"})
+        compose_files(False, {"COMPOSE_FILES": "no-such-compose.yml"})
 
 
 def test_project_name_is_normalised_as_compose_does() -> None:

@@ -44,7 +44,8 @@ from conveyor.chaos.netns import Namespace
 from conveyor.chaos.node import BrokerNode
 from conveyor.chaos.report import ChaosReport, PartitionFinding
 from conveyor.tasks.states import FINAL
-from conveyor.runtime.app import open_app
+from conveyor import console
+from conveyor.stack import choice, open_app
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,10 @@ class ChaosRun:
                 environment.RUN_DIR_ENV: str(self.home),
             }))
             config = self._write_config()
-            app = open_app(config, announce=False)
+            # The run's pairing is fixed (it restarts its broker and kills its workers); said as every command says its own.
+            made = choice.chaos(environment.resolve(), own_node=node is not None)
+            app = open_app(config, announce=False, choice=made)
+            console.say(made.describe())
             cleanup.callback(app.close)
             deadletter.declare(app)
             # Only the workers (which inherit the environment) write the ledger; this process reads it.

@@ -15,13 +15,13 @@ from conveyor.tasks import simulated
 from conveyor.lifecycle import records, signals as record_signals
 from conveyor.settings.config import Config, load_config
 from conveyor.amqp.topology import routes, work_queues
-from conveyor.console import say
 from conveyor.settings.context import Settings, attach, settings_of
 
 log = logging.getLogger(__name__)
 
 
-def create_app(config: Config | None = None, settings: environment.BrokerSettings | None = None) -> Celery:
+def create_app(config: Config | None = None, settings: environment.BrokerSettings | None = None,
+               choice: object = None) -> Celery:
     config = config or load_config()
     settings = settings or environment.resolve()
     app = Celery("conveyor", broker=settings.broker_url, backend=settings.result_backend, set_as_current=True)
@@ -64,7 +64,7 @@ def create_app(config: Config | None = None, settings: environment.BrokerSetting
         worker_send_task_events=config.tuning.task_events,
         worker_hijack_root_logger=False,
     )
-    attach(app, Settings(config, settings, config.tuning.fast_paths and environment.fast_paths_allowed()))
+    attach(app, Settings(config, settings, config.tuning.fast_paths and environment.fast_paths_allowed(), choice))
     simulated.register(app, config.retry, config.time_limits)
     if settings.records_url not in records.OFF:
         record_signals.connect()
@@ -84,17 +84,3 @@ def _declare_on_start(sender=None, **_kwargs) -> None:
 def _skip_unshown_result_repr(sender=None, instance=None, conf=None, **_kwargs) -> None:
     if settings_of(instance.app).fast_paths and trace.skip_unshown_result_repr(instance.app, conf):
         log.debug("Worker %s logs no task results: their repr is not built.", sender)
-
-
-def open_app(config: Config | str | None, announce: bool = True, check: bool = True):
-    """What a CLI does first: load the config (unless given loaded), resolve the broker and check
-    that it answers (failing in one line; `check=False` for commands that can do without it), and
-    build the app; say which broker it is unless it is the one the user named."""
-    if not isinstance(config, Config):
-        config = load_config(config)
-    settings = environment.resolve()
-    if check:
-        environment.check(settings)
-    if announce and (settings.embedded or not settings.explicit):
-        say(settings.describe())
-    return create_app(config, settings)

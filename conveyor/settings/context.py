@@ -25,6 +25,9 @@ class Settings:
     # The seam's replacements of library internals are in use (config tuning.fast_paths and
     # CONVEYOR_FAST_PATHS both allow them); off, every one falls back to the library's own code.
     fast_paths: bool = True
+    # The decision of broker and stack backend the app was opened with (conveyor.stack.choice's
+    # StackChoice), or None for an app built directly.
+    choice: Any = None
 
 
 def attach(app: Any, settings: Settings) -> None:

@@ -6,7 +6,8 @@ broker: kombu's filesystem transport and Celery's file result backend inside the
 RECORDS_URL (redis://..., sqlite:///FILE or `off`) likewise names where task records live; unset:
 the run directory's SQLite file with the embedded broker, else Redis on 127.0.0.1:6379 if something
 listens there, else that SQLite file (see conveyor/lifecycle/store.py and docs/tasks.md).
-Workers started by a stack are handed the resolved URLs, so they never decide differently.
+Workers started by a stack are handed the resolved URLs, so they never decide differently. The
+commands decide through conveyor/stack/choice.py, which weighs the Docker engine too.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ EMBEDDED_URL = "filesystem://localhost/"  # the host means nothing to this trans
 RUN_DIR_ENV = "CONVEYOR_RUN_DIR"
 RECORDS_URL_ENV = "RECORDS_URL"
 FAST_PATHS_ENV = "CONVEYOR_FAST_PATHS"
+DEFAULT_BROKER = ("127.0.0.1", 5672)  # where DEFAULT_BROKER_URL points
 DEFAULT_REDIS = ("127.0.0.1", 6379)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,11 +78,11 @@ class BrokerSettings:
         return f"Using the broker at {self.safe_url}."
 
 
-def resolve(env: Mapping[str, str] = os.environ, probe: tuple[str, int] = ("127.0.0.1", 5672)) -> BrokerSettings:
+def resolve(env: Mapping[str, str] = os.environ, probe: tuple[str, int] = DEFAULT_BROKER) -> BrokerSettings:
     url = env.get("BROKER_URL", "").strip()
     explicit = bool(url)
     if not url:
-        url = DEFAULT_BROKER_URL if _listening(*probe) else EMBEDDED_URL
+        url = DEFAULT_BROKER_URL if listening(*probe) else EMBEDDED_URL
     embedded = url.startswith("filesystem:")
     if embedded:
         url = EMBEDDED_URL
@@ -108,7 +110,7 @@ def records_url(env: Mapping[str, str], embedded: bool, root: Path) -> str:
     url = env.get(RECORDS_URL_ENV, "").strip()
     if url:
         return url
-    if not embedded and _listening(*DEFAULT_REDIS):
+    if not embedded and listening(*DEFAULT_REDIS):
         return f"redis://{DEFAULT_REDIS[0]}:{DEFAULT_REDIS[1]}/0"
     return f"sqlite:///{root / 'records.sqlite3'}"
 
@@ -124,7 +126,7 @@ def _default_backend(url: str, root: Path) -> str:
     return "rpc://"
 
 
-def _listening(host: str, port: int) -> bool:
+def listening(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
             return True

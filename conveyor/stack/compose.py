@@ -6,7 +6,8 @@ one fixed project name (COMPOSE_PROJECT_NAME, default `conveyor`), so `down` rem
 containers and networks and nothing else on the engine.
 
 Which compose file: COMPOSE_FILES if set; else docker-compose.host.yml (host network, no broker
-service), which is how tests and CI run and how workers on several hosts join one broker (see
+service), which is how tests and CI run and how workers on several hosts join one broker, or
+docker-compose.yml when the stack brings its own RabbitMQ (conveyor/stack/choice.py decides; see
 compose_files). The containers get the host app's BROKER_URL, RESULT_BACKEND and config file, so
 they never decide differently from the app that dispatches to them.
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 from conveyor.settings.environment import PROJECT_ROOT, RECORDS_URL_ENV, BrokerSettings, run_dir
 from conveyor.settings.config import ServiceConfig
 from conveyor.errors import StackError
+from conveyor.stack import credentials
 from conveyor.stack.base import Replica, Stack
 from conveyor.settings.context import settings_of
 
@@ -39,7 +41,13 @@ DEFAULT_PROJECT = "conveyor"
 FULL_FILE = "docker-compose.yml"
 HOST_FILE = "docker-compose.host.yml"
 BROKER_SERVICE = "rabbitmq"  # the broker service of docker-compose.yml, started before the workers
+BROKER_IMAGE_ENV = "CONVEYOR_BROKER_IMAGE"  # the image of that service
+DEFAULT_BROKER_IMAGE = "rabbitmq:3-management"  # docker-compose.yml's default for the same variable
 CONFIG_FILE_ENV = "CONVEYOR_CONFIG_FILE"  # the host path the compose files mount as the workers' config
+# Containers and the embedded broker never go together (conveyor/stack/choice.py says so first).
+EMBEDDED_REFUSAL = ("the embedded filesystem broker lives in files on this machine that containers cannot reach; "
+                    "unset BROKER_URL with Docker running (compose then brings its own RabbitMQ), or set "
+                    "BROKER_URL=amqp://USER:PASSWORD@HOST:5672//, or use STACK=local")
 # Time allowed for a compose command beyond the warm-shutdown grace (image builds, container starts).
 COMMAND_SLACK_S = 600
 
@@ -68,19 +76,23 @@ def project_name(env: Mapping[str, str] = os.environ) -> str:
     return name
 
 
-def compose_files(settings: BrokerSettings, env: Mapping[str, str] = os.environ) -> list[Path]:
-    """COMPOSE_FILES if set. Otherwise the host-network file whenever the app has a real broker, on
-    this machine or another: containers on the host network reach it exactly as the host does, so
-    workers on several hosts all join the one broker. docker-compose.yml, which brings its own
-    RabbitMQ, is then only for COMPOSE_FILES (e.g. Docker Desktop, without host networking) and the
-    no-broker case, where starting workers fails with what to do."""
+def broker_image(env: Mapping[str, str] = os.environ) -> str:
+    return env.get(BROKER_IMAGE_ENV, "").strip() or DEFAULT_BROKER_IMAGE
+
+
+def compose_files(own_broker: bool, env: Mapping[str, str] = os.environ) -> list[Path]:
+    """COMPOSE_FILES if set. Otherwise the host-network file whenever the app has a broker of its
+    own, on this machine or another: containers on the host network reach it exactly as the host
+    does, so workers on several hosts all join the one broker. docker-compose.yml, which brings its
+    own RabbitMQ, when the stack is to run the broker too (`own_broker`: nothing answered on
+    127.0.0.1:5672), and for COMPOSE_FILES (e.g. Docker Desktop, without host networking)."""
     raw = env.get(FILES_ENV, "").strip()
     if raw:
         names = [part for part in re.split(rf"[,{re.escape(os.pathsep)}]", raw) if part.strip()]
         files = [(PROJECT_ROOT / name.strip()).resolve() for name in names]
         source = f"{FILES_ENV}={raw}"
     else:
-        files = [PROJECT_ROOT / (FULL_FILE if settings.embedded else HOST_FILE)]
+        files = [PROJECT_ROOT / (FULL_FILE if own_broker else HOST_FILE)]
         source = "the default"
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
@@ -91,11 +103,15 @@ def compose_files(settings: BrokerSettings, env: Mapping[str, str] = os.environ)
 class ComposeStack(Stack):
     name = "compose"
 
-    def __init__(self, app, config) -> None:
+    def __init__(self, app, config, own_broker: bool = False) -> None:
+        """`own_broker`: the stack runs the broker too (docker-compose.yml's rabbitmq service), with
+        the credentials of credentials.py; the app's broker URL then points at it."""
         super().__init__(app, config)
         self.settings: BrokerSettings = settings_of(app).broker
         self.project = project_name()
-        self.files = compose_files(self.settings)
+        self.own_broker = own_broker
+        self._broker_started = False
+        self.files = compose_files(own_broker)
         # Warm shutdown gets at least the config's grace before compose kills a container.
         self.stop_timeout_s = max(1, math.ceil(self.config.stop_grace_s))
         self._records_warned = False
@@ -104,6 +120,9 @@ class ComposeStack(Stack):
     def _env(self) -> dict[str, str]:
         """What the compose files interpolate: the app's own broker settings and config file."""
         env = {**os.environ, **self.settings.worker_env(), PROJECT_ENV: self.project}
+        if self.own_broker:
+            env.update(credentials.ensure(self.project).compose_env())
+            env[BROKER_IMAGE_ENV] = broker_image()
         if self.config.source:
             env[CONFIG_FILE_ENV] = str(self.config.source)
         if self._records_in_a_file():
@@ -148,10 +167,7 @@ class ComposeStack(Stack):
 
     def _check_startable(self) -> None:
         if self.settings.embedded:
-            raise StackError("the embedded filesystem broker lives in files on this machine that containers cannot "
-                             "reach; start RabbitMQ (e.g. `docker compose -p conveyor-broker up -d rabbitmq` with "
-                             "credentials in .env) and set BROKER_URL=amqp://USER:PASSWORD@127.0.0.1:5672//, "
-                             "or use STACK=local (see docs/deployment.md)")
+            raise StackError(EMBEDDED_REFUSAL)
         if self._records_in_a_file() and not self._records_warned:
             self._records_warned = True
             log.warning("Task records are in a SQLite file, which worker containers cannot reach, so the containers "
@@ -175,9 +191,9 @@ class ComposeStack(Stack):
     def replicas(self) -> list[Replica]:
         """Containers of the config's worker services in our project, running or not (the broker and
         Flower are not replicas). The node name is left unknown: readiness is judged by pings."""
-        out = _docker("ps", "--all", "--no-trunc",
-                      "--filter", f"label=com.docker.compose.project={self.project}",
-                      "--format", '{{.ID}}\t{{.Label "com.docker.compose.service"}}\t{{.State}}\t{{.Label "com.docker.compose.oneoff"}}')
+        out = docker("ps", "--all", "--no-trunc",
+                     "--filter", f"label=com.docker.compose.project={self.project}",
+                     "--format", '{{.ID}}\t{{.Label "com.docker.compose.service"}}\t{{.State}}\t{{.Label "com.docker.compose.oneoff"}}')
         ours = {s.name for s in self.config.services}
         found = []
         for line in out.splitlines():
@@ -192,10 +208,15 @@ class ComposeStack(Stack):
         service when the compose file has one, then every worker service at its configured count."""
         self._check_startable()
         self.build()
-        if BROKER_SERVICE in self.services:
+        self._start_broker(wait_s)
+        super().up(wait_s)
+
+    def _start_broker(self, wait_s: float = 60.0) -> None:
+        """The compose file's broker service, when it has one, up and healthy before any worker."""
+        if BROKER_SERVICE in self.services and not self._broker_started:
             self._compose("up", "--detach", "--no-recreate", BROKER_SERVICE)
             self._wait_healthy(BROKER_SERVICE, wait_s)
-        super().up(wait_s)
+            self._broker_started = True
 
     def build(self) -> None:
         """Build the worker image from the current code; unchanged layers come from the cache."""
@@ -208,6 +229,7 @@ class ComposeStack(Stack):
     def _scale(self, service: ServiceConfig, count: int) -> None:
         if count > 0:
             self._check_startable()
+            self._start_broker()
         self._check_defined(service.name)
         self._set_desired(service.name, count)
         # Only the named service is touched: --no-deps keeps compose from starting (or recreating)
@@ -223,8 +245,8 @@ class ComposeStack(Stack):
         status = "missing"
         while time.monotonic() < deadline:
             ids = self._compose("ps", "-q", service).split()
-            status = _docker("inspect", "--format", "{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}",
-                             *ids).strip() if ids else "missing"
+            status = docker("inspect", "--format", "{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}",
+                            *ids).strip() if ids else "missing"
             if status in ("healthy", "running"):
                 return
             time.sleep(1)
@@ -242,7 +264,7 @@ class ComposeStack(Stack):
         os.execvpe(cmd[0], cmd, self._env())
 
 
-def _docker(*args: str) -> str:
+def docker(*args: str) -> str:
     try:
         done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:
