@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import socket
+import subprocess
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
-from conftest import run_cli, wait_for, write_config
+from conftest import run_cli, unavailable, wait_for, write_config
 from conveyor import deadletter, queues
 from conveyor.config import Monitoring
 from conveyor.dispatch import dispatch
-from conveyor.monitor import Monitor, dashboard, prometheus
+from conveyor.monitor import Monitor, dashboard, metrics, prometheus
 
 pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("broker_env")]
 
@@ -86,13 +89,7 @@ def test_the_monitor_reports_exactly_the_dispatched_counts(local_stack, make_app
         # The Prometheus endpoint serves the same figures, in exposition format the official parser reads.
         with urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/metrics", timeout=5) as response:
             text = response.read().decode()
-        samples = {(s.name, s.labels.get("name"), s.labels.get("le")): s.value
-                   for family in text_string_to_metric_families(text) for s in family.samples}
-        for name, expected in EXPECTED.items():
-            got = tuple(samples[f"celery_task_{field}_total", name, None] for field in FIELDS)
-            assert got == expected, name
-            assert samples["celery_task_runtime_seconds_count", name, None] == expected[1]
-            assert samples["celery_task_runtime_seconds_bucket", name, "+Inf"] == expected[1]
+        check_exposition(text, stack)
 
         # The dashboard draws those numbers.
         console = Console(record=True, width=160)
@@ -116,6 +113,51 @@ def test_the_monitor_reports_exactly_the_dispatched_counts(local_stack, make_app
     stamps = {line.rsplit(" ", 1)[1] for line in lines_file.read_text().splitlines()}
     assert len(stamps) >= 3  # one per sample, at the collect interval, not one per batch
     assert deadletter.drain(app)  # leave the dead-letter queue empty for the next test
+
+
+def check_exposition(text: str, stack) -> None:
+    """The scrape after the dispatch: the Celery exporter's names, labels and buckets (as
+    conveyor.monitor.metrics declares them, which tests/test_metrics_exporter.py holds against the
+    exporter's source), with the dispatch's counts; and promtool's linter finds nothing but the
+    exporter's own `_count` gauge names."""
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for spec in metrics.ALL:
+        assert spec.name in families, spec.name
+        assert families[spec.name].type == spec.kind, spec.name
+        for sample in families[spec.name].samples:
+            extra = {"le"} if sample.name.endswith("_bucket") else set()
+            assert set(sample.labels) == set(spec.labels) | extra, (sample.name, sample.labels)
+
+    def total(sample_name: str, name: str, **labels: str) -> float:
+        family = families[sample_name.removesuffix("_total").removesuffix("_count").removesuffix("_bucket")]
+        return sum(s.value for s in family.samples if s.name == sample_name and s.labels["name"] == name
+                   and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    for name, expected in EXPECTED.items():
+        assert tuple(total(f"celery_task_{field}_total", name) for field in FIELDS[:4]) == expected[:4], name
+        assert total("conveyor_task_dead_lettered_total", name) == expected[4]
+        assert total("celery_task_runtime_count", name) == total("celery_task_runtime_bucket", name, le="+Inf") == expected[1]
+        assert total("conveyor_task_wait_seconds_count", name) == expected[0]  # every task started once at least
+    # The always-failing task_b failed with conveyor's DeadLettered, and says so in `exception`.
+    assert total("celery_task_failed_total", "task_b", exception="DeadLettered") == 1
+    assert {s.labels["le"] for s in families["celery_task_runtime"].samples if s.name.endswith("_bucket")} == \
+        {*(repr(float(b)) for b in metrics.TASK_RUNTIME.buckets), "+Inf"}
+    # hostname is the host part of the workers' node names, as the exporter sets it.
+    hosts = {s.labels["hostname"] for s in families["celery_task_succeeded"].samples}
+    assert hosts == {socket.gethostname()}
+    up = {s.labels["hostname"]: s.value for s in families["celery_worker_up"].samples}
+    assert len(up) == 2 and set(up.values()) == {1.0}
+    queue_workers = {s.labels["queue_name"]: s.value for s in families["celery_active_worker_count"].samples}
+    assert (queue_workers["queue_a"], queue_workers["queue_b"]) == (1, 1)
+    assert families["conveyor_dead_letter_max_messages"].samples[0].value == stack.config.monitoring.dead_letter_max_messages
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        unavailable("promtool (Debian package prometheus)")
+    lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    problems = [line for line in (lint.stdout + lint.stderr).splitlines() if line.strip()]
+    exporter_count_gauges = {s.name for s in metrics.EXPORTER if s.kind == "gauge" and s.name.endswith("_count")}
+    assert problems and all(line.split()[0] in exporter_count_gauges and "_count" in line for line in problems), problems
 
 
 def test_queue_depth_in_the_snapshot_is_the_brokers_own(make_app, broker_env, rabbitmq_url, tmp_path):
