@@ -5,10 +5,13 @@ with the broker's own figure."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import time
 import urllib.request
 
 import pytest
@@ -188,3 +191,35 @@ def test_queue_depth_in_the_snapshot_is_the_brokers_own(make_app, broker_env, ra
         assert {t["name"] for t in snap["tasks"]} == {"task_a", "task_b"}
     finally:
         purge(app)
+
+
+def test_a_killed_worker_is_marked_down_within_the_interval_then_forgotten(local_stack, tmp_path):
+    """SIGKILL sends no worker-offline: only the heartbeats stopping tell, and the endpoint must
+    say so within worker_down_after_s (plus one heartbeat), then drop the worker."""
+    config_file = write_config(tmp_path / "kill.yml", CONFIG)
+    stack = local_stack(config_file)
+    settings = Monitoring(collect_interval_s=0.5, emit_interval_s=1, prometheus_port=0,
+                          worker_down_after_s=4, worker_forget_after_s=8)
+    monitor = Monitor(stack, settings).start()
+    server = prometheus.serve(monitor, "127.0.0.1", 0)
+
+    def worker_up() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        return {s.labels["hostname"]: s.value for f in text_string_to_metric_families(text)
+                if f.name == "celery_worker_up" for s in f.samples}
+
+    try:
+        victim = next(r for r in stack.replicas() if r.service == "worker-b")
+        wait_for(lambda: worker_up().get(victim.node) == 1, 10, f"a heartbeat of {victim.node}")
+        os.killpg(int(victim.ident), signal.SIGKILL)
+        killed_at = time.monotonic()
+        # Its last heartbeat was at most one heartbeat (2 s) before the kill.
+        wait_for(lambda: worker_up().get(victim.node) == 0, 4 + 2 + 1, f"{victim.node} to be marked down")
+        assert time.monotonic() - killed_at <= 4 + 2 + 1
+        others = {node: up for node, up in worker_up().items() if node != victim.node}
+        assert list(others.values()) == [1]  # the worker-a replica is untouched
+        wait_for(lambda: victim.node not in worker_up(), 8 + 2 + 1, f"{victim.node} to be forgotten")
+    finally:
+        server.shutdown()
+        monitor.stop()
