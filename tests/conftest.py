@@ -188,3 +188,20 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
 
 def queue_depth(app, name: str) -> int:
     return queues.stats(app, [name])[0].messages_ready or 0
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now, for a server a test starts (Prometheus, Flower)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 15) -> None:
+    """End a server the test started: SIGTERM, then SIGKILL if it does not exit in time."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -20,6 +20,7 @@ from conftest import ROOT, queue_depth, run_cli, unavailable, wait_for, write_co
 from kombu import Queue
 
 from conveyor import workers
+from conveyor.chaos.actors import Killer
 from conveyor.errors import StackError
 from conveyor.stack import docker_available
 from conveyor.stack.compose import ComposeStack, compose_command, project_name
@@ -458,3 +459,33 @@ def test_containers_refuse_a_config_they_cannot_read(make_app, tmp_path: Path, m
     app = make_app(config_file)
     with pytest.raises(StackError, match="chmod o\\+r"):
         ComposeStack(app, app.conveyor_config).scale("worker-a", 1)
+
+
+@pytest.mark.timeout(300)
+def test_the_chaos_killer_kills_a_replica_and_the_stack_brings_it_back(stack_up) -> None:
+    """The chaos killer on either stack: SIGKILL (a compose replica's container through the Docker
+    SDK, a local one's process group), then the replica count is restored and tasks run again."""
+    app, stack = stack_up()
+    wait_for(lambda: len(workers.ping(app)) == 2, 30, "both workers to answer")
+    started_at = {c.id[:12]: c.attrs["State"]["StartedAt"] for c in
+                  (stack.engine.containers.get(r.ident) for r in stack.replicas())} if stack.name == "compose" else {}
+    killer = Killer(stack, replicas=1, every_s=1, seed=7)
+    killer.start()
+    try:
+        wait_for(lambda: killer.kills >= 1, 30, "the killer's first kill")
+    finally:
+        killer.stop.set()
+        killer.join(timeout=120)
+    assert not killer.is_alive()
+    [victim] = killer.victims
+    wait_for(lambda: workers.responding(app) == Counter({"worker-a": 1, "worker-b": 1}), WAIT_S,
+             "one replica of each service to answer again")
+    assert sorted(r.service for r in stack.replicas() if r.running) == ["worker-a", "worker-b"]
+    if stack.name == "compose":
+        # compose started the killed container again (the same one: --no-recreate), later than before.
+        container = stack.engine.containers.get(victim.ident)
+        assert container.status == "running" and container.attrs["State"]["StartedAt"] > started_at[victim.ident]
+    else:
+        assert victim.ident not in {r.ident for r in stack.replicas()}  # a new process took its place
+    results = _collect(_send(app, "task_a", 2, duration_s=0) + _send(app, "task_b", 2, duration_s=0), timeout_s=60)
+    assert len(results) == 4

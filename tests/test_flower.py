@@ -6,25 +6,18 @@ and our queues must be on them."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.request
 
 import pytest
-from conftest import ROOT, unavailable, wait_for
+from conftest import ROOT, free_port, stop_process, unavailable, wait_for
 
 from conveyor.monitor import flower
 
 pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("broker_env")]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
                   "--disable-component-update", "--disable-sync", "--disable-quic"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def chromium() -> str:
@@ -63,12 +56,7 @@ def flower_url(tmp_path):
         wait_for(answering, 60, "Flower to answer", interval_s=0.5)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def test_flower_shows_our_workers_a_finished_task_and_the_queues(local_stack, flower_url, tmp_path):

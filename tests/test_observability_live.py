@@ -10,14 +10,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.parse
 import urllib.request
 
 import pytest
-from conftest import unavailable, wait_for, write_config
+from conftest import free_port, stop_process, unavailable, wait_for, write_config
 from test_monitor_broker import CONFIG, purge
 from test_observability import RULES, dashboard_expressions, grafana_substituted
 
@@ -30,12 +29,6 @@ pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("broker_env")]
 SCRAPE_INTERVAL_S = 1
 # Grafana's $__rate_interval is at least four scrape intervals; 15 s leaves room for a late scrape.
 LIVE_VARIABLES = {"$__rate_interval": "15s"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -77,12 +70,7 @@ def prometheus_server(tmp_path):
 
     yield start
     for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def live(expr: str) -> str:

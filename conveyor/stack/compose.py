@@ -9,6 +9,11 @@ Which compose file: COMPOSE_FILES if set; else docker-compose.host.yml (host net
 service), which is how tests and CI run and how workers on several hosts join one broker (see
 compose_files). The containers get the host app's BROKER_URL, RESULT_BACKEND and config file, so
 they never decide differently from the app that dispatches to them.
+
+Compose does what it is for: build, `up --scale`, `down`. Everything that looks at or acts on
+single containers goes through the Docker SDK for Python (the `docker` package) instead of
+parsing `docker` CLI output: listing the project's containers by their compose labels, their
+health, their logs, and killing a replica (the chaos killer).
 """
 
 from __future__ import annotations
@@ -21,9 +26,15 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
+
+import docker
+from docker.errors import DockerException, NotFound
+from docker.models.containers import Container
 
 from ..broker import PROJECT_ROOT, RECORDS_URL_ENV, BrokerSettings, run_dir
 from ..config import ServiceConfig
@@ -41,6 +52,12 @@ BROKER_SERVICE = "rabbitmq"  # the broker service of docker-compose.yml, started
 CONFIG_FILE_ENV = "CONVEYOR_CONFIG_FILE"  # the host path the compose files mount as the workers' config
 # Time allowed for a compose command beyond the warm-shutdown grace (image builds, container starts).
 COMMAND_SLACK_S = 600
+PROJECT_LABEL = "com.docker.compose.project"  # the labels compose puts on every container it creates
+SERVICE_LABEL = "com.docker.compose.service"
+ONEOFF_LABEL = "com.docker.compose.oneoff"
+NUMBER_LABEL = "com.docker.compose.container-number"
+ENGINE_TIMEOUT_S = 60
+LOG_TAIL_LINES = 50
 
 
 @functools.lru_cache(maxsize=1)
@@ -171,19 +188,57 @@ class ComposeStack(Stack):
             counts[replica.service] = counts.get(replica.service, 0) + 1
         return counts
 
+    # --- containers, through the Docker SDK ------------------------------------------------
+    @functools.cached_property
+    def engine(self) -> docker.DockerClient:
+        """The Docker engine, as DOCKER_HOST and friends name it (the same one compose uses)."""
+        try:
+            return docker.from_env(timeout=ENGINE_TIMEOUT_S)
+        except DockerException as exc:
+            raise StackError(f"cannot reach the Docker engine ({exc}); is it running? `docker info` tells") from None
+
+    def containers(self, service: str | None = None) -> list[Container]:
+        """Every container of our project (of one service, if named), running or not, one-off runs left out."""
+        labels = [f"{PROJECT_LABEL}={self.project}", *([f"{SERVICE_LABEL}={service}"] if service else [])]
+        try:
+            found = self.engine.containers.list(all=True, sparse=True, filters={"label": labels})
+        except DockerException as exc:
+            raise StackError(f"cannot list the containers of compose project {self.project}: {exc}") from None
+        return [c for c in found if (c.attrs.get("Labels") or {}).get(ONEOFF_LABEL, "").lower() != "true"]
+
     def replicas(self) -> list[Replica]:
         """Containers of the config's worker services in our project, running or not (the broker and
         Flower are not replicas). The node name is left unknown: readiness is judged by pings."""
-        out = _docker("ps", "--all", "--no-trunc",
-                      "--filter", f"label=com.docker.compose.project={self.project}",
-                      "--format", '{{.ID}}\t{{.Label "com.docker.compose.service"}}\t{{.State}}\t{{.Label "com.docker.compose.oneoff"}}')
         ours = {s.name for s in self.config.services}
         found = []
-        for line in out.splitlines():
-            ident, service, state, oneoff = (line.split("\t") + ["", "", "", ""])[:4]
-            if service in ours and oneoff.lower() != "true":
-                found.append(Replica(service, ident[:12], None, state == "running"))
+        for container in self.containers():
+            service = (container.attrs.get("Labels") or {}).get(SERVICE_LABEL, "")
+            if service in ours:
+                found.append(Replica(service, container.id[:12], None, container.attrs.get("State") == "running"))
         return sorted(found, key=lambda r: (r.service, r.ident))
+
+    def kill(self, replica: Replica) -> None:
+        """SIGKILL a replica's container, as the OOM killer or a lost machine would: no warm shutdown.
+        Its restart policy (unless-stopped) brings it back, as a supervisor would."""
+        try:
+            self.engine.containers.get(replica.ident).kill(signal="SIGKILL")
+        except NotFound:
+            return  # gone already
+        except DockerException as exc:
+            raise StackError(f"cannot kill container {replica.ident} of {replica.service}: {exc}") from None
+
+    def health(self, service: str) -> str:
+        """The health of the service's container (`healthy`, `starting`, ...; its state if it has no
+        healthcheck; `missing` if there is none)."""
+        states = []
+        for container in self.containers(service):
+            try:
+                container = self.engine.containers.get(container.id)  # the full record has the health
+            except NotFound:
+                continue
+            state = container.attrs.get("State") or {}
+            states.append((state.get("Health") or {}).get("Status") or state.get("Status") or "unknown")
+        return states[0] if len(states) == 1 else ("missing" if not states else ",".join(sorted(states)))
 
     # --- scaling -----------------------------------------------------------------------
     def up(self, wait_s: float = 60.0) -> None:
@@ -221,9 +276,7 @@ class ComposeStack(Stack):
         deadline = time.monotonic() + timeout_s
         status = "missing"
         while time.monotonic() < deadline:
-            ids = self._compose("ps", "-q", service).split()
-            status = _docker("inspect", "--format", "{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}",
-                             *ids).strip() if ids else "missing"
+            status = self.health(service)
             if status in ("healthy", "running"):
                 return
             time.sleep(1)
@@ -237,18 +290,40 @@ class ComposeStack(Stack):
         log.info("Removed the containers and networks of compose project %s.", self.project)
 
     def logs(self, follow: bool = True) -> None:
-        cmd = self._argv("logs", "--tail", "50", *(["--follow"] if follow else []))
-        os.execvpe(cmd[0], cmd, self._env())
+        """The last lines of every container of the project, each line prefixed with its container
+        (`worker-a-2 | ...`), and with follow, what they print from then on, until interrupted."""
+        containers = sorted(self.containers(), key=_container_name)
+        if not containers:
+            log.warning("Compose project %s has no containers; `make up` starts them.", self.project)
+            return
+        out_lock = threading.Lock()
+
+        def show(container: Container) -> None:
+            prefix = f"{_container_name(container)} | "
+            try:
+                stream = container.logs(stream=True, follow=follow, tail=LOG_TAIL_LINES)
+                pending = b""
+                for chunk in stream:
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    with out_lock:
+                        for line in lines:
+                            sys.stdout.write(prefix + line.decode(errors="replace") + "\n")
+                        sys.stdout.flush()
+            except DockerException as exc:
+                log.warning("The logs of %s ended: %s.", _container_name(container), exc)
+
+        threads = [threading.Thread(target=show, args=(c,), daemon=True) for c in containers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():  # joined in slices, so Ctrl-C interrupts a follow at once
+                thread.join(0.5)
 
 
-def _docker(*args: str) -> str:
-    try:
-        done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise StackError(f"`docker {args[0]}` did not run ({exc}); is the Docker engine up?") from None
-    if done.returncode != 0:
-        raise StackError(f"`docker {' '.join(args[:2])}` failed (exit {done.returncode}): {_tail(done.stderr)}")
-    return done.stdout
+def _container_name(container: Container) -> str:
+    labels = container.attrs.get("Labels") or {}
+    return f"{labels.get(SERVICE_LABEL, '?')}-{labels.get(NUMBER_LABEL, '?')}"
 
 
 def _tail(text: str, lines: int = 12) -> str:
