@@ -10,13 +10,15 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, queue_depth, run_cli, unavailable, wait_for, write_config
+from conftest import ROOT, free_port, queue_depth, run_cli, unavailable, wait_for, write_config
+from test_flower import rendered
 from kombu import Queue
 
 from conveyor import workers
@@ -240,10 +242,16 @@ def test_compose_files_allow_scaling_and_stay_on_loopback(name: str) -> None:
         assert int(grace.rstrip("s")) > 30, "stop_grace_period must outlast the longest task (and stop_grace_s)"
         assert "build" in service and service["image"]
     assert services["flower"]["profiles"] == ["flower"]
+    # Flower is built from our Dockerfile (nothing to pull), the workers from its worker stage.
+    assert services["flower"]["build"]["target"] == "flower" and "conveyor-flower" in services["flower"]["image"]
+    assert all(services[w]["build"]["target"] == "worker" for w in ("worker-a", "worker-b"))
 
 
 def test_full_compose_file_has_a_healthy_broker_with_its_own_credentials() -> None:
     services = _compose_yaml("docker-compose.yml")["services"]
+    assert services["rabbitmq"]["image"] == "rabbitmq:4-management"
+    # Its Prometheus plugin's port, on loopback like the others.
+    assert any(str(p).startswith("127.0.0.1:") and str(p).endswith(":15692") for p in services["rabbitmq"]["ports"])
     env = services["rabbitmq"]["environment"]
     assert "guest" not in str(env) and "${RABBITMQ_PASSWORD:?" in env["RABBITMQ_DEFAULT_PASS"]
     assert services["rabbitmq"]["healthcheck"]["test"]
@@ -489,3 +497,40 @@ def test_the_chaos_killer_kills_a_replica_and_the_stack_brings_it_back(stack_up)
         assert victim.ident not in {r.ident for r in stack.replicas()}  # a new process took its place
     results = _collect(_send(app, "task_a", 2, duration_s=0) + _send(app, "task_b", 2, duration_s=0), timeout_s=60)
     assert len(results) == 4
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("stack_up", [pytest.param("compose", marks=docker)], indirect=True)
+def test_the_compose_flower_service_is_built_from_our_image_and_sees_the_stack(stack_up, tmp_path) -> None:
+    """`docker compose --profile flower up --build flower`, as docs/deployment.md says: built from
+    the Dockerfile's flower stage (nothing pulled), on the same broker and config as the workers,
+    its Broker tab on the management API; checked in headless Chromium."""
+    app, stack = stack_up()
+    nodes = wait_for(lambda: len(workers.ping(app)) == 2 and workers.ping(app), 30, "both workers to answer")
+    port, image = free_port(), f"conveyor-flower:test-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, **stack.settings.worker_env(), "COMPOSE_PROJECT_NAME": stack.project,
+           "CONVEYOR_CONFIG_FILE": str(stack.config.source), "FLOWER_PORT": str(port), "CONVEYOR_FLOWER_IMAGE": image}
+    up = subprocess.run([*compose_command(), "--file", "docker-compose.host.yml", "--profile", "flower",
+                         "up", "--detach", "--build", "flower"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=800)
+    try:
+        assert up.returncode == 0, up.stderr[-3000:]
+        [container] = [stack.engine.containers.get(c.id) for c in stack.containers("flower")]
+        assert container.image.tags == [image]  # our build, under the name the compose file gives it
+        assert container.attrs["Config"]["Entrypoint"] == ["python", "-m", "conveyor.monitor.flower"]
+        url = f"http://127.0.0.1:{port}"
+
+        def answering() -> bool:
+            try:
+                with urllib.request.urlopen(f"{url}/healthcheck", timeout=2) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+
+        wait_for(answering, 60, "the Flower container to answer", interval_s=0.5)
+        wait_for(lambda: all(n in rendered(f"{url}/workers", tmp_path / "p0") for n in nodes), 60,
+                 "Flower in its container to list every worker", interval_s=1)
+        assert "queue_a" in rendered(f"{url}/broker", tmp_path / "p1")
+    finally:
+        for found in stack.containers("flower"):
+            found.remove(force=True)
+        subprocess.run(["docker", "image", "rm", image], capture_output=True, timeout=120)
