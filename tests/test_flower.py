@@ -11,11 +11,10 @@ import sys
 import urllib.request
 
 import pytest
-from conftest import ROOT, free_port, stop_process, unavailable, wait_for
+from conftest import ROOT, free_port, run_cli, stop_process, unavailable, wait_for
 
 from conveyor.monitor import flower
 
-pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("broker_env")]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
                   "--disable-component-update", "--disable-sync", "--disable-quic"]
 
@@ -59,6 +58,8 @@ def flower_url(tmp_path):
         stop_process(proc)
 
 
+@pytest.mark.broker
+@pytest.mark.usefixtures("broker_env")
 def test_flower_shows_our_workers_a_finished_task_and_the_queues(local_stack, flower_url, tmp_path):
     stack = local_stack()
     app = stack.app
@@ -85,3 +86,9 @@ def test_broker_api_is_the_management_api_with_the_brokers_credentials(monkeypat
     assert flower.broker_api(settings) == "http://us%40er:p%2Fss@10.0.0.5:15672/api/"
     monkeypatch.setenv("RABBITMQ_MANAGEMENT_URL", "https://mq.example:443/")
     assert flower.broker_api(settings) == "https://us%40er:p%2Fss@mq.example:443/api/"
+
+
+def test_flower_refuses_the_embedded_broker_in_one_line(tmp_path):
+    proc = run_cli("-m", "conveyor.monitor.flower", env={"BROKER_URL": "filesystem://", "CONVEYOR_RUN_DIR": str(tmp_path)})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "the embedded filesystem broker has no management API" in lines[0]
