@@ -129,8 +129,10 @@ class Monitoring(Strict):
     # Celery workers send a heartbeat every 2 s; Celery itself calls a worker gone after 2 missed.
     worker_down_after_s: float = Field(10.0, ge=1, le=3600, description=(
         "a worker whose heartbeats stop is down (celery_worker_up 0) after this long"))
-    worker_forget_after_s: float = Field(600.0, ge=1, le=7 * 24 * 3600, description=(
-        "...and forgotten after this long, with its host's task series (the Celery exporter's purge)"))
+    # Longer than the `for: 15m` of celery-mixin's CeleryWorkerDown, so that alert fires too (the
+    # exporter's own 10 min purge removes a dead worker before it can).
+    worker_forget_after_s: float = Field(1800.0, ge=1, le=7 * 24 * 3600, description=(
+        "...and forgotten after this long, with its host's task series (as the Celery exporter purges them)"))
     dead_letter_max_messages: int = Field(10_000, ge=1, description=(
         "the dead-letter queue's bound for the dashboard and alerts when the broker sets no max-length"))
 

@@ -133,7 +133,7 @@ class Accounting:
 
     def __init__(self, latency_window_tasks: int = 1000, rate_window_s: float = 5.0,
                  since: float | None = None, max_tracked: int = MAX_TRACKED_TASKS,
-                 worker_down_after_s: float = 10.0, worker_forget_after_s: float = 600.0) -> None:
+                 worker_down_after_s: float = 10.0, worker_forget_after_s: float = 1800.0) -> None:
         self.since = time.time() if since is None else since
         self.series = Series()
         self._down_after_s, self._forget_after_s = worker_down_after_s, worker_forget_after_s
