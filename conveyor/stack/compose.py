@@ -219,7 +219,8 @@ class ComposeStack(Stack):
 
     def kill(self, replica: Replica) -> None:
         """SIGKILL a replica's container, as the OOM killer or a lost machine would: no warm shutdown.
-        Its restart policy (unless-stopped) brings it back, as a supervisor would."""
+        The engine does not apply the restart policy to a container it was told to kill, so the
+        caller starts it again (the chaos killer scales the service back to its count)."""
         try:
             self.engine.containers.get(replica.ident).kill(signal="SIGKILL")
         except NotFound:
