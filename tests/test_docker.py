@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT, free_port, queue_depth, run_cli, unavailable, wait_for, write_config
-from test_flower import rendered
+from test_flower import answers, rendered
 from kombu import Queue
 
 from conveyor import workers
@@ -518,15 +517,7 @@ def test_the_compose_flower_service_is_built_from_our_image_and_sees_the_stack(s
         assert container.image.tags == [image]  # our build, under the name the compose file gives it
         assert container.attrs["Config"]["Entrypoint"] == ["python", "-m", "conveyor.monitor.flower"]
         url = f"http://127.0.0.1:{port}"
-
-        def answering() -> bool:
-            try:
-                with urllib.request.urlopen(f"{url}/healthcheck", timeout=2) as response:
-                    return response.status == 200
-            except OSError:
-                return False
-
-        wait_for(answering, 60, "the Flower container to answer", interval_s=0.5)
+        wait_for(lambda: answers(url), 60, "the Flower container to answer", interval_s=0.5)
         wait_for(lambda: all(n in rendered(f"{url}/workers", tmp_path / "p0") for n in nodes), 60,
                  "Flower in its container to list every worker", interval_s=1)
         assert "queue_a" in rendered(f"{url}/broker", tmp_path / "p1")

@@ -35,6 +35,15 @@ def rendered(url: str, profile) -> str:
     return done.stdout
 
 
+def answers(url: str) -> bool:
+    """Flower's own health check answers."""
+    try:
+        with urllib.request.urlopen(f"{url}/healthcheck", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 @pytest.fixture
 def flower_url(tmp_path):
     port = free_port()
@@ -44,12 +53,8 @@ def flower_url(tmp_path):
     url = f"http://127.0.0.1:{port}"
 
     def answering() -> bool:
-        try:
-            with urllib.request.urlopen(f"{url}/healthcheck", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            assert proc.poll() is None, (tmp_path / "flower.log").read_text()
-            return False
+        assert proc.poll() is None, (tmp_path / "flower.log").read_text()
+        return answers(url)
 
     try:
         wait_for(answering, 60, "Flower to answer", interval_s=0.5)
