@@ -361,3 +361,11 @@ def test_command_line_mistakes_are_one_line(args, message):
     proc = run_cli("monitor.py", *args)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_the_dead_letter_bound_is_the_brokers_max_length_where_it_sets_one():
+    from conveyor.monitor.snapshot import max_length
+
+    assert max_length({"arguments": {"x-max-length": 500}, "effective_policy_definition": {"max-length": 200}}) == 200
+    assert max_length({"arguments": {"x-max-length": 500}, "effective_policy_definition": {}}) == 500
+    assert max_length({"arguments": {}, "effective_policy_definition": None}) is None  # the config's bound then
