@@ -16,7 +16,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from conftest import free_port, stop_process, unavailable, wait_for, write_config
+from conftest import _management, free_port, stop_process, unavailable, wait_for, write_config
 from test_monitor_broker import CONFIG, purge
 from test_observability import RULES, dashboard_expressions, grafana_substituted
 
@@ -79,14 +79,25 @@ def live(expr: str) -> str:
     return grafana_substituted(expr)
 
 
-def test_every_panel_has_data_and_every_alert_fires_on_a_live_stack(local_stack, make_app, prometheus_server, tmp_path):
-    config_file = write_config(tmp_path / "live.yml", CONFIG + "monitoring: {dead_letter_max_messages: 1}\n")
+@pytest.fixture
+def dead_letter_policy(rabbitmq_url):
+    """A max-length of 2 on the session vhost's dead-letter queue, by policy, as an operator bounds it."""
+    vhost = rabbitmq_url.rsplit("/", 1)[1]
+    body = json.dumps({"pattern": "^dead_letter$", "definition": {"max-length": 2}, "apply-to": "queues"}).encode()
+    _management("PUT", f"policies/{vhost}/conveyor-test-dead-letter-bound", body)
+    yield 2
+    _management("DELETE", f"policies/{vhost}/conveyor-test-dead-letter-bound")
+
+
+def test_every_panel_has_data_and_every_alert_fires_on_a_live_stack(local_stack, make_app, prometheus_server,
+                                                                      dead_letter_policy, tmp_path):
+    config_file = write_config(tmp_path / "live.yml", CONFIG)
     purge(make_app(config_file))
     stack = local_stack(config_file)
     app = stack.app
     deadletter.drain(app)
     settings = Monitoring(collect_interval_s=0.5, emit_interval_s=1, prometheus_port=0, worker_down_after_s=3,
-                          worker_forget_after_s=600, dead_letter_max_messages=1)
+                          worker_forget_after_s=600)
     monitor = Monitor(stack, settings).start()
     server = prometheus.serve(monitor, "127.0.0.1", 0)
     try:
@@ -109,6 +120,10 @@ def test_every_panel_has_data_and_every_alert_fires_on_a_live_stack(local_stack,
         failing = app.send_task("task_b", kwargs={"duration_s": 0, "fail_first": 100})
         wait_for(lambda: sum(r["failed"] for r in monitor.snapshot()["tasks"]) >= 2, 30,
                  f"task {failing.id} to fail for good")
+
+        # The bound is the broker's (the policy), not the config's 10 000; both dead letters fill it.
+        bound = api("query", query='conveyor_dead_letter_max_messages{job="celery"}')["result"]
+        assert [float(r["value"][1]) for r in bound] == [dead_letter_policy]
 
         # Now the faults: worker-b is SIGKILLed and task_b keeps being sent to its queue.
         victim = next(r for r in stack.replicas() if r.service == "worker-b")
