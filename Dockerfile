@@ -1,7 +1,10 @@
 # The worker image: one image for every worker service; WORKER_SERVICE picks which one a container runs.
 #   docker build --network host -t conveyor-worker .
 #   docker run --network host -e WORKER_SERVICE=worker-a -e BROKER_URL=amqp://... conveyor-worker
-FROM python:3.11-slim
+# The `flower` stage is the same code plus Flower (requirements-flower.txt), for the compose
+# `flower` service: docker build --network host --target flower -t conveyor-flower .
+# The worker stage comes last, so a plain `docker build` still builds the worker.
+FROM python:3.11-slim AS base
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -16,6 +19,19 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
+FROM base AS flower
+# Flower's own layer before the code, so that a code change does not reinstall it.
+COPY requirements-flower.txt .
+RUN pip install --no-cache-dir -r requirements-flower.txt
+COPY celery_app.py test-config.yml ./
+COPY conveyor/ conveyor/
+USER conveyor
+ENV CONVEYOR_RUN_DIR=/tmp/conveyor \
+    CONVEYOR_CONFIG=/app/test-config.yml
+# Bound to loopback by default (FLOWER_ADDRESS): Flower can revoke tasks and stop workers, and has no login.
+ENTRYPOINT ["python", "-m", "conveyor.cli.flower"]
+
+FROM base AS worker
 COPY celery_app.py test-config.yml ./
 COPY conveyor/ conveyor/
 

@@ -22,7 +22,7 @@ help: ## Show every target and what it does (the default).
 
 install: $(STAMP) ## Create .venv and install the pinned dependencies (once; again when requirements change).
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-flower.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $(STAMP)
@@ -71,6 +71,9 @@ build: install ## Build the worker image (Docker).
 monitor: install ## Live dashboard of queues, workers and task types; Prometheus metrics on 127.0.0.1:9808.
 	$(PY) monitor.py
 
+flower: install ## Flower on http://127.0.0.1:5555 for the same broker and config, its Broker tab on the management API.
+	$(PY) -m conveyor.cli.flower
+
 chaos: install ## Fault injection: 10000 tasks (CHAOS_TASKS), 10 % failing, replicas SIGKILLed, a broker restart; exit 0 only if none is lost (CHAOS_ARGS=--partition).
 	$(PY) chaos.py --tasks "$(CHAOS_TASKS)" $(CHAOS_ARGS)
 
@@ -80,4 +83,4 @@ clean: ## Stop our workers and remove what the project created here (.run, cache
 	rm -rf .run .pytest_cache
 	find . -name __pycache__ -type d -not -path './$(VENV)/*' -prune -exec rm -rf {} +
 
-.PHONY: help install run load-test bench test up down ps logs status scale scale-all autoscale build monitor chaos clean
+.PHONY: help install run load-test bench test up down ps logs status scale scale-all autoscale build monitor flower chaos clean

@@ -17,9 +17,11 @@ The snapshot (--json; the dashboard draws the same; times are Unix seconds, null
   {"time", "counting_since", "sampled_at", "backend": "local"|"compose", "error": null|str,
    "queues":   [{"name", "messages_ready", "messages_unacked", "consumers",
                  "publish_rate_per_s", "deliver_rate_per_s",
-                 "retry_backlog", "dead_lettered"}],        last two null for dead_letter
-   "services": [{"name", "queues", "replicas_desired", "replicas_running",
+                 "retry_backlog", "dead_lettered",          these two null for dead_letter
+                 "workers_up", "processes_up"}],
+   "services": [{"name", "queues", "concurrency", "replicas_desired", "replicas_running",
                  "workers_responding", "tasks_active"}],
+   "dead_letter": {"messages", "max_messages"},
    "workers":  [{"hostname", "service", "alive", "tasks_active", "processed"}],
    "tasks":    [{"name", "queue", "sent", "received", "started", "succeeded", "retried",
                  "failed", "dead_lettered", "revoked", "rejected", "retrying",

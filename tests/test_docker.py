@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, queue_depth, run_cli, wait_for, write_config
+from helpers import ROOT, free_port, queue_depth, run_cli, wait_for, write_config
 from helpers.docker import TEST_IMAGE, project_containers, project_networks
+from helpers.flower import answers, rendered
 from kombu import Queue
 
+from conveyor.chaos.actors import Killer
 from conveyor.stack import control
 from conveyor.errors import StackError
 from conveyor.stack.compose import ComposeStack, compose_command, project_name
@@ -172,10 +174,16 @@ def test_compose_files_allow_scaling_and_stay_on_loopback(name: str) -> None:
         assert int(grace.rstrip("s")) > 30, "stop_grace_period must outlast the longest task (and stop_grace_s)"
         assert "build" in service and service["image"]
     assert services["flower"]["profiles"] == ["flower"]
+    # Flower is built from our Dockerfile (nothing to pull), the workers from its worker stage.
+    assert services["flower"]["build"]["target"] == "flower" and "conveyor-flower" in services["flower"]["image"]
+    assert all(services[w]["build"]["target"] == "worker" for w in ("worker-a", "worker-b"))
 
 
 def test_full_compose_file_has_a_healthy_broker_with_its_own_credentials() -> None:
     services = _compose_yaml("docker-compose.yml")["services"]
+    assert services["rabbitmq"]["image"] == "${CONVEYOR_BROKER_IMAGE:-rabbitmq:4-management}"  # RabbitMQ 4 unless the user names another
+    # Its Prometheus plugin's port, on loopback like the others.
+    assert any(str(p).startswith("127.0.0.1:") and str(p).endswith(":15692") for p in services["rabbitmq"]["ports"])
     env = services["rabbitmq"]["environment"]
     assert "guest" not in str(env) and "${RABBITMQ_PASSWORD:?" in env["RABBITMQ_DEFAULT_PASS"]
     assert services["rabbitmq"]["healthcheck"]["test"]
@@ -388,3 +396,62 @@ def test_containers_refuse_a_config_they_cannot_read(make_app, tmp_path: Path, m
     app = make_app(config_file)
     with pytest.raises(StackError, match="chmod o\\+r"):
         ComposeStack(app, settings_of(app).config).scale("worker-a", 1)
+
+
+@pytest.mark.timeout(300)
+def test_the_chaos_killer_kills_a_replica_and_the_stack_brings_it_back(stack_up) -> None:
+    """The chaos killer on either stack: SIGKILL (a compose replica's container through the Docker
+    SDK, a local one's process group), then the replica count is restored and tasks run again."""
+    app, stack = stack_up()
+    wait_for(lambda: len(control.ping(app)) == 2, 30, "both workers to answer")
+    started_at = {c.id[:12]: c.attrs["State"]["StartedAt"] for c in
+                  (stack.engine.containers.get(r.ident) for r in stack.replicas())} if stack.name == "compose" else {}
+    killer = Killer(stack, replicas=1, every_s=1, seed=7)
+    killer.start()
+    try:
+        wait_for(lambda: killer.kills >= 1, 30, "the killer's first kill")
+    finally:
+        killer.stop.set()
+        killer.join(timeout=120)
+    assert not killer.is_alive()
+    [victim] = killer.victims
+    wait_for(lambda: control.responding(app) == Counter({"worker-a": 1, "worker-b": 1}), WAIT_S,
+             "one replica of each service to answer again")
+    assert sorted(r.service for r in stack.replicas() if r.running) == ["worker-a", "worker-b"]
+    if stack.name == "compose":
+        # compose started the killed container again (the same one: --no-recreate), later than before.
+        container = stack.engine.containers.get(victim.ident)
+        assert container.status == "running" and container.attrs["State"]["StartedAt"] > started_at[victim.ident]
+    else:
+        assert victim.ident not in {r.ident for r in stack.replicas()}  # a new process took its place
+    results = _collect(_send(app, "task_a", 2, duration_s=0) + _send(app, "task_b", 2, duration_s=0), timeout_s=60)
+    assert len(results) == 4
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("stack_up", [pytest.param("compose", marks=docker)], indirect=True)
+def test_the_compose_flower_service_is_built_from_our_image_and_sees_the_stack(stack_up, tmp_path) -> None:
+    """`docker compose --profile flower up --build flower`, as docs/deployment.md says: built from
+    the Dockerfile's flower stage (nothing pulled), on the same broker and config as the workers,
+    its Broker tab on the management API; checked in headless Chromium."""
+    app, stack = stack_up()
+    nodes = wait_for(lambda: len(control.ping(app)) == 2 and control.ping(app), 30, "both workers to answer")
+    port, image = free_port(), f"conveyor-flower:test-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, **stack.settings.worker_env(), "COMPOSE_PROJECT_NAME": stack.project,
+           "CONVEYOR_CONFIG_FILE": str(stack.config.source), "FLOWER_PORT": str(port), "CONVEYOR_FLOWER_IMAGE": image}
+    up = subprocess.run([*compose_command(), "--file", "docker-compose.host.yml", "--profile", "flower",
+                         "up", "--detach", "--build", "flower"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=800)
+    try:
+        assert up.returncode == 0, up.stderr[-3000:]
+        [container] = [stack.engine.containers.get(c.id) for c in stack.containers("flower")]
+        assert container.image.tags == [image]  # our build, under the name the compose file gives it
+        assert container.attrs["Config"]["Entrypoint"] == ["python", "-m", "conveyor.cli.flower"]
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: answers(url), 60, "the Flower container to answer", interval_s=0.5)
+        wait_for(lambda: all(n in rendered(f"{url}/workers", tmp_path / "p0") for n in nodes), 60,
+                 "Flower in its container to list every worker", interval_s=1)
+        assert "queue_a" in rendered(f"{url}/broker", tmp_path / "p1")
+    finally:
+        for found in stack.containers("flower"):
+            found.remove(force=True)
+        subprocess.run(["docker", "image", "rm", image], capture_output=True, timeout=120)

@@ -206,6 +206,8 @@ def test_every_service_has_a_safe_deployment() -> None:
 
 
 def test_every_queue_scales_its_own_service_on_queue_length() -> None:
+    """On what `make autoscale` counts: ready + unacknowledged (the http protocol, not excluding
+    unacknowledged), one replica per target_backlog_per_replica, within the service's bounds."""
     config = load_config(ROOT / "test-config.yml")
     scaled = _of_kind("ScaledObject")
     auths = _of_kind("TriggerAuthentication")
@@ -220,7 +222,11 @@ def test_every_queue_scales_its_own_service_on_queue_length() -> None:
         for trigger in spec["triggers"]:
             meta = trigger["metadata"]
             assert trigger["type"] == "rabbitmq"
-            assert meta["mode"] == "QueueLength" and int(meta["value"]) > 0
+            assert meta["mode"] == "QueueLength" and int(meta["value"]) == service.target_backlog_per_replica
+            # amqp counts ready messages only: busy workers would be scaled down under a backlog.
+            assert meta["protocol"] == "http" and meta.get("excludeUnacknowledged", "false") == "false"
+            assert spec["minReplicaCount"] == service.min_replicas
+            assert spec["maxReplicaCount"] == config.max_replicas_of(service)
             assert meta["queueName"] in service.queues, f"{name} watches {meta['queueName']}, which {target} does not consume"
             assert trigger["authenticationRef"]["name"] in auths
             covered.add(meta["queueName"])
@@ -232,6 +238,8 @@ def test_keda_reads_the_broker_from_the_workers_secret() -> None:
     refs = {ref["parameter"]: (ref["name"], ref["key"]) for ref in auth["spec"]["secretTargetRef"]}
     for deployment in _of_kind("Deployment").values():
         ref = _env(_container(deployment))["BROKER_URL"]["valueFrom"]["secretKeyRef"]
-        assert refs["host"] == (ref["name"], ref["key"])
+        assert refs["host"][0] == ref["name"]  # one Secret: KEDA's URL sits beside the workers'
     (secret,) = _documents(DEPLOY / "secret.example.yaml")
-    assert (secret["metadata"]["name"], *secret["stringData"]) == refs["host"]
+    assert refs["host"] == (secret["metadata"]["name"], "MANAGEMENT_URL")
+    assert secret["stringData"]["MANAGEMENT_URL"].startswith("http://")  # what protocol http needs
+    assert secret["stringData"]["BROKER_URL"].startswith("amqp://")

@@ -14,7 +14,8 @@ from helpers import run_cli, write_config
 from conveyor.settings.config import load_config
 from conveyor.errors import ConfigError
 from conveyor.monitor import dashboard, influx
-from conveyor.monitor.accounting import Accounting, Buckets
+from conveyor.monitor.accounting import Accounting
+from conveyor.monitor.metrics import Buckets
 from conveyor.stats import percentile_linear
 from conveyor.monitor.prometheus import SnapshotCollector
 from conveyor.monitor.snapshot import compose
@@ -25,12 +26,13 @@ DL_EXCEPTION = "DeadLettered('SimulatedFailure: task_b failed attempt 4 on purpo
 
 def ev(kind: str, uuid: str, at: float, **fields) -> dict:
     """An event as Celery's Receiver hands it over: sender timestamp plus local arrival time."""
-    return {"type": kind, "uuid": uuid, "timestamp": T0 + at, "local_received": T0 + at + 0.001, **fields}
+    return {"type": kind, "uuid": uuid, "timestamp": T0 + at, "local_received": T0 + at + 0.001,
+            "hostname": "worker-a-1@h", **fields}
 
 
 def sent(uuid: str, at: float, name: str = "task_a", retries: int = 0, queue: str | None = None) -> dict:
     queue = queue or {"task_a": "queue_a", "task_b": "queue_b"}[name]
-    return ev("task-sent", uuid, at, name=name, retries=retries, queue=queue, routing_key=queue)
+    return ev("task-sent", uuid, at, name=name, retries=retries, queue=queue, routing_key=queue, hostname="gen42@h")
 
 
 def received(uuid: str, at: float, name: str = "task_a", retries: int = 0) -> dict:
@@ -45,6 +47,18 @@ def heartbeat(host: str, at: float, active: int) -> dict:
 def feed(acc: Accounting, events: list[dict]) -> None:
     for event in events:
         acc.record(event)
+
+
+def series(acc: Accounting, now: float = 0.0) -> dict[tuple[str, tuple], float]:
+    """The accounting's per-event series as exposition samples: (sample name, sorted labels) -> value."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(lambda: EMPTY_SNAPSHOT, lambda: acc.families(T0 + now)))
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
+
+
+EMPTY_SNAPSHOT = {"queues": [], "workers": [], "services": [], "dead_letter": {"messages": None, "max_messages": None}}
+A = (("name", "task_a"), ("queue_name", "queue_a"))
 
 
 def by_name(acc: Accounting, now: float) -> dict[str, dict]:
@@ -120,7 +134,10 @@ def test_events_arriving_out_of_order_are_counted_the_same():
     ])
     row = by_name(acc, 1)["task_a"]
     assert (row["sent"], row["started"], row["retried"], row["succeeded"], row["retrying"]) == (2, 3, 1, 2, 0)
-    assert acc.histograms()["latency"]["task_a", "queue_a"].cumulative()[-1] == (math.inf, 2)
+    assert series(acc)["conveyor_task_latency_seconds_count", A] == 2
+    # The wait is first send to first start, observed whichever of the two arrived last.
+    assert series(acc)["conveyor_task_wait_seconds_count", A] == 2
+    assert series(acc)["conveyor_task_wait_seconds_sum", A] == pytest.approx(0.02)  # p: started before it was sent (clock skew), so 0
     # both latencies (0.06 s and 0.4 s) are in: interpolated p50 halfway, p95 near the larger
     assert (row["latency_p50_s"], row["latency_p95_s"]) == (pytest.approx(0.23), pytest.approx(0.383))
 
@@ -157,7 +174,7 @@ def test_latency_percentiles_are_over_the_latest_window():
         feed(acc, [sent(f"l{i}", i), ev("task-succeeded", f"l{i}", i + (i + 1) / 100, runtime=0.001)])
     row = by_name(acc, 40)["task_a"]
     assert row["latency_p50_s"] == pytest.approx(0.255) and row["latency_p95_s"] == pytest.approx(0.2955)  # linear
-    assert acc.histograms()["latency"]["task_a", "queue_a"].cumulative()[-1] == (math.inf, 30)
+    assert series(acc, 40)["conveyor_task_latency_seconds_count", A] == 30
 
 
 def test_the_monitor_and_the_load_test_report_the_same_percentile():
@@ -174,7 +191,7 @@ def test_the_monitor_and_the_load_test_report_the_same_percentile():
 
 
 def test_active_tasks_come_from_current_heartbeats():
-    acc = Accounting(since=T0)
+    acc = Accounting(since=T0, worker_down_after_s=5)
     feed(acc, [heartbeat("worker-a-1@h", 0, 2), heartbeat("worker-a-2@h", 0, 1), heartbeat("worker-b-1@h", 0, 3),
                heartbeat("worker-a-1@h", 9, 1),
                {"type": "worker-offline", "hostname": "worker-b-1@h", "timestamp": T0 + 9, "local_received": T0 + 9}])
@@ -182,7 +199,37 @@ def test_active_tasks_come_from_current_heartbeats():
     assert set(workers) == {"worker-a-1@h", "worker-a-2@h"}
     assert workers["worker-a-1@h"] == {"hostname": "worker-a-1@h", "service": "worker-a", "alive": True,
                                        "tasks_active": 1, "processed": 10}
-    assert workers["worker-a-2@h"]["alive"] is False  # last heard 10 s ago at a 2 s heartbeat
+    assert workers["worker-a-2@h"]["alive"] is False  # last heard 10 s ago, down after 5
+
+
+def test_a_silent_worker_is_down_after_the_interval_then_forgotten_with_its_hosts_series():
+    acc = Accounting(since=T0, worker_down_after_s=6, worker_forget_after_s=60)
+    feed(acc, [heartbeat("worker-a-1@h1", 0, 1), heartbeat("worker-a-2@h2", 0, 0),
+               sent("x", 0), ev("task-started", "x", 0.1, hostname="worker-a-1@h1"),
+               ev("task-succeeded", "x", 0.2, hostname="worker-a-1@h1", runtime=0.1),
+               heartbeat("worker-a-2@h2", 50, 0)])
+    h1 = tuple(sorted((*A, ("hostname", "h1"))))
+    assert {w["hostname"]: w["alive"] for w in acc.workers(T0 + 6)} == {"worker-a-1@h1": True, "worker-a-2@h2": True}
+    assert {w["hostname"]: w["alive"] for w in acc.workers(T0 + 6.5)} == {"worker-a-1@h1": False, "worker-a-2@h2": True}
+    assert series(acc, 59)["celery_task_succeeded_total", h1] == 1
+    # 60 s after its last heartbeat the worker is gone, and with it the series of h1, its only host.
+    assert [w["hostname"] for w in acc.workers(T0 + 61)] == ["worker-a-2@h2"]
+    assert not any(dict(labels).get("hostname") == "h1" for _, labels in series(acc, 61))
+    assert by_name(acc, 61)["task_a"]["succeeded"] == 1  # the monitor's own totals are not purged
+
+
+def test_failures_are_labelled_with_the_exception_class_and_every_counter_starts_at_zero():
+    acc = Accounting(since=T0)
+    feed(acc, [sent("f", 0), received("f", 0.1), ev("task-started", "f", 0.2, hostname="worker-a-1@h"),
+               ev("task-failed", "f", 0.3, hostname="worker-a-1@h", exception="ValueError('bad input')"),
+               sent("g", 0), ev("task-failed", "g", 0.3, hostname="worker-a-1@h", exception="no repr here")])
+    got = series(acc)
+    on_h = (("hostname", "h"), *A)
+    assert got["celery_task_failed_total", tuple(sorted((*on_h, ("exception", "ValueError"))))] == 1
+    assert got["celery_task_failed_total", tuple(sorted((*on_h, ("exception", "UnknownException"))))] == 1
+    assert got["celery_task_failed_total", tuple(sorted((*on_h, ("exception", ""))))] == 0
+    assert got["celery_task_succeeded_total", tuple(sorted(on_h))] == 0  # shown, so ratios have both sides
+    assert got["celery_task_sent_total", tuple(sorted(on_h))] == 2  # the test events' sender is on h too
 
 
 def test_buckets_are_cumulative_with_le_bounds():
@@ -226,20 +273,27 @@ def test_the_snapshot_joins_broker_figures_and_event_totals(snapshot_parts):
 def test_prometheus_exposition_parses_with_the_celery_exporter_names(snapshot_parts):
     acc, snap = snapshot_parts
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(lambda: snap, acc.histograms))
+    registry.register(SnapshotCollector(lambda: snap, lambda: acc.families(T0 + 10)))
     families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
     a, b = (("name", "task_a"), ("queue_name", "queue_a")), (("name", "task_b"), ("queue_name", "queue_b"))
-    assert samples["celery_task_sent_total", a] == 2 and samples["celery_task_succeeded_total", a] == 1
-    assert samples["celery_task_retried_total", a] == 1 and samples["celery_task_failed_total", b] == 1
-    assert samples["celery_task_dead_lettered_total", b] == 1
-    assert families["celery_task_runtime_seconds"].type == "histogram"
-    assert samples["celery_task_runtime_seconds_bucket", tuple(sorted((*a, ("le", "0.25"))))] == 1
-    assert samples["celery_task_runtime_seconds_count", a] == 1
+    ha, hb = (tuple(sorted((*labels, ("hostname", "h")))) for labels in (a, b))
+    assert samples["celery_task_sent_total", ha] == 2 and samples["celery_task_succeeded_total", ha] == 1
+    assert samples["celery_task_retried_total", ha] == 1
+    assert samples["celery_task_failed_total", tuple(sorted((*hb, ("exception", "DeadLettered"))))] == 1
+    assert samples["conveyor_task_dead_lettered_total", b] == 1
+    assert families["celery_task_runtime"].type == "histogram"
+    assert samples["celery_task_runtime_bucket", tuple(sorted((*ha, ("le", "0.25"))))] == 1
+    assert samples["celery_task_runtime_count", ha] == 1
     assert samples["celery_queue_length", (("queue_name", "queue_a"),)] == 7
-    assert ("celery_queue_unacked", (("queue_name", "queue_b"),)) not in samples  # unknown is absent, not 0
-    assert samples["celery_queue_retry_backlog", (("queue_name", "queue_a"),)] == 1
+    assert ("conveyor_queue_messages_unacked", (("queue_name", "queue_b"),)) not in samples  # unknown is absent, not 0
+    assert samples["conveyor_queue_retry_backlog", (("queue_name", "queue_a"),)] == 1
     assert samples["celery_worker_tasks_active", (("hostname", "worker-a-1@h"),)] == 2
+    # Both worker-a replicas are up and consume queue_a; worker-b has none up.
+    assert samples["celery_active_worker_count", (("queue_name", "queue_a"),)] == 2
+    assert samples["celery_active_process_count", (("queue_name", "queue_a"),)] == 2  # no concurrency known: 1 each
+    assert samples["celery_active_worker_count", (("queue_name", "queue_b"),)] == 0
+    assert samples["conveyor_dead_letter_messages", ()] == 1
     assert samples["conveyor_service_replicas", (("service", "worker-b"), ("state", "desired"))] == 1
 
 
@@ -292,7 +346,8 @@ services: [{name: worker-a, queues: [queue_a]}]
 def test_monitoring_defaults_and_overrides(tmp_path):
     assert load_config(write_config(tmp_path / "a.yml", BASE)).monitoring.model_dump() == {
         "collect_interval_s": 5.0, "emit_interval_s": 60.0, "refresh_interval_s": 1.0, "prometheus_host": "127.0.0.1",
-        "prometheus_port": 9808, "influx": None, "latency_window_tasks": 1000}
+        "prometheus_port": 9808, "influx": None, "latency_window_tasks": 1000,
+        "worker_down_after_s": 10.0, "worker_forget_after_s": 1800.0, "dead_letter_max_messages": 10_000}
     cfg = load_config(write_config(tmp_path / "b.yml", BASE + "monitoring: {collect_interval_s: 1, prometheus_port: null}\n"))
     assert cfg.monitoring.collect_interval_s == 1 and cfg.monitoring.prometheus_port is None
 
@@ -315,3 +370,11 @@ def test_command_line_mistakes_are_one_line(args, message):
     proc = run_cli("monitor.py", *args)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_the_dead_letter_bound_is_the_brokers_max_length_where_it_sets_one():
+    from conveyor.monitor.snapshot import max_length
+
+    assert max_length({"arguments": {"x-max-length": 500}, "effective_policy_definition": {"max-length": 200}}) == 200
+    assert max_length({"arguments": {"x-max-length": 500}, "effective_policy_definition": {}}) == 500
+    assert max_length({"arguments": {}, "effective_policy_definition": None}) is None  # the config's bound then

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, free_port, management, private_vhost, run_cli, unavailable, write_config
+from helpers import ROOT, free_port, management, private_vhost, run_cli, unavailable, wait_for, write_config
 from conveyor.settings import environment
 from conveyor.tasks import deadletter
 from conveyor.dispatch import dispatcher
@@ -32,7 +32,7 @@ from conveyor.chaos.netns import Namespace
 from conveyor.settings.config import load_config
 from conveyor.errors import BrokerError, ConfigError, UsageError
 from conveyor.tasks.deadletter import DeadLettered
-from conveyor.amqp.topology import QUEUES, work_queues
+from conveyor.amqp.topology import QUEUES, QUORUM_DELIVERY_LIMIT, work_queues
 from conveyor.stack.control import service_of
 from conveyor.tasks.states import TaskState
 
@@ -97,6 +97,7 @@ def test_quorum_queues_are_declared_alike_by_every_declarer(tmp_path):
         assert declared[queue.name].queue_arguments == queue.queue_arguments
         assert queue.queue_arguments["x-queue-type"] == "quorum"
         assert queue.queue_arguments["x-dead-letter-strategy"] == "at-least-once"
+        assert queue.queue_arguments["x-delivery-limit"] == QUORUM_DELIVERY_LIMIT  # stated, not RabbitMQ's default
         assert queue.durable and not queue.exclusive and not queue.auto_delete
         # Celery's native delayed delivery (retry countdowns on quorum queues) binds only topic exchanges.
         assert queue.exchange.type == "topic"
@@ -244,6 +245,34 @@ def test_quorum_queues_run_retry_and_dead_letter(quorum_vhost, local_stack, tmp_
     info = _management_get(f"queues/{quorum_vhost}/queue_a")
     assert info["type"] == "quorum" and info["durable"]
     assert info["arguments"]["x-dead-letter-strategy"] == "at-least-once"
+
+
+@pytest.mark.broker
+def test_a_message_returned_past_the_delivery_limit_is_dead_lettered(quorum_vhost, make_app, tmp_path):
+    """The stated x-delivery-limit holds on the machine's RabbitMQ 3.x too (which has no default):
+    a message handed out and returned unacknowledged QUORUM_DELIVERY_LIMIT times is then
+    dead-lettered by the broker instead of being delivered again."""
+    app = make_app(write_config(tmp_path / "q.yml", SHIPPED + "queue_type: quorum\n"))
+    deadletter.declare(app)
+    [queue_a] = [q for q in work_queues("quorum") if q.name == "queue_a"]
+    with app.connection_for_write() as conn:
+        producer = conn.Producer()
+        producer.publish({"poison": True}, exchange=queue_a.exchange, routing_key="queue_a", serializer="json")
+        channel = conn.default_channel
+        returned = 0
+        while (message := wait_for(lambda: channel.basic_get("queue_a") or _is_dead_lettered(), 10,
+                                   "the message back in queue_a or in dead_letter")) is not True:
+            channel.basic_reject(message.delivery_info["delivery_tag"], requeue=True)
+            returned += 1
+            assert returned <= QUORUM_DELIVERY_LIMIT + 1, "the delivery limit is not enforced"
+    assert returned == QUORUM_DELIVERY_LIMIT + 1  # the first delivery and the limit's redeliveries
+    [letter] = deadletter.drain(app)
+    assert "delivery_limit" in letter.reason and letter.original_queue == "queue_a"
+
+
+def _is_dead_lettered() -> bool:
+    vhost = os.environ["BROKER_URL"].rsplit("/", 1)[1]
+    return (_management_get(f"queues/{vhost}/dead_letter") or {}).get("messages", 0) > 0
 
 
 def _management_get(path: str) -> dict:

@@ -52,14 +52,19 @@ def stats(app: Celery, names: list[str]) -> list[QueueStats]:
     return found
 
 
+def management_base(broker_url: str) -> str:
+    """The management API's root (no credentials, no /api): RABBITMQ_MANAGEMENT_URL, else port 15672 of the broker's host."""
+    host = url_to_parts(broker_url)[1]
+    return (os.environ.get(MANAGEMENT_URL_ENV) or f"http://{host or '127.0.0.1'}:15672").rstrip("/")
+
+
 def management_request(broker_url: str, path: str, method: str = "GET", body: bytes | None = None,
                        timeout_s: float = 3.0) -> object:
     """Call a management API path (e.g. `queues/{vhost}/{name}`) with the broker's own credentials;
     return the parsed JSON answer, or None when the answer is empty (PUT, DELETE)."""
-    _, host, _, user, password, vhost, _ = url_to_parts(broker_url)
-    base = os.environ.get(MANAGEMENT_URL_ENV) or f"http://{host or '127.0.0.1'}:15672"
+    _, _, _, user, password, vhost, _ = url_to_parts(broker_url)
     vhost = urllib.parse.quote(vhost or "/", safe="")
-    request = urllib.request.Request(f"{base.rstrip('/')}/api/{path.format(vhost=vhost)}", data=body, method=method)
+    request = urllib.request.Request(f"{management_base(broker_url)}/api/{path.format(vhost=vhost)}", data=body, method=method)
     token = base64.b64encode(f"{user or 'guest'}:{password or 'guest'}".encode()).decode()
     request.add_header("Authorization", f"Basic {token}")
     request.add_header("content-type", "application/json")

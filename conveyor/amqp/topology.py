@@ -14,6 +14,13 @@ from kombu import Exchange, Queue
 
 DLX_EXCHANGE = "dlx"
 DEAD_LETTER_QUEUE = "dead_letter"
+# A quorum queue counts the deliveries of each message; past this many it dead-letters the message
+# (reason delivery_limit) instead of handing it out again. A message returned unacknowledged that
+# often took down every worker that took it (an OOM kill, a hard hang): it is a poison message,
+# and the dead-letter queue is where it can be looked at. Retries do not count (each is a new
+# publish). RabbitMQ 4 defaults to 20
+# where 3.x had no limit at all; stating it makes both behave alike. docs/reliability.md.
+QUORUM_DELIVERY_LIMIT = 20
 
 
 @dataclass(frozen=True)
@@ -45,7 +52,7 @@ def work_queue(name: str, queue_type: str = "classic") -> Queue:
         # overflow. Celery delays retries on quorum queues through its native delayed delivery,
         # which binds only topic exchanges (on a direct one a retry would hold a worker slot until due).
         arguments.update({"x-queue-type": "quorum", "x-dead-letter-strategy": "at-least-once",
-                          "x-overflow": "reject-publish"})
+                          "x-overflow": "reject-publish", "x-delivery-limit": QUORUM_DELIVERY_LIMIT})
         exchange_type = "topic"
     return Queue(
         name,

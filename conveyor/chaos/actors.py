@@ -21,7 +21,8 @@ from conveyor.settings import environment
 from conveyor.stack import control
 from conveyor.settings.config import Config
 from conveyor.errors import StackError
-from conveyor.stack.local import LocalStack, is_ours, read_pidfile
+from conveyor.stack.base import Replica, Stack
+from conveyor.stack.local import is_ours, read_pidfile
 from conveyor.chaos.netns import Namespace
 from conveyor.chaos.node import BrokerNode
 
@@ -66,14 +67,16 @@ class Publisher(threading.Thread):
 
 
 class Killer(threading.Thread):
-    """Every `every_s`, SIGKILL one running replica (its whole process group, as the OOM killer or a
-    lost machine would) and start it again at once, as a supervisor's restart policy does."""
+    """Every `every_s`, SIGKILL one running replica (as the OOM killer or a lost machine would: a
+    local replica's whole process group, a compose replica's container through the Docker SDK)
+    and start it again at once, as a supervisor's restart policy does."""
 
-    def __init__(self, stack: LocalStack, replicas: int, every_s: float, seed: int) -> None:
+    def __init__(self, stack: Stack, replicas: int, every_s: float, seed: int) -> None:
         super().__init__(name="chaos-killer", daemon=True)
         self.stack, self.replicas, self.every_s = stack, replicas, every_s
         self.rng = random.Random(seed)
         self.kills = 0
+        self.victims: list[Replica] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -84,12 +87,10 @@ class Killer(threading.Thread):
             if not running:
                 continue
             victim = self.rng.choice(running)
-            try:
-                os.killpg(int(victim.ident), signal.SIGKILL)
-            except ProcessLookupError:
-                continue
+            self.stack.kill(victim)
+            self.victims.append(victim)
             self.kills += 1
-            log.info("Killed worker %s (pid %s).", victim.node, victim.ident)
+            log.info("Killed a replica of %s (%s %s).", victim.service, victim.node or "node", victim.ident)
             self._wait_gone(victim.ident)
             try:
                 self.stack.scale(victim.service, self.replicas, wait_s=self.every_s / 2)

@@ -2,7 +2,9 @@
 
 accounting: per task type totals, latency and runtime from events; listener: the event stream;
 snapshot: one dict of everything; collector: the Monitor that samples and emits on a schedule;
-prometheus / influx: the two exporters; dashboard: the rich terminal view.
+metrics: every Prometheus metric's name, labels and buckets (the Celery exporter's where they mean
+the same); prometheus / influx: the two exporters; dashboard: the rich terminal view; flower:
+`make flower`.
 """
 
 from conveyor.monitor.collector import Monitor

@@ -15,15 +15,22 @@ Counting rules, one increment per event at most:
   exception is DeadLettered (conveyor.tasks: the worker published the task to the dead-letter
   queue), and task-rejected events without requeue (RabbitMQ dead-letters a rejected message
   through the work queue's DLX; the worker falls back to that when its own publish fails).
-- runtime: the `runtime` of task-succeeded. latency: first task-sent to task-succeeded, both the
-  senders' clocks (the same host here; across hosts it includes their clock skew).
+- runtime: the `runtime` of task-succeeded. latency: first task-sent to task-succeeded; wait:
+  first task-sent to the first task-started (time in the queue, retries' countdowns left out).
+  Both are the senders' clocks (the same host here; across hosts they include the clocks' skew).
 - retrying: tasks that have had as many task-retried events as task-started ones, i.e. that
   wait for their next attempt. On a classic queue such a task waits out its countdown inside a
   worker, which holds the ETA message reserved (RabbitMQ counts it as unacknowledged, not ready);
   on a quorum queue Celery parks it in RabbitMQ's delayed-delivery queues. Either way the work
   queue's own figures do not show it as waiting, so this count is the way to see it.
 - a worker's active tasks: the `active` figure of its latest heartbeat (Celery's own count,
-  at most one heartbeat interval old), while the heartbeat has not expired.
+  at most one heartbeat interval old). A worker whose heartbeats stop (SIGKILL, a lost host) is
+  down after worker_down_after_s and forgotten after worker_forget_after_s, its host's task
+  series with it (as the Celery exporter purges them), so label sets stay bounded; one that says
+  goodbye (worker-offline, a warm shutdown) is forgotten at once: it is not down, it is gone.
+
+The per-event figures go into a metrics.Series under the Celery exporter's labels (conveyor/
+monitor/metrics.py); the per-type totals of the dashboard and the JSON are kept here.
 
 Events of one task do not arrive in the order they happened: the client's task-sent often comes
 after the worker's task-received, and a retry with a short countdown can start before the
@@ -39,29 +46,27 @@ dispatched before it was listening are not counted (like any event-based exporte
 from __future__ import annotations
 
 import logging
-import math
+import re
 import threading
 import time
-from bisect import bisect_left
 from collections import Counter, OrderedDict, deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from celery.events.state import heartbeat_expires
-
-from conveyor.stats import percentile_linear
-from prometheus_client import Histogram
+from celery.utils import nodesplit
+from prometheus_client.metrics_core import Metric
 
 from conveyor.tasks.deadletter import DeadLettered
 from conveyor.amqp.topology import DEAD_LETTER_QUEUE, TASKS
+from conveyor.stats import percentile_linear
 from conveyor.stack.control import service_of
+from conveyor.monitor.metrics import TASK_DEAD_LETTERED, TASK_EVENTS, TASK_LATENCY, TASK_RUNTIME, TASK_WAIT, Series
 
 log = logging.getLogger(__name__)
 
-RUNTIME_BUCKETS_S: tuple[float, ...] = tuple(b for b in Histogram.DEFAULT_BUCKETS if b != math.inf)
-LATENCY_BUCKETS_S: tuple[float, ...] = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 MAX_TRACKED_TASKS = 100_000  # finished ones are kept for their late events; the oldest go first
 _DEAD_LETTERED = DeadLettered.__name__ + "("  # how the worker reprs the exception in task-failed
+_EXCEPTION_CLASS = re.compile(r"^(\w+)\(")  # the class name in that repr, as the Celery exporter takes it
 
 # event type -> the TaskCounts field it increments (task-sent has its own rule)
 _COUNTED = {
@@ -84,34 +89,8 @@ class TaskCounts:
 
 
 @dataclass
-class Buckets:
-    """Observations in histogram buckets (`le` bounds, +Inf implied), as Prometheus exposes them."""
-
-    bounds: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)
-    total: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.counts = [0] * (len(self.bounds) + 1)
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.total += value
-
-    def cumulative(self) -> list[tuple[float, int]]:
-        """(upper bound, observations <= bound) for each bound and +Inf."""
-        running, out = 0, []
-        for bound, count in zip((*self.bounds, math.inf), self.counts):
-            running += count
-            out.append((bound, running))
-        return out
-
-
-@dataclass
 class _TypeStats:
     counts: TaskCounts
-    runtime: Buckets
-    latency: Buckets
     recent_latencies_s: deque[float]
     finished_at: deque[float] = field(default_factory=deque)  # local receive times, for the rate
 
@@ -120,7 +99,9 @@ class _TypeStats:
 class _Task:
     key: tuple[str, str]  # (task name, queue)
     sent: bool = False
-    sent_at: float | None = None  # the first send's timestamp, for latency
+    sent_at: float | None = None  # the first send's timestamp, for latency and wait
+    first_started_at: float | None = None
+    waited: bool = False  # its wait is observed once, when both its first send and start are known
     succeeded_at: float | None = None
     started: int = 0
     retried: int = 0
@@ -136,7 +117,6 @@ class _Task:
 class _Worker:
     active: int
     processed: int
-    freq_s: float
     seen_at: float
 
 
@@ -144,8 +124,12 @@ class Accounting:
     """Fed every event by the listener thread; read by the dashboard, the sampler and the exporter."""
 
     def __init__(self, latency_window_tasks: int = 1000, rate_window_s: float = 5.0,
-                 since: float | None = None, max_tracked: int = MAX_TRACKED_TASKS) -> None:
+                 since: float | None = None, max_tracked: int = MAX_TRACKED_TASKS,
+                 worker_down_after_s: float = 10.0, worker_forget_after_s: float = 1800.0) -> None:
         self.since = time.time() if since is None else since
+        self.series = Series()
+        self._down_after_s, self._forget_after_s = worker_down_after_s, worker_forget_after_s
+        self._labelled: set[tuple[str, str, str]] = set()  # (name, hostname, queue) with zeroed series
         self._latency_window = latency_window_tasks
         self._rate_window_s = rate_window_s
         self._max_tracked = max_tracked
@@ -165,10 +149,9 @@ class Accounting:
                 self._task_event(kind, event)
             elif kind in ("worker-heartbeat", "worker-online"):
                 self._workers[event["hostname"]] = _Worker(
-                    int(event.get("active") or 0), int(event.get("processed") or 0),
-                    float(event.get("freq") or 2.0), _received_at(event))
-            elif kind == "worker-offline":
-                self._workers.pop(event.get("hostname", ""), None)
+                    int(event.get("active") or 0), int(event.get("processed") or 0), _received_at(event))
+            elif kind == "worker-offline" and self._workers.pop(event.get("hostname", ""), None):
+                self._purge_host(nodesplit(event["hostname"])[1])
 
     def _task_event(self, kind: str, event: dict[str, Any]) -> None:
         task_id = event.get("uuid")
@@ -189,9 +172,15 @@ class Accounting:
         counted = _COUNTED.get(kind)
         if counted:
             setattr(stats.counts, counted, getattr(stats.counts, counted) + 1)
+        name, queue = task.key
+        host = _host(event)
+        self._count(kind, (name, host, queue), event)
         was_retrying = task.retrying
         if kind == "task-started":
             task.started += 1
+            if task.first_started_at is None:
+                task.first_started_at = _timestamp(event)
+                self._observe_wait(task)
         elif kind == "task-retried":
             task.retried += 1
         elif kind in ("task-succeeded", "task-failed"):
@@ -199,16 +188,16 @@ class Accounting:
             self._finished(stats, _received_at(event))
             if kind == "task-succeeded":
                 if event.get("runtime") is not None:
-                    stats.runtime.observe(float(event["runtime"]))
+                    self.series.observe(TASK_RUNTIME, (name, host, queue), float(event["runtime"]))
                 task.succeeded_at = _timestamp(event)
                 self._observe_latency(task, stats)
             elif str(event.get("exception", "")).startswith(_DEAD_LETTERED):
-                stats.counts.dead_lettered += 1
+                self._dead_lettered(task, stats)
         elif kind == "task-revoked":
             task.done = True
         elif kind == "task-rejected" and not event.get("requeue"):
             task.done = True
-            stats.counts.dead_lettered += 1
+            self._dead_lettered(task, stats)
         self._retrying[task.key] += task.retrying - was_retrying
 
     def _sent(self, task_id: str, event: dict[str, Any]) -> None:
@@ -227,13 +216,45 @@ class Accounting:
         task.sent, task.sent_at = True, _timestamp(event)
         stats = self._stats(task.key)
         stats.counts.sent += 1
+        # Only this counter: the exporter does not zero a sender's other series (web servers and
+        # dispatchers are no workers), and neither do we.
+        self.series.inc(TASK_EVENTS["task-sent"], (name, _host(event), queue))
         self._observe_latency(task, stats)  # when task-succeeded overtook this event
+        self._observe_wait(task)  # when task-started did
+
+    def _count(self, kind: str, labels: tuple[str, str, str], event: dict[str, Any]) -> None:
+        """One increment of the event's counter. The first event of a (name, hostname, queue) also
+        shows every other counter of it at 0, as the Celery exporter does, so that ratios and
+        increase() have both sides from the start."""
+        name, host, queue = labels
+        if labels not in self._labelled:
+            self._labelled.add(labels)
+            for other, spec in TASK_EVENTS.items():
+                if other != "task-sent":
+                    self.series.inc(spec, (name, host, "", queue) if other == "task-failed" else labels, 0)
+        spec = TASK_EVENTS.get(kind)
+        if spec is None:
+            return
+        if kind == "task-failed":
+            self.series.inc(spec, (name, host, _exception_class(event.get("exception")), queue))
+        else:
+            self.series.inc(spec, labels)
+
+    def _dead_lettered(self, task: _Task, stats: _TypeStats) -> None:
+        stats.counts.dead_lettered += 1
+        self.series.inc(TASK_DEAD_LETTERED, task.key)
+
+    def _observe_wait(self, task: _Task) -> None:
+        if task.sent_at is None or task.first_started_at is None or task.waited:
+            return
+        task.waited = True
+        self.series.observe(TASK_WAIT, task.key, max(0.0, task.first_started_at - task.sent_at))
 
     def _observe_latency(self, task: _Task, stats: _TypeStats) -> None:
         if task.sent_at is None or task.succeeded_at is None:
             return
         latency = max(0.0, task.succeeded_at - task.sent_at)
-        stats.latency.observe(latency)
+        self.series.observe(TASK_LATENCY, task.key, latency)
         stats.recent_latencies_s.append(latency)
 
     def _finished(self, stats: _TypeStats, at: float) -> None:
@@ -243,8 +264,7 @@ class Accounting:
     def _stats(self, key: tuple[str, str]) -> _TypeStats:
         stats = self._types.get(key)
         if stats is None:
-            stats = self._types[key] = _TypeStats(
-                TaskCounts(), Buckets(RUNTIME_BUCKETS_S), Buckets(LATENCY_BUCKETS_S), deque(maxlen=self._latency_window))
+            stats = self._types[key] = _TypeStats(TaskCounts(), deque(maxlen=self._latency_window))
         return stats
 
     def _track(self, task_id: str, key: tuple[str, str]) -> _Task:
@@ -275,23 +295,39 @@ class Accounting:
                 })
         return rows
 
-    def histograms(self) -> dict[str, dict[tuple[str, str], Buckets]]:
-        """Copies of the runtime and latency histograms per (task type, queue)."""
-        with self._lock:
-            return {
-                "runtime": {k: _copy(s.runtime) for k, s in self._types.items()},
-                "latency": {k: _copy(s.latency) for k, s in self._types.items()},
-            }
-
-    def workers(self, now: float | None = None) -> list[dict[str, Any]]:
-        """Every worker heard from: whether its heartbeat is current, and its active tasks."""
+    def families(self, now: float | None = None) -> list[Metric]:
+        """The per-event counters and histograms, as Prometheus families (a consistent copy)."""
         now = time.time() if now is None else now
         with self._lock:
+            self._expire_workers(now)
+            return list(self.series.families())
+
+    def workers(self, now: float | None = None) -> list[dict[str, Any]]:
+        """Every worker heard from and not yet forgotten: whether it is up, and its active tasks."""
+        now = time.time() if now is None else now
+        with self._lock:
+            self._expire_workers(now)
             return [
-                {"hostname": host, "service": service_of(host), "alive": now < heartbeat_expires(w.seen_at, w.freq_s),
+                {"hostname": node, "service": service_of(node), "alive": now - w.seen_at <= self._down_after_s,
                  "tasks_active": w.active, "processed": w.processed}
-                for host, w in sorted(self._workers.items())
+                for node, w in sorted(self._workers.items())
             ]
+
+    def _expire_workers(self, now: float) -> None:
+        for node, worker in list(self._workers.items()):
+            if now - worker.seen_at > self._forget_after_s:
+                del self._workers[node]
+                log.info("Forgetting worker %s, silent for %.0f s.", node, now - worker.seen_at)
+                self._purge_host(nodesplit(node)[1])
+
+    def _purge_host(self, host: str) -> None:
+        # Task series are per host, not per node: they go when the host's last worker has gone.
+        if any(nodesplit(node)[1] == host for node in self._workers):
+            return
+        dropped = self.series.purge("hostname", host)
+        self._labelled = {labels for labels in self._labelled if labels[1] != host}
+        if dropped:
+            log.info("Dropped %d task series of host %s, which has no worker left.", dropped, host)
 
 
 def _queue_of(name: str, event: dict[str, Any]) -> str:
@@ -307,6 +343,16 @@ def _prune(times: deque[float], before: float) -> None:
         times.popleft()
 
 
+def _host(event: dict[str, Any]) -> str:
+    """The host part of the sender's node name (`worker-a-1f2e@host` -> `host`), the exporter's hostname."""
+    return nodesplit(str(event.get("hostname") or ""))[1] or ""
+
+
+def _exception_class(exception: Any) -> str:
+    found = _EXCEPTION_CLASS.match(str(exception or ""))
+    return found.group(1) if found else "UnknownException"
+
+
 def _timestamp(event: dict[str, Any]) -> float | None:
     return float(event["timestamp"]) if event.get("timestamp") is not None else None
 
@@ -319,9 +365,3 @@ def _received_at(event: dict[str, Any]) -> float:
 
 def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 6)
-
-
-def _copy(buckets: Buckets) -> Buckets:
-    copy = Buckets(buckets.bounds)
-    copy.counts, copy.total = list(buckets.counts), buckets.total
-    return copy

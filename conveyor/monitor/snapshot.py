@@ -26,32 +26,45 @@ log = logging.getLogger(__name__)
 
 
 def sample_broker(stack: Stack, ping_timeout_s: float = 1.0) -> dict[str, Any]:
-    """Services and queues as `make status` reports them, plus each queue's publish and deliver rates."""
+    """Services and queues as `make status` reports them, plus each queue's publish and deliver
+    rates, each service's concurrency, and the dead-letter queue's bound."""
     sampled_at = time.time()
     found = status.collect(stack, ping_timeout_s)
-    rates = message_rates(stack.app)
+    listing = management_listing(stack.app)
     for queue in found["queues"]:
-        publish, deliver = rates.get(queue["name"], (None, None))
-        queue["publish_rate_per_s"], queue["deliver_rate_per_s"] = publish, deliver
+        stats = (listing.get(queue["name"]) or {}).get("message_stats") or {}
+        known = queue["name"] in listing
+        queue["publish_rate_per_s"] = _rate(stats, "publish_details") if known else None
+        queue["deliver_rate_per_s"] = _rate(stats, "deliver_get_details") if known else None
+    for service in found["services"]:
+        service["concurrency"] = stack.config.service(service["name"]).concurrency
+    found["dead_letter_max_messages"] = (max_length(listing.get(DEAD_LETTER_QUEUE) or {})
+                                         or stack.config.monitoring.dead_letter_max_messages)
     found["sampled_at"] = sampled_at
     return found
 
 
-def message_rates(app: Celery) -> dict[str, tuple[float | None, float | None]]:
-    """Per queue (publish, deliver) messages per second, as RabbitMQ's management API computes them
-    (over its statistics interval); empty without the API, whose absence queues.stats already logs."""
+def management_listing(app: Celery) -> dict[str, dict[str, Any]]:
+    """Per queue of the vhost, the management API's message rates (over its statistics interval),
+    arguments and policy; empty without the API, whose absence queues.stats already logs."""
     if settings_of(app).broker.embedded:
         return {}
     try:
-        listing = queues.management_request(settings_of(app).broker.broker_url, "queues/{vhost}?columns=name,message_stats")
+        listing = queues.management_request(
+            settings_of(app).broker.broker_url,
+            "queues/{vhost}?columns=name,message_stats,arguments,effective_policy_definition")
     except (OSError, ValueError) as exc:
         log.debug("No message rates from the management API: %s", exc)
         return {}
-    rates = {}
-    for queue in listing if isinstance(listing, list) else []:
-        stats = queue.get("message_stats") or {}
-        rates[queue["name"]] = (_rate(stats, "publish_details"), _rate(stats, "deliver_get_details"))
-    return rates
+    return {queue["name"]: queue for queue in listing if isinstance(queue, dict)} if isinstance(listing, list) else {}
+
+
+def max_length(queue: dict[str, Any]) -> int | None:
+    """A queue's max-length as the broker enforces it: the lower of its argument and its policy's."""
+    bounds = [value for value in ((queue.get("arguments") or {}).get("x-max-length"),
+                                  (queue.get("effective_policy_definition") or {}).get("max-length"))
+              if isinstance(value, int) and value > 0]
+    return min(bounds) if bounds else None
 
 
 def _rate(stats: dict[str, Any], key: str) -> float:
@@ -77,6 +90,14 @@ def compose(broker: dict[str, Any], accounting: Accounting, now: float | None = 
         {**svc, "tasks_active": sum(w["tasks_active"] for w in workers if w["alive"] and w["service"] == svc["name"])}
         for svc in broker["services"]
     ]
+    # Workers up per queue, and their pool processes: the Celery exporter's active worker and
+    # process counts, from heartbeats and the services' queues and concurrency.
+    up = [(svc, sum(w["alive"] and w["service"] == svc["name"] for w in workers)) for svc in broker["services"]]
+    for row in queue_rows:
+        mine = [(svc, count) for svc, count in up if row["name"] in svc["queues"]]
+        row["workers_up"] = sum(count for _, count in mine)
+        row["processes_up"] = sum(count * svc.get("concurrency", 1) for svc, count in mine)
+    dead_letter = next((q for q in queue_rows if q["name"] == DEAD_LETTER_QUEUE), {})
     return {
         "time": round(now, 3),
         "counting_since": round(accounting.since, 3),
@@ -87,5 +108,7 @@ def compose(broker: dict[str, Any], accounting: Accounting, now: float | None = 
         "services": services,
         "workers": workers,
         "tasks": tasks,
+        "dead_letter": {"messages": dead_letter.get("messages_ready"),
+                        "max_messages": broker.get("dead_letter_max_messages")},
     }
 

@@ -126,11 +126,22 @@ class Monitoring(Strict):
     prometheus_port: int | None = Field(9808, ge=0, le=65535, description="null: no endpoint; 0: any free port")
     influx: str | None = Field(None, min_length=1, description="InfluxDB line protocol: '-' for stdout, or a file to append to")
     latency_window_tasks: int = Field(1000, ge=1, le=1_000_000, description="p50/p95 over this many latest tasks per type")
+    # Celery workers send a heartbeat every 2 s; Celery itself calls a worker gone after 2 missed.
+    worker_down_after_s: float = Field(10.0, ge=1, le=3600, description=(
+        "a worker whose heartbeats stop is down (celery_worker_up 0) after this long"))
+    # Longer than the `for: 15m` of celery-mixin's CeleryWorkerDown, so that alert fires too (the
+    # exporter's own 10 min purge removes a dead worker before it can).
+    worker_forget_after_s: float = Field(1800.0, ge=1, le=7 * 24 * 3600, description=(
+        "...and forgotten after this long, with its host's task series (as the Celery exporter purges them)"))
+    dead_letter_max_messages: int = Field(10_000, ge=1, description=(
+        "the dead-letter queue's bound for the dashboard and alerts when the broker sets no max-length"))
 
     @model_validator(mode="after")
     def _emit_not_below_collect(self) -> Monitoring:
         if self.emit_interval_s < self.collect_interval_s:
             raise ValueError("emit_interval_s must be at least collect_interval_s")
+        if self.worker_forget_after_s < self.worker_down_after_s:
+            raise ValueError("worker_forget_after_s must be at least worker_down_after_s")
         return self
 
 

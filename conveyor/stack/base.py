@@ -55,6 +55,11 @@ class Stack(abc.ABC):
         return {}
 
     @abc.abstractmethod
+    def kill(self, replica: Replica) -> None:
+        """SIGKILL one replica, as the OOM killer or a lost machine would (no warm shutdown); a
+        replica that is gone already is no error."""
+
+    @abc.abstractmethod
     def down(self) -> None:
         """Stop and remove everything this stack started (warm shutdown first)."""
 

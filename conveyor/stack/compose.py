@@ -10,6 +10,11 @@ service), which is how tests and CI run and how workers on several hosts join on
 docker-compose.yml when the stack brings its own RabbitMQ (conveyor/stack/choice.py decides; see
 compose_files). The containers get the host app's BROKER_URL, RESULT_BACKEND and config file, so
 they never decide differently from the app that dispatches to them.
+
+Compose does what it is for: build, `up --scale`, `down`. Everything that looks at or acts on
+single containers goes through the Docker SDK for Python (the `docker` package) instead of
+parsing `docker` CLI output: listing the project's containers by their compose labels, their
+health, their logs, and killing a replica (the chaos killer).
 """
 
 from __future__ import annotations
@@ -22,9 +27,15 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
+
+import docker as docker_sdk
+from docker.errors import DockerException, NotFound
+from docker.models.containers import Container
 
 from conveyor.settings.environment import PROJECT_ROOT, RECORDS_URL_ENV, BrokerSettings, run_dir
 from conveyor.settings.config import ServiceConfig
@@ -42,7 +53,7 @@ FULL_FILE = "docker-compose.yml"
 HOST_FILE = "docker-compose.host.yml"
 BROKER_SERVICE = "rabbitmq"  # the broker service of docker-compose.yml, started before the workers
 BROKER_IMAGE_ENV = "CONVEYOR_BROKER_IMAGE"  # the image of that service
-DEFAULT_BROKER_IMAGE = "rabbitmq:3-management"  # docker-compose.yml's default for the same variable
+DEFAULT_BROKER_IMAGE = "rabbitmq:4-management"  # docker-compose.yml's default for the same variable
 CONFIG_FILE_ENV = "CONVEYOR_CONFIG_FILE"  # the host path the compose files mount as the workers' config
 # Containers and the embedded broker never go together (conveyor/stack/choice.py says so first).
 EMBEDDED_REFUSAL = ("the embedded filesystem broker lives in files on this machine that containers cannot reach; "
@@ -50,6 +61,12 @@ EMBEDDED_REFUSAL = ("the embedded filesystem broker lives in files on this machi
                     "BROKER_URL=amqp://USER:PASSWORD@HOST:5672//, or use STACK=local")
 # Time allowed for a compose command beyond the warm-shutdown grace (image builds, container starts).
 COMMAND_SLACK_S = 600
+PROJECT_LABEL = "com.docker.compose.project"  # the labels compose puts on every container it creates
+SERVICE_LABEL = "com.docker.compose.service"
+ONEOFF_LABEL = "com.docker.compose.oneoff"
+NUMBER_LABEL = "com.docker.compose.container-number"
+ENGINE_TIMEOUT_S = 60
+LOG_TAIL_LINES = 50
 
 
 @functools.lru_cache(maxsize=1)
@@ -188,19 +205,58 @@ class ComposeStack(Stack):
             counts[replica.service] = counts.get(replica.service, 0) + 1
         return counts
 
+    # --- containers, through the Docker SDK ------------------------------------------------
+    @functools.cached_property
+    def engine(self) -> docker_sdk.DockerClient:
+        """The Docker engine, as DOCKER_HOST and friends name it (the same one compose uses)."""
+        try:
+            return docker_sdk.from_env(timeout=ENGINE_TIMEOUT_S)
+        except DockerException as exc:
+            raise StackError(f"cannot reach the Docker engine ({exc}); is it running? `docker info` tells") from None
+
+    def containers(self, service: str | None = None) -> list[Container]:
+        """Every container of our project (of one service, if named), running or not, one-off runs left out."""
+        labels = [f"{PROJECT_LABEL}={self.project}", *([f"{SERVICE_LABEL}={service}"] if service else [])]
+        try:
+            found = self.engine.containers.list(all=True, sparse=True, filters={"label": labels})
+        except DockerException as exc:
+            raise StackError(f"cannot list the containers of compose project {self.project}: {exc}") from None
+        return [c for c in found if (c.attrs.get("Labels") or {}).get(ONEOFF_LABEL, "").lower() != "true"]
+
     def replicas(self) -> list[Replica]:
         """Containers of the config's worker services in our project, running or not (the broker and
         Flower are not replicas). The node name is left unknown: readiness is judged by pings."""
-        out = docker("ps", "--all", "--no-trunc",
-                     "--filter", f"label=com.docker.compose.project={self.project}",
-                     "--format", '{{.ID}}\t{{.Label "com.docker.compose.service"}}\t{{.State}}\t{{.Label "com.docker.compose.oneoff"}}')
         ours = {s.name for s in self.config.services}
         found = []
-        for line in out.splitlines():
-            ident, service, state, oneoff = (line.split("\t") + ["", "", "", ""])[:4]
-            if service in ours and oneoff.lower() != "true":
-                found.append(Replica(service, ident[:12], None, state == "running"))
+        for container in self.containers():
+            service = (container.attrs.get("Labels") or {}).get(SERVICE_LABEL, "")
+            if service in ours:
+                found.append(Replica(service, container.id[:12], None, container.attrs.get("State") == "running"))
         return sorted(found, key=lambda r: (r.service, r.ident))
+
+    def kill(self, replica: Replica) -> None:
+        """SIGKILL a replica's container, as the OOM killer or a lost machine would: no warm shutdown.
+        The engine does not apply the restart policy to a container it was told to kill, so the
+        caller starts it again (the chaos killer scales the service back to its count)."""
+        try:
+            self.engine.containers.get(replica.ident).kill(signal="SIGKILL")
+        except NotFound:
+            return  # gone already
+        except DockerException as exc:
+            raise StackError(f"cannot kill container {replica.ident} of {replica.service}: {exc}") from None
+
+    def health(self, service: str) -> str:
+        """The health of the service's container (`healthy`, `starting`, ...; its state if it has no
+        healthcheck; `missing` if there is none)."""
+        states = []
+        for container in self.containers(service):
+            try:
+                container = self.engine.containers.get(container.id)  # the full record has the health
+            except NotFound:
+                continue
+            state = container.attrs.get("State") or {}
+            states.append((state.get("Health") or {}).get("Status") or state.get("Status") or "unknown")
+        return states[0] if len(states) == 1 else ("missing" if not states else ",".join(sorted(states)))
 
     # --- scaling -----------------------------------------------------------------------
     def up(self, wait_s: float = 60.0) -> None:
@@ -244,9 +300,7 @@ class ComposeStack(Stack):
         deadline = time.monotonic() + timeout_s
         status = "missing"
         while time.monotonic() < deadline:
-            ids = self._compose("ps", "-q", service).split()
-            status = docker("inspect", "--format", "{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}",
-                            *ids).strip() if ids else "missing"
+            status = self.health(service)
             if status in ("healthy", "running"):
                 return
             time.sleep(1)
@@ -260,8 +314,35 @@ class ComposeStack(Stack):
         log.info("Removed the containers and networks of compose project %s.", self.project)
 
     def logs(self, follow: bool = True) -> None:
-        cmd = self._argv("logs", "--tail", "50", *(["--follow"] if follow else []))
-        os.execvpe(cmd[0], cmd, self._env())
+        """The last lines of every container of the project, each line prefixed with its container
+        (`worker-a-2 | ...`), and with follow, what they print from then on, until interrupted."""
+        containers = sorted(self.containers(), key=_container_name)
+        if not containers:
+            log.warning("Compose project %s has no containers; `make up` starts them.", self.project)
+            return
+        out_lock = threading.Lock()
+
+        def show(container: Container) -> None:
+            prefix = f"{_container_name(container)} | "
+            try:
+                stream = container.logs(stream=True, follow=follow, tail=LOG_TAIL_LINES)
+                pending = b""
+                for chunk in stream:
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    with out_lock:
+                        for line in lines:
+                            sys.stdout.write(prefix + line.decode(errors="replace") + "\n")
+                        sys.stdout.flush()
+            except DockerException as exc:
+                log.warning("The logs of %s ended: %s.", _container_name(container), exc)
+
+        threads = [threading.Thread(target=show, args=(c,), daemon=True) for c in containers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():  # joined in slices, so Ctrl-C interrupts a follow at once
+                thread.join(0.5)
 
 
 def docker(*args: str) -> str:
@@ -272,6 +353,9 @@ def docker(*args: str) -> str:
     if done.returncode != 0:
         raise StackError(f"`docker {' '.join(args[:2])}` failed (exit {done.returncode}): {_tail(done.stderr)}")
     return done.stdout
+def _container_name(container: Container) -> str:
+    labels = container.attrs.get("Labels") or {}
+    return f"{labels.get(SERVICE_LABEL, '?')}-{labels.get(NUMBER_LABEL, '?')}"
 
 
 def _tail(text: str, lines: int = 12) -> str:

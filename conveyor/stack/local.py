@@ -47,6 +47,13 @@ class LocalStack(Stack):
             found.append(Replica(pidfile.stem.rsplit("-", 1)[0], str(pid), node, is_ours(pid, node)))
         return found
 
+    def kill(self, replica: Replica) -> None:
+        """SIGKILL the replica's whole process group (the worker and its pool)."""
+        try:
+            os.killpg(int(replica.ident), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
     # --- scaling -----------------------------------------------------------------------
     def _scale(self, service: ServiceConfig, count: int) -> None:
         self._set_desired(service.name, count)

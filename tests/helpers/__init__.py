@@ -144,3 +144,13 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
 
 def queue_depth(app, name: str) -> int:
     return queues.stats(app, [name])[0].messages_ready or 0
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 15) -> None:
+    """End a server the test started: SIGTERM, then SIGKILL if it does not exit in time."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
