@@ -94,12 +94,13 @@ stop_grace_s: 10
 """
 
 
-@pytest.fixture(scope="module")
-def worker(rabbitmq_url, tmp_path_factory):
-    """One worker for the module (each test drains the dead-letter queue first): starting one per
-    test would only repeat the same few seconds."""
-    home = tmp_path_factory.mktemp("bad-input")
-    with module_stack(rabbitmq_url, home, write_config(home / "c.yml", CONFIG)) as stack:
+@pytest.fixture(scope="module", params=("prefork", "threads", "solo"))
+def worker(request, rabbitmq_url, tmp_path_factory):
+    """One worker per pool for the module (each test drains the dead-letter queue first): starting
+    one per test would only repeat the same few seconds. No message may stop a worker on any pool."""
+    home = tmp_path_factory.mktemp(f"bad-input-{request.param}")
+    config = CONFIG.replace("concurrency: 1,", f"concurrency: 1, pool: {request.param},")
+    with module_stack(rabbitmq_url, home, write_config(home / "c.yml", config)) as stack:
         yield stack
 
 
@@ -167,7 +168,8 @@ def test_a_task_message_whose_body_has_the_wrong_shape(worker, app):
     # Celery itself would raise out of its consumer on this and stop the worker ("Unrecoverable error").
     publish_raw(app, json.dumps("hello").encode(), "application/json", {"task": "task_a", "id": "bad-shape", "lang": "py"})
     letter = the_dead_letter(app)
-    assert letter.task_id == "bad-shape" and letter.reason.startswith("InvalidTaskError: malformed task message: ")
+    assert letter.task_id == "bad-shape" and letter.reason == "InvalidMessage: body: must be [args, kwargs, embed]"
+    assert letter.body == "hello"  # as it was sent
     still_serving(worker)
 
 
@@ -200,8 +202,8 @@ def test_an_oversized_payload(worker, app):
     result = app.send_task("task_a", kwargs={"payload": "x" * (limit + ENVELOPE_BYTES + 1)})
     letter = the_dead_letter(app)
     assert letter.task_id == result.id
-    assert letter.reason.startswith("PayloadTooLarge: the message body is ")
-    assert f"over limits.max_payload_bytes ({limit})" in letter.reason
+    assert letter.reason.startswith("InvalidMessage: body: is ")
+    assert f"over limits.max_payload_bytes plus the envelope ({limit + ENVELOPE_BYTES})" in letter.reason
     # Just under the limit is fine: what the dispatcher may send, a worker runs.
     assert app.send_task("task_a", kwargs={"duration_s": 0, "payload": "x" * limit}).get(timeout=20)["payload_bytes"] == limit
     still_serving(worker)
