@@ -178,7 +178,7 @@ def test_records_url_resolution(tmp_path):
 def test_open_store_and_namespaces(tmp_path):
     assert records.open_store("off") is None
     sqlite = records.open_store(f"sqlite:///{tmp_path / 'r.sqlite3'}")
-    assert isinstance(sqlite, SqliteStore) and sqlite.path == tmp_path / "r.sqlite3"
+    assert isinstance(sqlite.inner, SqliteStore) and sqlite.inner.path == tmp_path / "r.sqlite3"
     with pytest.raises(ConfigError, match="none of redis://"):
         records.open_store("mysql://nope")
     assert records.namespace("amqp://guest:guest@127.0.0.1:5672/conveyor-test-1") == "conveyor-test-1"

@@ -129,6 +129,16 @@ class Broker(Strict):
         "1 800 000 ms by default); durations, hard time limits and retry countdowns must fit in it"))
 
 
+class SideServices(Strict):
+    """The record store, the unique-key store and the management API serve operators, not delivery: each
+    is called with a short deadline and no retries, behind a circuit breaker (conveyor/breaker.py)."""
+
+    records_timeout_s: float = Field(0.1, gt=0, le=30, description="Redis: to connect, and for each reply")
+    sqlite_busy_s: float = Field(1.0, gt=0, le=60, description="SQLite: how long a write waits for another writer's lock")
+    management_timeout_s: float = Field(2.0, gt=0, le=60, description="RabbitMQ management API: per request")
+    retry_after_s: float = Field(10.0, gt=0, le=3600, description="a service that did not answer is asked again after this")
+
+
 class Monitoring(Strict):
     """`make monitor` (conveyor/monitor/): sample the broker and the workers every collect_interval_s,
     write the buffered samples every emit_interval_s. Reference: docs/monitoring.md."""
@@ -182,6 +192,7 @@ class Config(Strict):
     time_limits: dict[Literal[tuple(TASKS)], TimeLimit] = Field(default_factory=dict)  # type: ignore[valid-type]
     records_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="task records are kept this long after their last change")
     broker: Broker = Broker()
+    side_services: SideServices = SideServices()
     _source: Path | None = PrivateAttr(None)
 
     @property
