@@ -57,8 +57,10 @@ class Breaker:
             was = self.state
             self.state, self._retry_at = OPEN, self._clock() + self.retry_after_s
         if was == CLOSED:
+            # The library's own error, where a wrapper (RecordStoreError) re-raised it: it says what happened.
+            cause = exc.__cause__ or exc.__context__ or exc
             log.warning("%s did not answer (%s: %s); not calling it again for %g s at a time until it does.",
-                        self.service, type(exc).__name__, exc, self.retry_after_s)
+                        self.service, type(cause).__name__, cause, self.retry_after_s)
 
     @property
     def is_open(self) -> bool:
