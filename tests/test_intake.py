@@ -179,6 +179,21 @@ def test_a_compressed_message_is_dead_lettered_still_compressed_and_readable(wor
 
 
 @pytest.mark.broker
+def test_a_compressed_body_py_amqp_decoded_to_text(worker, app):
+    # latin-1 decodes any bytes, so py-amqp hands over the compressed body as str (auto_decode): it
+    # crashed the consumer on its way to kombu's Message, which then got py-amqp's own message.
+    compressed = zlib.compress(task_body())
+    publish_raw(app, compressed, "application/json", {**task_headers(), "compression": "zlib"}, content_encoding="latin-1")
+    wait_for(lambda: queue_depth(app, "dead_letter") >= 1, 20, "the message to reach the dead-letter queue")
+    with app.connection_for_read() as conn:
+        copy = conn.default_channel.basic_get("dead_letter", no_ack=True)
+    headers = copy.properties["application_headers"]
+    assert (headers["x-invalid-field"], headers["x-invalid-rule"]) == ("content_encoding", "must be utf-8 for application/json, got 'latin-1'")
+    assert copy.body.encode("latin-1") == compressed  # the bytes as sent (py-amqp decodes them again here)
+    still_serving(worker)
+
+
+@pytest.mark.broker
 def test_a_compressed_task_within_the_limit_runs(worker, app):
     result = app.send_task("task_a", kwargs={"duration_s": 0, "payload": "x" * 50_000}, compression="zlib")
     assert result.get(timeout=20)["payload_bytes"] == 50_000

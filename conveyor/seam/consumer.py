@@ -81,6 +81,8 @@ class Consumer(CeleryConsumer):
 
     def on_decode_error(self, message: Message, exc: Exception) -> None:
         # Celery's version logs and acknowledges (deletes) the message; this one keeps it.
+        if not isinstance(message, Message):  # kombu could not even build its Message: py-amqp's own
+            message = _kombu_message(message)
         log.error("Cannot decode a message from %s (content type %r): %s: %s.", _queue_of(message),
                   message.content_type, type(exc).__name__, exc)
         if isinstance(exc, Rejected):  # its compressed body would inflate past the limit (inbound.py)
@@ -140,6 +142,18 @@ def _dead_letter_on_reject(consumer: Consumer, message: Message, kind: str, reas
         consumer.dead_letter(message, kind, reason)
 
     message.reject_log_error = dead_letter_instead
+
+
+def _kombu_message(raw: Any) -> Message:
+    """A delivery kombu's Message constructor raised on, as a plain kombu Message with nothing decoded
+    (no `compression` header for the constructor to act on, put back after), so that it is
+    dead-lettered and acknowledged like any other."""
+    properties = raw.properties or {}
+    message = Message(body=raw.body, delivery_tag=raw.delivery_tag, content_type=properties.get("content_type"),
+                      content_encoding=properties.get("content_encoding"), delivery_info=raw.delivery_info,
+                      properties=properties, headers={}, channel=raw.channel)
+    message.headers = properties.get("application_headers") or {}
+    return message
 
 
 def _queue_of(message: Message) -> str:

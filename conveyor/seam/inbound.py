@@ -137,7 +137,7 @@ def inflate(body: bytes, compression: Any, limit: int) -> bytes:
         raise Rejected("compression", f"must be one of {', '.join(sorted(INFLATERS))}, got {compression!r}")
     try:
         inflated = inflater(body, limit)
-    except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as exc:
+    except (OSError, EOFError, ValueError, TypeError, zlib.error, lzma.LZMAError) as exc:
         raise Rejected("body", f"does not inflate as {compression} ({type(exc).__name__}: {exc})") from None
     if len(inflated) > limit:
         raise Rejected("body", f"inflates to more than {limit} bytes (limits.max_payload_bytes plus the envelope)")
@@ -158,7 +158,7 @@ class Message(pyamqp.Message):
         received = msg.body
         error = None
         try:
-            msg.body = inflate(received, compression, self.max_body_bytes)
+            msg.body = inflate(_as_bytes(received, msg.properties.get("content_encoding")), compression, self.max_body_bytes)
         except Rejected:
             error = sys.exc_info()
         # kombu inflates when it sees the header: hide it for the constructor, and put it back.
@@ -173,6 +173,16 @@ class Message(pyamqp.Message):
         if error:
             self.body = received
             self.errors.append(error)
+
+
+def _as_bytes(body: bytes | str, encoding: str | None) -> bytes:
+    """The body as it came: py-amqp decodes one with a content encoding to str when it can (auto_decode)."""
+    if not isinstance(body, str):
+        return body
+    try:
+        return body.encode(encoding or "utf-8")
+    except (LookupError, UnicodeError) as exc:
+        raise Rejected("content_encoding", f"cannot give back the bytes of a body decoded as {encoding!r} ({exc})") from None
 
 
 def install(max_body_bytes: int) -> None:
