@@ -31,12 +31,11 @@ from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 from kombu import Connection, Exchange, Producer, Queue
 
-from conftest import ROOT, module_stack, wait_for, write_config
+from conftest import ROOT
 from conveyor.lifecycle import records
 from conveyor.seam.intake import HEADERS
 from conveyor.tasks import deadletter
-from test_bad_input import CONFIG
-from test_intake import POOLS
+from test_bad_input import worker  # noqa: F401  (the fixture: one worker per pool)
 
 MESSAGES = int(os.environ.get("FUZZ_MESSAGES", "100"))
 WAIT_S = 20.0
@@ -267,15 +266,12 @@ def encode(m: dict[str, Any]) -> tuple[bytes, dict] | None:
 
 # --- the property ---------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", params=POOLS)
-def harness(request, rabbitmq_url, tmp_path_factory):
-    home = tmp_path_factory.mktemp(f"fuzz-{request.param}")
-    config = CONFIG.replace("concurrency: 1,", f"concurrency: 1, pool: {request.param},")
-    with module_stack(rabbitmq_url, home, write_config(home / "c.yml", config)) as stack:
-        deadletter.drain(stack.app)
-        made = Harness(stack, Account(request.param))
-        yield made
-        made.conn.close()
+@pytest.fixture(scope="module")
+def harness(worker):
+    deadletter.drain(worker.app)
+    made = Harness(worker, Account(worker.config.services[0].pool))
+    yield made
+    made.conn.close()
 
 
 @pytest.mark.broker

@@ -15,26 +15,11 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from amqp.serialization import dumps
 
-from conftest import module_stack, queue_depth, wait_for, write_config
+from conftest import queue_depth, wait_for
 from conveyor.seam.inbound import MAX_DEPTH, ORIGINAL_HEADERS
-from test_bad_input import CONFIG, publish_raw, still_serving, the_dead_letter
+from test_bad_input import app, publish_raw, still_serving, the_dead_letter, worker  # noqa: F401  (fixtures)
 from conveyor.tasks import deadletter
 
-POOLS = ("prefork", "threads", "solo")
-
-
-@pytest.fixture(scope="module", params=POOLS)
-def worker(request, rabbitmq_url, tmp_path_factory):
-    home = tmp_path_factory.mktemp(f"intake-{request.param}")
-    config = CONFIG.replace("concurrency: 1,", f"concurrency: 1, pool: {request.param},")
-    with module_stack(rabbitmq_url, home, write_config(home / "c.yml", config)) as stack:
-        yield stack
-
-
-@pytest.fixture
-def app(worker):
-    deadletter.drain(worker.app)
-    return worker.app
 
 
 def task_headers(**changes) -> dict:
