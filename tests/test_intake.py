@@ -88,6 +88,8 @@ CASES = {
     "callbacks-string": ({}, task_body(embed={"callbacks": "task_b"}), "body.embed.callbacks", "list"),
     "errback-without-task": ({}, task_body(embed={"errbacks": [{"args": []}]}), "body.embed.errbacks[0].task", "string"),
     "chain-args-number": ({}, task_body(embed={"chain": [{"task": "task_b", "args": 5}]}), "body.embed.chain[0].args", "list"),
+    "errback-without-kwargs": ({}, task_body(embed={"errbacks": [{"task": "task_a", "args": [], "options": {}}]}),
+                               "body.embed.errbacks[0].kwargs", "object"),
     "chord-list": ({}, task_body(embed={"chord": [1, 2]}), "body.embed.chord", "signature"),
     "body-too-deep": ({}, json.dumps([[], {"duration_s": 0, "x": nested(MAX_DEPTH + 5)}, {}]).encode(), "body", "nested deeper"),
     "body-far-too-deep": ({}, b"[" * 30_000 + b"]" * 30_000, "body", "nested deeper"),

@@ -209,14 +209,16 @@ def _body(payload: Any) -> None:
 
 
 def _signature(field: str, value: Any) -> None:
-    """What Celery's signature(dict) needs to build a callback without raising in the worker."""
+    """What Celery's signature(dict) needs to clone and send a callback without raising in the
+    worker: the keys Celery's own signatures always carry (a missing `kwargs` broke the tracer's
+    error path, so the task's failure was never stored: found by tests/test_fuzz_intake.py)."""
     if not isinstance(value, dict):
         raise Rejected(field, "must be a task signature (an object)")
     if _text(value.get("task")):
         raise Rejected(f"{field}.task", _text(value.get("task")))
     for name, kind, what in (("args", (list, tuple), "a list"), ("kwargs", dict, "an object"),
                              ("options", dict, "an object")):
-        if value.get(name) is not None and not isinstance(value[name], kind):
+        if not isinstance(value.get(name), kind):
             raise Rejected(f"{field}.{name}", f"must be {what}")
     if value.get("subtask_type") is not None and not isinstance(value["subtask_type"], str):
         raise Rejected(f"{field}.subtask_type", "must be a string or null")
