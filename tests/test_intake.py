@@ -144,6 +144,9 @@ def test_a_compressed_body_that_inflates_past_the_limit(worker, app):
     bomb = zlib.compress(b"0" * (64 * 1024 * 1024))  # 64 MiB in about 64 KB: the limit is 64 KiB here
     publish_raw(app, bomb, "application/json", {**task_headers(), "compression": "application/x-gzip"})
     wait_for(lambda: queue_depth(app, "dead_letter") >= 1, 20, "the message to reach the dead-letter queue")
+    # `dlq list` shows it, without inflating it: the reason and headers, no body.
+    [letter] = deadletter.browse(app)
+    assert letter.reason.startswith("InvalidMessage: body: inflates to more than ") and letter.body is None
     with app.connection_for_read() as conn:  # py-amqp itself: the copy as it lies in the queue
         channel = conn.default_channel
         copy = channel.basic_get("dead_letter", no_ack=True)

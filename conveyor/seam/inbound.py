@@ -12,7 +12,7 @@ Two steps run before Celery's consumer (and conveyor/seam/intake.py) is handed a
   so that the intake can dead-letter the message with nothing lost.
 - kombu's Message inflates a body named by the `compression` header as it is built, whatever the
   size it inflates to. `Message` here inflates at most `max_body_bytes` (plus one, to tell) and,
-  over that, records an error instead, which Celery's consumer hands to on_decode_error. The body
+  over that, raises Rejected when the body is decoded (the intake's first look at it). The body
   as received is kept in `received_body`, so a dead-letter copy keeps body and `compression` together.
 
 `install` puts both in place, once per process (conveyor.runtime.app.create_app calls it).
@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import bz2
 import lzma
-import sys
 import zlib
 from struct import pack, unpack_from
 from typing import Any
@@ -156,11 +155,11 @@ class Message(pyamqp.Message):
             super().__init__(msg, channel, **kwargs)
             return
         received = msg.body
-        error = None
+        rejected = None
         try:
             msg.body = inflate(_as_bytes(received, msg.properties.get("content_encoding")), compression, self.max_body_bytes)
-        except Rejected:
-            error = sys.exc_info()
+        except Rejected as exc:
+            rejected = exc
         # kombu inflates when it sees the header: hide it for the constructor, and put it back.
         msg.properties["application_headers"] = {k: v for k, v in headers.items() if k != "compression"}
         try:
@@ -170,9 +169,16 @@ class Message(pyamqp.Message):
             msg.body = received
         self.headers, self.properties = headers, msg.properties
         self.received_body = received
-        if error:
+        self.rejected = rejected
+        if rejected:
             self.body = received
-            self.errors.append(error)
+
+    def _decode(self) -> Any:
+        # Raised when the body is decoded, not kept in `errors`: kombu's Queue.get raises those at
+        # once, which would stop `dlq list` at a dead-lettered bomb instead of showing its headers.
+        if getattr(self, "rejected", None) is not None:
+            raise self.rejected
+        return super()._decode()
 
 
 def _as_bytes(body: bytes | str, encoding: str | None) -> bytes:
