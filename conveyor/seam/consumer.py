@@ -38,8 +38,6 @@ log = logging.getLogger(__name__)
 # the dispatcher accepts (config: payload_bytes up to the limit) is never refused by a worker.
 ENVELOPE_BYTES = 4096
 INVALID = "InvalidMessage"  # x-exception-type of a message the intake refuses
-
-
 KEPT_PROPERTIES = ("correlation_id", "reply_to", "priority", "message_id", "type", "app_id")
 
 
@@ -85,7 +83,7 @@ class Consumer(CeleryConsumer):
             message = _kombu_message(message)
         log.error("Cannot decode a message from %s (content type %r): %s: %s.", _queue_of(message),
                   message.content_type, type(exc).__name__, exc)
-        if isinstance(exc, Rejected):  # its compressed body would inflate past the limit (inbound.py)
+        if isinstance(exc, Rejected):  # a rule of inbound.py or intake.py, met on Celery's own decoding path
             self.dead_letter(message, INVALID, str(exc), exc)
         else:
             self.dead_letter(message, type(exc).__name__, str(exc))
