@@ -150,6 +150,9 @@ def test_a_store_that_refuses_is_asked_once_and_warned_about_once(caplog):
     assert len(store._backlog) == 300  # every write kept
     with pytest.raises(RecordStoreError, match="did not answer a moment ago"):
         store.get("x")
+    with pytest.raises(RecordStoreError, match="did not answer a moment ago"):  # a unique key: refused at once
+        store.claim("key", "id", "task_a")
+    assert inner.calls == 1
 
 
 @pytest.mark.parametrize("mode", ["hang", "slow-past-the-timeout"])
@@ -226,3 +229,48 @@ def test_the_breaker_opens_probes_once_and_closes(caplog):
     assert breaker.allow() and not breaker.is_open
     assert warnings_of(caplog) == ["A service did not answer (OSError: down); not calling it again for 10 s at a time until it does.",
                                    "A service answers again; calling it as before."]
+
+
+class HungServer:
+    """Accepts connections, counts them, and never answers."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        self.server.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                self.accepted.append(self.server.accept()[0])
+            except OSError:
+                continue
+
+    def close(self) -> None:
+        self._stop.set()
+        for conn in self.accepted:
+            conn.close()
+        self.server.close()
+
+
+@pytest.mark.broker
+def test_a_hung_management_api_is_asked_once_then_skipped(broker_env, make_app, monkeypatch, caplog):
+    from conveyor.amqp import queues
+
+    hung = HungServer()
+    try:
+        monkeypatch.setenv(queues.MANAGEMENT_URL_ENV, f"http://127.0.0.1:{hung.port}")
+        monkeypatch.setattr(queues, "_breakers", {})
+        app = make_app()
+        caplog.set_level(logging.INFO)
+        first = queues.stats(app, ["queue_a"])
+        assert first[0].messages_unacked is None and len(hung.accepted) == 1  # asked, and it timed out
+        for _ in range(5):  # the breaker is open: the ready counts still come, nothing waits on the API
+            assert queues.stats(app, ["queue_a"])[0].messages_ready is not None
+        assert len(hung.accepted) == 1
+        assert len([w for w in warnings_of(caplog) if "management API did not answer" in w]) == 1
+    finally:
+        hung.close()
