@@ -29,7 +29,7 @@ stop_grace_s: 10
 @pytest.fixture
 def node(tmp_path):
     try:
-        with BrokerNode() as made:
+        with BrokerNode(keep_logs=tmp_path / "broker-log") as made:
             yield made
     except BrokerError as exc:
         if IN_CI:
@@ -64,9 +64,10 @@ def received(log: Path, task_id: str) -> int:
 @pytest.mark.broker
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
-    "needs the publish deadlines and blocked-connection handling of issue 12 item 4 (another "
-    "engineer's): today the broker resets the worker's consumer connection during the alarm and "
-    "requeues the running task (seen: ConnectionResetError, queue_a back to 1 ready, 0 unacked)"))
+    "needs the publish deadlines and connection.blocked handling of issue 12 item 4 (another "
+    "engineer's): today the node logs 'missed heartbeats from client' for a worker connection during "
+    "the alarm, the worker's consumer connection is lost, and the running task is requeued "
+    "(queue_a back to 1 ready, 0 unacknowledged); the same with task events off"))
 def test_a_memory_alarm_blocks_publishers_without_redelivering_running_tasks(node, tmp_path):
     with module_stack(node.url(), tmp_path, write_config(tmp_path / "c.yml", CONFIG), RECORDS_URL="off") as stack:
         app = stack.app
