@@ -169,6 +169,21 @@ def test_a_compressed_message_is_dead_lettered_still_compressed_and_readable(wor
 
 
 @pytest.mark.broker
+def test_dlq_requeue_runs_a_refused_message_with_headers_made_afresh(worker, app):
+    from celery.result import AsyncResult
+
+    from conveyor.lifecycle import commands
+
+    headers = {**task_headers(timelimit=["a", None]), "compression": "application/x-gzip"}
+    publish_raw(app, zlib.compress(task_body()), "application/json", headers)
+    wait_for(lambda: queue_depth(app, "dead_letter") >= 1, 20, "the message to reach the dead-letter queue")
+    [requeued] = commands.requeue(app, [headers["id"]])  # its body read, inflated, as `dlq requeue` does
+    assert requeued.headers["x-invalid-field"] == "timelimit"
+    assert AsyncResult(headers["id"], app=app).get(timeout=20)["task"] == "task_a"
+    still_serving(worker)
+
+
+@pytest.mark.broker
 def test_a_compressed_body_py_amqp_decoded_to_text(worker, app):
     # latin-1 decodes any bytes, so py-amqp hands over the compressed body as str (auto_decode): it
     # crashed the consumer on its way to kombu's Message, which then got py-amqp's own message.
