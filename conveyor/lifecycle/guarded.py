@@ -56,12 +56,18 @@ class GuardedStore(Store):
         self.inner = inner
         self.keep_writes = keep_writes
         self.url = getattr(inner, "url", "?")
+        self._fresh(retry_after_s)
+        self._wake = threading.Event()
+        # A prefork pool process is forked from the worker at any time (recycling): it must not
+        # inherit a lock the parent's replay thread holds, nor the parent's backlog to write twice.
+        os.register_at_fork(after_in_child=lambda: self._fresh(retry_after_s))
+
+    def _fresh(self, retry_after_s: float) -> None:
         self.breaker = Breaker(f"The task-record store at {self.url}", retry_after_s)
         self._backlog: deque[_Write] = deque()
         self._incomplete: set[str] = set()
         self._lock = threading.Lock()
         self._replayer: tuple[int, threading.Thread] | None = None
-        self._wake = threading.Event()
 
     # --- writes: never wait on a store that is away -------------------------------------------------
     def transition(self, task_id: str, status: str, **kwargs: Any) -> None:
@@ -133,9 +139,8 @@ class GuardedStore(Store):
 
     # --- catching up ------------------------------------------------------------------------------
     def _start_replayer(self) -> None:
-        """Called with the lock held. One thread per process: a pool process forked from a worker
-        does not inherit its parent's."""
-        if self._replayer is not None and self._replayer[0] == os.getpid() and self._replayer[1].is_alive():
+        """Called with the lock held; one thread per process."""
+        if self._replayer is not None and self._replayer[1].is_alive():
             return
         thread = threading.Thread(target=self._replay, name="record-store-replay", daemon=True)
         self._replayer = (os.getpid(), thread)
