@@ -14,6 +14,8 @@ QUEUE =
 COUNT =
 CHAOS_TASKS = 10000
 CHAOS_ARGS =
+FUZZ_MESSAGES = 1000
+FUZZ_SEED =
 
 help: ## Show every target and what it does (the default).
 	@echo "Usage: make TARGET [VAR=value]"; echo
@@ -38,6 +40,11 @@ bench: install ## Benchmark vs the peers in ../shared/bench and the targets (BEN
 
 test: install ## Run the unit and integration tests.
 	$(PY) -m pytest
+
+fuzz: install ## Fuzz the workers' intake: FUZZ_MESSAGES=1000 mutated messages per pool (3 pools); the seed is printed (replay: FUZZ_SEED=N).
+	@seed="$(FUZZ_SEED)"; [ -n "$$seed" ] || seed=$$(od -An -N4 -tu4 /dev/urandom | tr -d ' '); \
+	echo "fuzz seed: $$seed (replay: make fuzz FUZZ_SEED=$$seed FUZZ_MESSAGES=$(FUZZ_MESSAGES))"; \
+	FUZZ_MESSAGES="$(FUZZ_MESSAGES)" $(PY) -m pytest tests/test_fuzz_intake.py -s -q --hypothesis-seed="$$seed"
 
 up: install ## Start the worker services (Docker Compose or local processes, and a broker if none answers; the first line says which).
 	$(PY) scale.py up
@@ -83,4 +90,4 @@ clean: ## Stop our workers and remove what the project created here (.run, cache
 	rm -rf .run .pytest_cache
 	find . -name __pycache__ -type d -not -path './$(VENV)/*' -prune -exec rm -rf {} +
 
-.PHONY: help install run load-test bench test up down ps logs status scale scale-all autoscale build monitor flower chaos clean
+.PHONY: help install run load-test bench test fuzz up down ps logs status scale scale-all autoscale build monitor flower chaos clean

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from helpers import RABBIT, ROOT, listening, offline_url, private_vhost, unavailable
+from helpers import RABBIT, ROOT, listening, module_stack, offline_url, private_vhost, unavailable, write_config
+from helpers.intake import INTAKE_CONFIG
 
 from conveyor.runtime.app import create_app
 from conveyor.settings import environment
 from conveyor.settings.config import load_config
 from conveyor.settings.context import settings_of
+from conveyor.tasks import deadletter
 from conveyor.stack import docker_available
 from conveyor.stack.compose import compose_command, project_name
 from helpers.docker import BASE_IMAGE, OFFLINE_SCRIPT, TEST_IMAGE, image_exists, image_id, project_containers
@@ -163,3 +165,20 @@ def compose_project(docker_image) -> str:
     left = project_containers(name)
     if left:
         subprocess.run(["docker", "rm", "--force", *left], capture_output=True, timeout=120)
+
+
+# --- one worker per pool, for the tests of what messages do to a worker ---------------------------
+@pytest.fixture(scope="module", params=("prefork", "threads", "solo"))
+def worker(request, rabbitmq_url, tmp_path_factory):
+    """One worker per pool for the module (each test drains the dead-letter queue first): starting
+    one per test would only repeat the same few seconds. No message may stop a worker on any pool."""
+    home = tmp_path_factory.mktemp(f"bad-input-{request.param}")
+    config = INTAKE_CONFIG.replace("concurrency: 1,", f"concurrency: 1, pool: {request.param},")
+    with module_stack(rabbitmq_url, home, write_config(home / "c.yml", config)) as stack:
+        yield stack
+
+
+@pytest.fixture
+def app(worker):
+    deadletter.drain(worker.app)  # whatever earlier tests in the session left there
+    return worker.app

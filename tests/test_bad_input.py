@@ -6,12 +6,11 @@ test_cli_errors.py; these are the rest."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from kombu import Exchange, Producer
 
-from helpers import ROOT, module_stack, one_line_error, queue_depth, run_cli, wait_for, write_config
+from helpers import ROOT, one_line_error, queue_depth, run_cli, wait_for, write_config
+from helpers.intake import publish_raw, still_serving, the_dead_letter
 from conveyor.tasks import deadletter
 from conveyor.seam.consumer import ENVELOPE_BYTES
 from conveyor.tasks.deadletter import DeadLettered
@@ -77,58 +76,6 @@ def test_a_broker_url_with_an_unknown_vhost_is_refused(rabbitmq_url, tmp_path):
 
 # --- to the queues ----------------------------------------------------------------------------------
 
-CONFIG = """\
-name: bad-input
-expected_workers: 1
-tasks: [{task: task_a, count: 1}]
-retry: {max_retries: 0, backoff_s: 1, backoff_max_s: 1, jitter: false}
-services:
-  - {name: worker-a, queues: [queue_a], concurrency: 1, replicas: 1}
-limits: {max_payload_bytes: 65536}
-stop_grace_s: 10
-"""
-
-
-@pytest.fixture(scope="module")
-def worker(rabbitmq_url, tmp_path_factory):
-    """One worker for the module (each test drains the dead-letter queue first): starting one per
-    test would only repeat the same few seconds."""
-    home = tmp_path_factory.mktemp("bad-input")
-    with module_stack(rabbitmq_url, home, write_config(home / "c.yml", CONFIG)) as stack:
-        yield stack
-
-
-@pytest.fixture
-def app(worker):
-    deadletter.drain(worker.app)  # whatever earlier tests in the session left there
-    return worker.app
-
-
-def publish_raw(app, body: bytes, content_type: str, headers: dict, content_encoding: str = "utf-8") -> None:
-    """A message as a foreign or broken producer would send it, under publisher confirms."""
-    with app.connection_for_write() as conn:
-        Producer(conn.default_channel).publish(body, exchange=Exchange("queue_a", type="direct"), routing_key="queue_a",
-                                               content_type=content_type, content_encoding=content_encoding,
-                                               headers=headers, serializer=None)
-
-
-def the_dead_letter(app) -> deadletter.DeadLetter:
-    wait_for(lambda: queue_depth(app, "dead_letter") >= 1, 20, "the message to reach the dead-letter queue")
-    [letter] = deadletter.drain(app)
-    assert letter.original_queue == "queue_a" and letter.headers["x-worker"].startswith("worker-a-1@")
-    return letter
-
-
-def still_serving(worker) -> None:
-    """The same worker process, not crashed and restarted, runs the next good task."""
-    [before] = worker.replicas()
-    assert worker.app.send_task("task_a", kwargs={"duration_s": 0}).get(timeout=20)["task"] == "task_a"
-    [after] = worker.replicas()
-    assert after.running and after.ident == before.ident
-    log = (Path(worker.home) / "worker-a-1.log").read_text()
-    assert "Unrecoverable error" not in log
-
-
 @pytest.mark.broker
 def test_a_message_that_is_not_json(worker, app):
     publish_raw(app, b"{this is not json", "application/json", {"task": "task_a", "id": "not-json", "lang": "py"})
@@ -162,7 +109,8 @@ def test_a_task_message_whose_body_has_the_wrong_shape(worker, app):
     # Celery itself would raise out of its consumer on this and stop the worker ("Unrecoverable error").
     publish_raw(app, json.dumps("hello").encode(), "application/json", {"task": "task_a", "id": "bad-shape", "lang": "py"})
     letter = the_dead_letter(app)
-    assert letter.task_id == "bad-shape" and letter.reason.startswith("InvalidTaskError: malformed task message: ")
+    assert letter.task_id == "bad-shape" and letter.reason == "InvalidMessage: body: must be [args, kwargs, embed]"
+    assert letter.body == "hello"  # as it was sent
     still_serving(worker)
 
 
@@ -195,8 +143,8 @@ def test_an_oversized_payload(worker, app):
     result = app.send_task("task_a", kwargs={"payload": "x" * (limit + ENVELOPE_BYTES + 1)})
     letter = the_dead_letter(app)
     assert letter.task_id == result.id
-    assert letter.reason.startswith("PayloadTooLarge: the message body is ")
-    assert f"over limits.max_payload_bytes ({limit})" in letter.reason
+    assert letter.reason.startswith("InvalidMessage: body: is ")
+    assert f"over limits.max_payload_bytes plus the envelope ({limit + ENVELOPE_BYTES})" in letter.reason
     # Just under the limit is fine: what the dispatcher may send, a worker runs.
     assert app.send_task("task_a", kwargs={"duration_s": 0, "payload": "x" * limit}).get(timeout=20)["payload_bytes"] == limit
     still_serving(worker)

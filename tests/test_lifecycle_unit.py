@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, unavailable
+from helpers import ROOT, listening, unavailable
 from conveyor.settings import environment
 from conveyor.settings.config import Config, TimeLimit, load_config
 from conveyor.errors import ConfigError, UsageError
@@ -24,12 +24,6 @@ from conveyor.lifecycle.redis_store import RedisStore
 from conveyor.lifecycle.sqlite_store import SqliteStore
 
 
-def _redis_listening() -> bool:
-    try:
-        with socket.create_connection(environment.DEFAULT_REDIS, timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -39,7 +33,7 @@ def store(request, tmp_path):
         yield made
         made.close()
         return
-    if not _redis_listening():
+    if not listening(environment.DEFAULT_REDIS):
         unavailable("Redis on 127.0.0.1:6379")
     # A namespace of its own, whose keys are deleted afterwards: never another run's records.
     made = RedisStore("redis://127.0.0.1:6379/0", f"test-{uuid.uuid4().hex[:8]}", ttl_s=3600)
@@ -169,7 +163,7 @@ def test_records_url_resolution(tmp_path):
     assert environment.records_url({"RECORDS_URL": "redis://elsewhere:6380/2"}, False, root) == "redis://elsewhere:6380/2"
     # The embedded broker keeps everything in the run directory, records too.
     assert environment.records_url({}, True, root) == f"sqlite:///{root / 'records.sqlite3'}"
-    expected = "redis://127.0.0.1:6379/0" if _redis_listening() else f"sqlite:///{root / 'records.sqlite3'}"
+    expected = "redis://127.0.0.1:6379/0" if listening(environment.DEFAULT_REDIS) else f"sqlite:///{root / 'records.sqlite3'}"
     assert environment.records_url({}, False, root) == expected
     settings = environment.resolve({"BROKER_URL": "filesystem://", environment.RUN_DIR_ENV: str(root), "RECORDS_URL": "off"})
     assert settings.worker_env()["RECORDS_URL"] == "off"
@@ -178,7 +172,7 @@ def test_records_url_resolution(tmp_path):
 def test_open_store_and_namespaces(tmp_path):
     assert records.open_store("off") is None
     sqlite = records.open_store(f"sqlite:///{tmp_path / 'r.sqlite3'}")
-    assert isinstance(sqlite, SqliteStore) and sqlite.path == tmp_path / "r.sqlite3"
+    assert isinstance(sqlite.inner, SqliteStore) and sqlite.inner.path == tmp_path / "r.sqlite3"
     with pytest.raises(ConfigError, match="none of redis://"):
         records.open_store("mysql://nope")
     assert records.namespace("amqp://guest:guest@127.0.0.1:5672/conveyor-test-1") == "conveyor-test-1"

@@ -21,6 +21,8 @@ from celery import Celery
 from kombu.utils.url import url_to_parts
 from conveyor.settings.context import settings_of
 
+from conveyor.breaker import Breaker
+
 log = logging.getLogger(__name__)
 
 MANAGEMENT_URL_ENV = "RABBITMQ_MANAGEMENT_URL"
@@ -42,11 +44,17 @@ def stats(app: Celery, names: list[str]) -> list[QueueStats]:
     messages from the management API, whose figures lag by its statistics interval (5 s)."""
     found = _from_declare(app, names)
     if not settings_of(app).broker.embedded:
+        budget = settings_of(app).config.side_services
+        breaker = management_breaker(budget.retry_after_s)
+        if not breaker.allow():
+            return found  # it did not answer a moment ago: unknown, at no cost
         try:
-            unacked = _unacked(settings_of(app).broker.broker_url)
+            unacked = _unacked(settings_of(app).broker.broker_url, budget.management_timeout_s)
         except (OSError, ValueError) as exc:
+            breaker.failed(exc)
             log.info("The RabbitMQ management API did not answer (%s); unacknowledged counts are unknown.", exc)
         else:
+            breaker.succeeded()
             for queue in found:
                 queue.messages_unacked = unacked.get(queue.name, 0)  # not declared yet: nothing in it
     return found
@@ -56,6 +64,17 @@ def management_base(broker_url: str) -> str:
     """The management API's root (no credentials, no /api): RABBITMQ_MANAGEMENT_URL, else port 15672 of the broker's host."""
     host = url_to_parts(broker_url)[1]
     return (os.environ.get(MANAGEMENT_URL_ENV) or f"http://{host or '127.0.0.1'}:15672").rstrip("/")
+
+
+_breakers: dict[float, Breaker] = {}
+
+
+def management_breaker(retry_after_s: float) -> Breaker:
+    """This process's breaker for the management API: a sampler (autoscaler, monitor, status) stops
+    waiting on an API that is down or hung, and asks again every retry_after_s (conveyor/breaker.py)."""
+    if retry_after_s not in _breakers:
+        _breakers[retry_after_s] = Breaker("The RabbitMQ management API", retry_after_s)
+    return _breakers[retry_after_s]
 
 
 def management_request(broker_url: str, path: str, method: str = "GET", body: bytes | None = None,
@@ -73,9 +92,9 @@ def management_request(broker_url: str, path: str, method: str = "GET", body: by
     return json.loads(text) if text else None
 
 
-def _unacked(broker_url: str) -> dict[str, int]:
+def _unacked(broker_url: str, timeout_s: float) -> dict[str, int]:
     """Unacknowledged messages per queue of the vhost: one request, whatever the number of queues."""
-    listing = management_request(broker_url, "queues/{vhost}?columns=name,messages_unacknowledged")
+    listing = management_request(broker_url, "queues/{vhost}?columns=name,messages_unacknowledged", timeout_s=timeout_s)
     return {q["name"]: int(q.get("messages_unacknowledged", 0)) for q in listing or []}
 
 

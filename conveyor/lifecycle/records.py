@@ -23,6 +23,7 @@ from kombu.utils.url import maybe_sanitize_url, url_to_parts
 from conveyor.errors import ConfigError, RecordStoreError
 from conveyor.settings.context import maybe_settings_of
 from conveyor.tasks.states import ACTIVE
+from conveyor.settings.config import SideServices
 
 log = logging.getLogger(__name__)
 
@@ -132,43 +133,51 @@ class Store(abc.ABC):
 
 
 OFF = ("", "off", "none")  # RECORDS_URL values that turn records off
-_stores: dict[tuple[str, str, int], Store] = {}
+_stores: dict[tuple[Any, ...], Store] = {}
 _lock = threading.Lock()
 
 
-def open_store(url: str, namespace: str = "default", ttl_s: int = 7 * 24 * 3600) -> Store | None:
-    """The store a URL names, one per process; None when records are turned off (RECORDS_URL=off)."""
+def open_store(url: str, namespace: str = "default", ttl_s: int = 7 * 24 * 3600,
+               budget: SideServices | None = None, keep_writes: bool = True) -> Store | None:
+    """The store a URL names, one per process, behind a circuit breaker with the budget's deadlines
+    (lifecycle/guarded.py); None when records are turned off (RECORDS_URL=off)."""
     if url in OFF:
         return None
-    key = (url, namespace, ttl_s)
+    budget = budget or SideServices()
+    key = (url, namespace, ttl_s, budget, keep_writes)
     with _lock:
         store = _stores.get(key)
         if store is None:
+            from conveyor.lifecycle.guarded import GuardedStore
+
             if url.startswith(("redis://", "rediss://", "unix://")):
                 from conveyor.lifecycle.redis_store import RedisStore
 
-                store = RedisStore(url, namespace, ttl_s)
+                inner: Store = RedisStore(url, namespace, ttl_s, timeout_s=budget.records_timeout_s)
             elif url.startswith("sqlite:///"):
                 from conveyor.lifecycle.sqlite_store import SqliteStore
 
                 # As in SQLAlchemy: sqlite:///relative/file, sqlite:////absolute/file.
-                store = SqliteStore(url.removeprefix("sqlite:///"), ttl_s)
+                inner = SqliteStore(url.removeprefix("sqlite:///"), ttl_s, busy_s=budget.sqlite_busy_s)
             else:
                 raise ConfigError(f"RECORDS_URL {maybe_sanitize_url(url)!r} is none of redis://..., sqlite:///FILE, off")
-            _stores[key] = store
+            store = _stores[key] = GuardedStore(inner, budget.retry_after_s, keep_writes)
     return store
 
 
-def store_for(app: Celery) -> Store | None:
-    """The record store of an app built by conveyor.app.create_app (None for any other app)."""
+def store_for(app: Celery, keep_writes: bool = True) -> Store | None:
+    """The record store of an app built by conveyor.runtime.app.create_app (None for any other app).
+    Writes made while it does not answer are kept and written when it does, unless keep_writes is off."""
     both = maybe_settings_of(app)
     if both is None or both.broker.records_url in OFF:
         return None  # checked first: this runs several times per task in the worker
-    return open_store(both.broker.records_url, namespace(both.broker.broker_url), both.config.records_ttl_s)
+    return open_store(both.broker.records_url, namespace(both.broker.broker_url), both.config.records_ttl_s,
+                      both.config.side_services, keep_writes)
 
 
 def require_store(app: Celery) -> Store:
-    store = store_for(app)
+    """The store for an operator's command: every call answers now or fails with a RecordStoreError."""
+    store = store_for(app, keep_writes=False)
     if store is None:
         raise ConfigError("task records are turned off (RECORDS_URL=off); unset RECORDS_URL or point it at "
                           "redis://... or sqlite:///FILE")

@@ -15,6 +15,8 @@ from dataclasses import asdict
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from conveyor.tasks.states import ACTIVE, TaskState
 from conveyor.lifecycle.records import Event, Record, Store, from_strings, now, unavailable
@@ -40,13 +42,16 @@ return ARGV[1]
 
 
 class RedisStore(Store):
-    def __init__(self, url: str, namespace: str, ttl_s: int) -> None:
+    def __init__(self, url: str, namespace: str, ttl_s: int, timeout_s: float = 2.0) -> None:
         super().__init__(ttl_s)
         self.url = url
         self.prefix = f"conveyor:{namespace}:"
-        # Short timeouts: a worker asks before every run, and a store that hangs must not hang it.
-        self.redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True,
-                                          health_check_interval=30)
+        # Short timeouts and no retries: a worker writes before and after every run, and a store that
+        # hangs must not hang it; redis-py's default Retry (3 more attempts) multiplied the timeout.
+        # Whatever fails is the breaker's to handle (lifecycle/guarded.py).
+        self.redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                          retry=Retry(NoBackoff(), 0), retry_on_timeout=False,
+                                          decode_responses=True, health_check_interval=30)
         self._claim = self.redis.register_script(CLAIM)
 
     def _key(self, task_id: str) -> str:

@@ -40,8 +40,9 @@ CREATE TABLE IF NOT EXISTS uniques (key TEXT PRIMARY KEY, task_id TEXT NOT NULL)
 
 
 class SqliteStore(Store):
-    def __init__(self, path: str, ttl_s: int) -> None:
+    def __init__(self, path: str, ttl_s: int, busy_s: float = 10.0) -> None:
         super().__init__(ttl_s)
+        self.busy_s = busy_s  # how long a write waits for another process's write lock
         self.path = Path(path)
         self.url = f"sqlite:///{path}"
         self._local = threading.local()
@@ -53,7 +54,7 @@ class SqliteStore(Store):
         if conn is None or self._local.pid != os.getpid():
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite.connect(self.path, SCHEMA, timeout_s=10)
+                conn = sqlite.connect(self.path, SCHEMA, timeout_s=self.busy_s)
             except (OSError, sqlite3.Error) as exc:
                 raise unavailable(self.url, exc) from None
             self._local.conn, self._local.pid = conn, os.getpid()

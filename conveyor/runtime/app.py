@@ -10,7 +10,8 @@ from celery.signals import celeryd_after_setup, worker_ready
 from conveyor.settings import environment
 from conveyor.tasks import deadletter
 from conveyor.lifecycle import ledger
-from conveyor.seam import rpc_backend, trace
+from conveyor.seam import inbound, rpc_backend, trace
+from conveyor.seam.consumer import body_limit
 from conveyor.tasks import simulated
 from conveyor.lifecycle import records, signals as record_signals
 from conveyor.settings.config import Config, load_config
@@ -64,6 +65,9 @@ def create_app(config: Config | None = None, settings: environment.BrokerSetting
         worker_send_task_events=config.tuning.task_events,
         worker_hijack_root_logger=False,
     )
+    # Headers too deep for py-amqp and compressed bodies too big once inflated are caught as they are
+    # read, in every process (a worker, `dlq list`): conveyor/seam/inbound.py.
+    inbound.install(body_limit(config.limits.max_payload_bytes))
     attach(app, Settings(config, settings, config.tuning.fast_paths and environment.fast_paths_allowed(), choice))
     simulated.register(app, config.retry, config.time_limits)
     if settings.records_url not in records.OFF:

@@ -5,11 +5,15 @@ loop"), which deletes it: a body that is not JSON, or a pickle message refused b
 accept_content=["json"], vanishes without a trace. Unknown tasks and malformed task messages it
 rejects, which the queue's DLX turns into a dead letter that says only "rejected".
 
-Here each of those, and a message whose body is over limits.max_payload_bytes, is published to the
-dead-letter exchange with `x-exception` saying why (the same headers as a task that failed for good,
-deadletter.reason_headers), under publisher confirms, and only then acknowledged. If that publish
-fails the message is rejected to the DLX as before, so it is never lost either way; and the worker
-goes on with the next message. Celery's own logging, events and signals for these cases are kept.
+Here each of those is published to the dead-letter exchange with `x-exception` saying why (the same
+headers as a task that failed for good, deadletter.reason_headers), under publisher confirms, and
+only then acknowledged. So is every message the intake refuses (conveyor/seam/intake.py: a header or
+property of the wrong type, a body over limits.max_payload_bytes once inflated, too deep, of the
+wrong shape), before Celery reads any of it, with `x-invalid-field` and `x-invalid-rule` besides. The
+copy keeps the body and headers as received (a compressed body stays compressed beside its
+`compression` header), so `dlq list` reads it and `dlq requeue` can send it again after a fix. If that
+publish fails the message is rejected to the DLX as before, so it is never lost either way; and the
+worker goes on with the next message. Celery's own logging, events and signals for these cases are kept.
 
 Installed with the worker_consumer setting (conveyor/runtime/app.py); everything else is Celery's.
 """
@@ -23,8 +27,10 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.message import Message
 from vine import promise
 
-from conveyor.tasks import deadletter
 from conveyor.amqp.topology import DEAD_LETTER_QUEUE, dead_letter_queue, dlx
+from conveyor.seam import intake
+from conveyor.seam.inbound import Rejected
+from conveyor.tasks import deadletter
 from conveyor.settings.context import settings_of
 
 log = logging.getLogger(__name__)
@@ -32,8 +38,13 @@ log = logging.getLogger(__name__)
 # Room for the JSON Celery wraps around a task's arguments ([args, kwargs, embed]), so that a payload
 # the dispatcher accepts (config: payload_bytes up to the limit) is never refused by a worker.
 ENVELOPE_BYTES = 4096
-# What Celery raises on a task message whose body has the wrong shape.
-MALFORMED = (TypeError, ValueError, KeyError, AttributeError)
+INVALID = "InvalidMessage"  # x-exception-type of a message the intake refuses
+KEPT_PROPERTIES = ("correlation_id", "reply_to", "priority", "message_id", "type", "app_id")
+
+
+def body_limit(max_payload_bytes: int) -> int:
+    """The most bytes a task message's body may take once inflated: the payload plus its envelope."""
+    return max_payload_bytes + ENVELOPE_BYTES
 
 
 class Consumer(CeleryConsumer):
@@ -41,23 +52,27 @@ class Consumer(CeleryConsumer):
 
     def create_task_handler(self, promise: Any = promise):
         handle = super().create_task_handler(promise)
-        limit = settings_of(self.app).config.limits.max_payload_bytes
+        config = settings_of(self.app).config
+        max_body_bytes = body_limit(config.limits.max_payload_bytes)
+        max_eta_s = config.broker.consumer_timeout_s
+        refusals = (*self.connection_errors, *self.channel_errors)
 
         def on_task_received(message: Message) -> None:
-            # Checked before anything decodes the body: a huge message costs no more than its bytes.
-            size = len(message.body or b"")
-            if size > limit + ENVELOPE_BYTES:
-                self.dead_letter(message, "PayloadTooLarge",
-                                 f"the message body is {size} bytes, over limits.max_payload_bytes ({limit}) "
-                                 f"plus {ENVELOPE_BYTES} for the envelope")
+            try:
+                intake.check(message, max_body_bytes, max_eta_s)
+            except Rejected as exc:
+                self.dead_letter(message, INVALID, str(exc), exc)
+                return
+            except Exception as exc:  # noqa: BLE001  (a body kombu cannot decode: DecodeError, ContentDisallowed)
+                self.dead_letter(message, type(exc).__name__, str(exc))
                 return
             try:
                 handle(message)
-            except MALFORMED as exc:
-                # Celery unpacks a task body as [args, kwargs, embed] without checking its shape: a body
-                # that is a JSON string, number or object raises out of the consumer and stops the
-                # worker ("Unrecoverable error"), and the broker then hands it to the next worker.
-                if message.acknowledged:
+            except Exception as exc:
+                # Whatever else Celery cannot take from a message's content must not raise out of the
+                # consumer: that stops the worker ("Unrecoverable error"), and the broker then hands
+                # the message to the next worker. A lost connection still goes Celery's way.
+                if message.acknowledged or isinstance(exc, refusals):
                     raise
                 self.dead_letter(message, "InvalidTaskError", f"malformed task message: {type(exc).__name__}: {exc}")
 
@@ -65,9 +80,14 @@ class Consumer(CeleryConsumer):
 
     def on_decode_error(self, message: Message, exc: Exception) -> None:
         # Celery's version logs and acknowledges (deletes) the message; this one keeps it.
+        if not isinstance(message, Message):  # kombu could not even build its Message: py-amqp's own
+            message = _kombu_message(message)
         log.error("Cannot decode a message from %s (content type %r): %s: %s.", _queue_of(message),
                   message.content_type, type(exc).__name__, exc)
-        self.dead_letter(message, type(exc).__name__, str(exc))
+        if isinstance(exc, Rejected):  # a rule of inbound.py or intake.py, met on Celery's own decoding path
+            self.dead_letter(message, INVALID, str(exc), exc)
+        else:
+            self.dead_letter(message, type(exc).__name__, str(exc))
 
     def on_unknown_message(self, body: Any, message: Message) -> None:
         _dead_letter_on_reject(self, message, "UnknownMessage", "the message is not a Celery task message (no task name)")
@@ -82,16 +102,20 @@ class Consumer(CeleryConsumer):
         _dead_letter_on_reject(self, message, type(exc).__name__, str(exc))
         super().on_invalid_task(body, message, exc)
 
-    def dead_letter(self, message: Message, kind: str, reason: str) -> None:
-        """Publish a copy of `message`, byte for byte, to the dead-letter queue with the reason; then ack it."""
+    def dead_letter(self, message: Message, kind: str, reason: str, rejected: Rejected | None = None) -> None:
+        """Publish a copy of `message`, its body and headers as received, to the dead-letter queue
+        with the reason; then ack it."""
         headers = {**(message.headers or {}),
                    **deadletter.reason_headers(kind, reason, _queue_of(message), self.hostname)}
-        properties = {k: v for k in ("correlation_id", "reply_to", "priority")
-                      if (v := message.properties.get(k)) is not None}
+        if rejected is not None:
+            headers.update({"x-invalid-field": rejected.field, "x-invalid-rule": rejected.rule})
+        # Not `expiration` (the copy would expire in the dead-letter queue) nor `user_id` (the broker
+        # refuses one that is not the publishing connection's user).
+        properties = {k: v for k in KEPT_PROPERTIES if (v := message.properties.get(k)) is not None}
         try:
             with self.app.producer_or_acquire() as producer:
                 producer.publish(
-                    message.body, exchange=dlx, routing_key=DEAD_LETTER_QUEUE, declare=[dead_letter_queue],
+                    getattr(message, "received_body", message.body), exchange=dlx, routing_key=DEAD_LETTER_QUEUE, declare=[dead_letter_queue],
                     content_type=message.content_type or "application/octet-stream",
                     content_encoding=message.content_encoding or "binary",
                     headers=headers, delivery_mode="persistent",
@@ -117,6 +141,18 @@ def _dead_letter_on_reject(consumer: Consumer, message: Message, kind: str, reas
         consumer.dead_letter(message, kind, reason)
 
     message.reject_log_error = dead_letter_instead
+
+
+def _kombu_message(raw: Any) -> Message:
+    """A delivery kombu's Message constructor raised on, as a plain kombu Message with nothing decoded
+    (no `compression` header for the constructor to act on, put back after), so that it is
+    dead-lettered and acknowledged like any other."""
+    properties = raw.properties or {}
+    message = Message(body=raw.body, delivery_tag=raw.delivery_tag, content_type=properties.get("content_type"),
+                      content_encoding=properties.get("content_encoding"), delivery_info=raw.delivery_info,
+                      properties=properties, headers={}, channel=raw.channel)
+    message.headers = properties.get("application_headers") or {}
+    return message
 
 
 def _queue_of(message: Message) -> str:

@@ -100,6 +100,10 @@ class ServiceConfig(Strict):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int | None = Field(None, ge=1)
     target_backlog_per_replica: int = Field(20, ge=1)
+    # Worker recycling (issue 12): Celery replaces a pool process after this many tasks, or once its
+    # resident memory passes this much after a task. Prefork only: other pools have no child to replace.
+    max_tasks_per_child: int | None = Field(None, ge=1, description="replace a pool process after this many tasks")
+    max_memory_per_child_mb: int | None = Field(None, ge=1, description="replace a pool process over this resident memory")
 
 
 class Autoscale(Strict):
@@ -113,6 +117,26 @@ class Limits(Strict):
     # RabbitMQ holds whole messages in memory and on disk: big payloads belong in storage, passed by reference.
     max_payload_bytes: int = Field(1024 * 1024, ge=1, le=64 * 1024 * 1024,
                                    description="largest payload a dispatcher sends and a worker accepts")
+
+
+class Broker(Strict):
+    """What the broker enforces and the config must fit in (issue 12). RabbitMQ 3.10's management API
+    does not report consumer_timeout, so it is given here: RabbitMQ's default unless the broker's
+    rabbitmq.conf sets another (docs/reliability.md, "Fitting in the consumer timeout")."""
+
+    consumer_timeout_s: float = Field(1800.0, gt=0, description=(
+        "RabbitMQ closes a channel holding a delivery unacknowledged this long (consumer_timeout, "
+        "1 800 000 ms by default); durations, hard time limits and retry countdowns must fit in it"))
+
+
+class SideServices(Strict):
+    """The record store, the unique-key store and the management API serve operators, not delivery: each
+    is called with a short deadline and no retries, behind a circuit breaker (conveyor/breaker.py)."""
+
+    records_timeout_s: float = Field(0.1, gt=0, le=30, description="Redis: to connect, and for each reply")
+    sqlite_busy_s: float = Field(1.0, gt=0, le=60, description="SQLite: how long a write waits for another writer's lock")
+    management_timeout_s: float = Field(2.0, gt=0, le=60, description="RabbitMQ management API: per request")
+    retry_after_s: float = Field(10.0, gt=0, le=3600, description="a service that did not answer is asked again after this")
 
 
 class Monitoring(Strict):
@@ -181,6 +205,8 @@ class Config(Strict):
     tuning: Tuning = Tuning()
     time_limits: dict[Literal[tuple(TASKS)], TimeLimit] = Field(default_factory=dict)  # type: ignore[valid-type]
     records_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="task records are kept this long after their last change")
+    broker: Broker = Broker()
+    side_services: SideServices = SideServices()
     _source: Path | None = PrivateAttr(None)
 
     @property
@@ -234,6 +260,42 @@ class Config(Strict):
                 if TASKS[task].queue in svc.queues and svc.pool != "prefork":
                     found.append((("services", i, "pool"), f"time_limits.{task} needs the prefork pool: "
                                   f"Celery enforces no time limit in a {svc.pool} pool"))
+        found += self._consumer_timeout_problems()
+        found += self._recycling_problems()
+        return found
+
+    def _consumer_timeout_problems(self) -> list[tuple[tuple[Any, ...], str]]:
+        """What a worker holds unacknowledged (late acks) must be acknowledged within the broker's
+        consumer timeout, or the broker closes the channel and delivers it again: a redelivery loop."""
+        timeout_s = self.broker.consumer_timeout_s
+        found: list[tuple[tuple[Any, ...], str]] = []
+
+        def over(loc: tuple[Any, ...], what: str, seconds: float) -> None:
+            if seconds >= timeout_s:
+                found.append((loc, f"{what} ({seconds:g} s) does not fit in broker.consumer_timeout_s ({timeout_s:g} s): "
+                                   "the broker would take the message back while a worker still holds it"))
+
+        for i, spec in enumerate(self.tasks):
+            if spec.params.duration_s is not None:
+                over(("tasks", i, "params", "duration_s"), "the task's run time", spec.params.duration_s)
+        for task, limits in self.time_limits.items():
+            # A retry after a soft timeout runs under limits retry_factor times longer, per retry.
+            stretch = limits.retry_factor ** self.retry.max_retries
+            field = "hard_s" if limits.hard_s is not None else "soft_s"
+            over(("time_limits", task, field), f"its time limit on the last retry ({field} x retry_factor^max_retries)",
+                 (limits.hard_s or limits.soft_s) * stretch)
+        if self.queue_type == "classic" and self.retry.max_retries:
+            # On a classic queue Celery holds a retry, unacknowledged, in a worker until it is due.
+            over(("retry", "backoff_max_s"), "the longest retry countdown", self.retry.backoff_max_s)
+        return found
+
+    def _recycling_problems(self) -> list[tuple[tuple[Any, ...], str]]:
+        found: list[tuple[tuple[Any, ...], str]] = []
+        for i, svc in enumerate(self.services):
+            for field in ("max_tasks_per_child", "max_memory_per_child_mb"):
+                if getattr(svc, field) is not None and svc.pool != "prefork":
+                    found.append((("services", i, field), f"needs the prefork pool: a {svc.pool} pool has no "
+                                  "child process to replace"))
         return found
 
 

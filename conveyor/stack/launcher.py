@@ -37,7 +37,19 @@ def command(service: ServiceConfig, node: str, loglevel: str = "INFO") -> list[s
         # tuning.task_events (worker_send_task_events in app.py), so there is no --task-events here.
         "--without-gossip", "--without-mingle",
         "--loglevel", loglevel,
+        *recycling(service),
     ]
+
+
+def recycling(service: ServiceConfig) -> list[str]:
+    """Celery's own worker recycling (prefork): a pool process is replaced after a number of tasks
+    or once it grows past a resident size; the task it ran is acknowledged first, so none is lost."""
+    args = []
+    if service.max_tasks_per_child is not None:
+        args += ["--max-tasks-per-child", str(service.max_tasks_per_child)]
+    if service.max_memory_per_child_mb is not None:
+        args += ["--max-memory-per-child", str(service.max_memory_per_child_mb * 1024)]  # Celery counts KiB
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

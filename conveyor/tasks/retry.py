@@ -19,7 +19,7 @@ class TransientTaskError(Exception):
 
 
 # A task that ran past its soft time limit may well finish under a longer one, which its retry gets
-# (conveyor/lifecycle/task.py), so a soft timeout is retried like a transient error.
+# (conveyor/tasks/base.py), so a soft timeout is retried like a transient error.
 RETRYABLE = (TransientTaskError, SoftTimeLimitExceeded)
 
 
