@@ -86,8 +86,8 @@ def test_a_pipeline_entry_becomes_one_job_of_several_stages():
     s = scenario(mix=[{"name": "p", "task": "task_a", "runtime_s": 0.01, "payload_bytes": 8,
                        "stages": [{"task": "task_b", "runtime_s": 0.02}, {"task": "task_a"}]}])
     [job] = list(Plan.per_type(s, 1))
-    assert [name for name, _ in job.steps] == ["task_a", "task_b", "task_a"]
-    assert [kw["duration_s"] for _, kw in job.steps] == [0.01, 0.02, 0.1]
+    assert [name for name, *_ in job.steps] == ["task_a", "task_b", "task_a"]
+    assert [kw["duration_s"] for _, kw, _ in job.steps] == [0.01, 0.02, 0.1]
     assert job.steps[0][1]["payload"] == "x" * 8
     assert s.queues == ["queue_a", "queue_b"]
 

@@ -93,7 +93,7 @@ def test_quorum_queues_are_declared_alike_by_every_declarer(tmp_path):
     app = offline_app(config, tmp_path)
     declared = {q.name: q for q in app.conf.task_queues}
     assert set(declared) == set(QUEUES)
-    for queue in work_queues(config.queue_type):  # what deadletter.declare uses
+    for queue in work_queues(config):  # what deadletter.declare uses
         assert declared[queue.name].queue_arguments == queue.queue_arguments
         assert queue.queue_arguments["x-queue-type"] == "quorum"
         assert queue.queue_arguments["x-dead-letter-strategy"] == "at-least-once"

@@ -45,13 +45,15 @@ import time
 from bisect import bisect_left
 from collections import Counter, OrderedDict, deque
 from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 from celery.events.state import heartbeat_expires
 from prometheus_client import Histogram
 
 from conveyor.tasks.simulated import DeadLettered
-from conveyor.amqp.topology import DEAD_LETTER_QUEUE, TASKS
+from conveyor.amqp.topology import DEAD_LETTER_QUEUE
+from conveyor.settings.config import builtin_task_types
 from conveyor.stack.control import service_of
 
 log = logging.getLogger(__name__)
@@ -150,7 +152,9 @@ class Accounting:
     """Fed every event by the listener thread; read by the dashboard, the sampler and the exporter."""
 
     def __init__(self, latency_window_tasks: int = 1000, rate_window_s: float = 5.0,
-                 since: float | None = None, max_tracked: int = MAX_TRACKED_TASKS) -> None:
+                 since: float | None = None, max_tracked: int = MAX_TRACKED_TASKS,
+                 types: Iterable[tuple[str, str]] | None = None) -> None:
+        """`types`: (task name, queue) of every task type of the config (default: task_a and task_b)."""
         self.since = time.time() if since is None else since
         self._latency_window = latency_window_tasks
         self._rate_window_s = rate_window_s
@@ -160,8 +164,13 @@ class Accounting:
         self._tasks: OrderedDict[str, _Task] = OrderedDict()  # least recently heard of first
         self._retrying: Counter[tuple[str, str]] = Counter()
         self._workers: dict[str, _Worker] = {}
-        for spec in TASKS.values():  # every known type shows up, with zeros, before its first event
-            self._stats((spec.name, spec.queue))
+        # Events after task-sent carry no queue; routing is static per type, so it comes from here.
+        self._queue_of_type = dict(types if types is not None else ((t.name, t.queue) for t in builtin_task_types()))
+        for name, queue in self._queue_of_type.items():  # every known type shows up, with zeros, before its first event
+            self._stats((name, queue))
+
+    def _queue_of(self, name: str, event: dict[str, Any]) -> str:
+        return event.get("queue") or event.get("routing_key") or self._queue_of_type.get(name, "")
 
     # --- feeding ----------------------------------------------------------------------
     def record(self, event: dict[str, Any]) -> None:
@@ -189,7 +198,7 @@ class Accounting:
             if not name:
                 log.debug("Ignoring %s for task %s, which was in flight before the monitor started.", kind, task_id)
                 return
-            task = self._track(task_id, (name, _queue_of(name, event)))
+            task = self._track(task_id, (name, self._queue_of(name, event)))
         self._tasks.move_to_end(task_id)
         stats = self._stats(task.key)
         counted = _COUNTED.get(kind)
@@ -219,7 +228,7 @@ class Accounting:
 
     def _sent(self, task_id: str, event: dict[str, Any]) -> None:
         name = event.get("name") or ""
-        queue = _queue_of(name, event)
+        queue = self._queue_of(name, event)
         if queue == DEAD_LETTER_QUEUE or event.get("retries"):
             return
         task = self._tasks.get(task_id)
@@ -298,14 +307,6 @@ class Accounting:
                  "tasks_active": w.active, "processed": w.processed}
                 for host, w in sorted(self._workers.items())
             ]
-
-
-def _queue_of(name: str, event: dict[str, Any]) -> str:
-    queue = event.get("queue") or event.get("routing_key")
-    if queue:
-        return queue
-    spec = TASKS.get(name)  # events after task-sent carry no queue; routing is static per type
-    return spec.queue if spec else ""
 
 
 def _prune(times: deque[float], before: float) -> None:

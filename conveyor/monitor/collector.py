@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 class Monitor:
     def __init__(self, stack: Stack, settings: Monitoring, influx: str | None = None) -> None:
         self.stack, self.settings = stack, settings
-        self.accounting = Accounting(settings.latency_window_tasks, rate_window_s=settings.collect_interval_s)
+        self.accounting = Accounting(settings.latency_window_tasks, rate_window_s=settings.collect_interval_s,
+                                     types=[(t.name, t.queue) for t in stack.config.task_types])
         self.listener = EventListener(stack.app, self.accounting.record)
         self.emitter = Emitter(influx) if influx else None
         self._broker: dict[str, Any] | None = None

@@ -13,7 +13,7 @@ from conveyor.settings import environment
 from conveyor.tasks import deadletter
 from conveyor.lifecycle import ledger
 from conveyor.seam import rpc_backend
-from conveyor.tasks import simulated
+from conveyor.tasks import registry
 from conveyor.lifecycle import records, signals as record_signals
 from conveyor.settings.config import Config, load_config
 from conveyor.amqp.topology import routes, work_queues
@@ -34,9 +34,9 @@ def create_app(config: Config | None = None, settings: environment.BrokerSetting
         # Every publish waits for the broker's confirm: a task is never reported sent unless it is stored.
         transport_options["confirm_publish"] = True
     app.conf.update(
-        task_queues=work_queues(config.queue_type),
-        task_routes=routes(),
-        task_default_queue="queue_a",
+        task_queues=work_queues(config),
+        task_routes=routes(config),
+        task_default_queue=config.queues[0],
         task_create_missing_queues=False,
         accept_content=["json"],
         task_serializer="json",
@@ -66,7 +66,7 @@ def create_app(config: Config | None = None, settings: environment.BrokerSetting
     )
     app.conveyor_config = config
     app.conveyor_broker = settings
-    simulated.register(app, config.retry, config.time_limits)
+    registry.register(app, config)
     if settings.records_url not in records.OFF:
         record_signals.connect()
     ledger.attach_from_env()

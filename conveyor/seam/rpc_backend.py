@@ -42,6 +42,7 @@ from kombu.pools import ProducerPool
 from kombu.serialization import dumps
 
 from conveyor.seam import frames
+from conveyor.seam.runtime_meta import RuntimeMeta, add_runtime
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class _Held:
     next_poll: float = 0.0
 
 
-class RPCBackend(CeleryRPCBackend):
+class RPCBackend(RuntimeMeta, CeleryRPCBackend):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._declared_on: weakref.WeakSet = weakref.WeakSet()
@@ -90,7 +91,7 @@ class RPCBackend(CeleryRPCBackend):
         if request and getattr(request, "parent_id", None):
             meta["parent_id"] = request.parent_id
         meta["task_id"] = task_id
-        return meta
+        return add_runtime(meta, request)
 
     def _confirms(self) -> bool:
         config = getattr(self.app, "conveyor_config", None)

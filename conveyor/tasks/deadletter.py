@@ -29,7 +29,7 @@ def declare(app: Celery) -> None:
     with app.connection_for_write() as conn:
         channel = conn.default_channel
         dead_letter_queue(channel).declare()
-        for queue in work_queues(app.conveyor_config.queue_type):
+        for queue in work_queues(app.conveyor_config):
             queue(channel).declare()
 
 
