@@ -40,10 +40,12 @@ class Consumer(CeleryConsumer):
 
     def create_task_handler(self, promise: Any = promise):
         handle = super().create_task_handler(promise)
-        limit = self.app.conveyor_config.limits.max_payload_bytes
+        config = self.app.conveyor_config
 
         def on_task_received(message: Message) -> None:
             # Checked before anything decodes the body: a huge message costs no more than its bytes.
+            # The limit is the task type's own max_payload_bytes, else limits.max_payload_bytes.
+            limit = config.payload_limit((message.headers or {}).get("task", ""))
             size = len(message.body or b"")
             if size > limit + ENVELOPE_BYTES:
                 self.dead_letter(message, "PayloadTooLarge",

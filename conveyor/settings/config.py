@@ -315,6 +315,7 @@ class Config(Strict):
         "a directory put first on the import path of the workers (and of the dispatcher), relative to this file"))
     _source: Path | None = PrivateAttr(None)
     _code: ResolvedCode | None = PrivateAttr(None)
+    _types: dict[str, TaskTypeConfig] | None = PrivateAttr(None)  # the model is frozen: built once
 
     @property
     def source(self) -> Path | None:
@@ -324,7 +325,12 @@ class Config(Strict):
     # --- task types ------------------------------------------------------------------------
     @property
     def types(self) -> dict[str, TaskTypeConfig]:
-        return {kind.name: kind for kind in self.task_types}
+        """Task types by name (the first of a duplicated name, which problems() reports)."""
+        if self._types is None:
+            self._types = {}
+            for kind in self.task_types:
+                self._types.setdefault(kind.name, kind)
+        return self._types
 
     def task_type(self, name: str) -> TaskTypeConfig:
         try:
