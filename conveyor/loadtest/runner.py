@@ -106,7 +106,7 @@ class Runner:
             self.watcher.watch(task_id)
         return record
 
-    def _on_result(self, task_id: str, status: str, value: Any) -> None:
+    def _on_result(self, task_id: str, status: str, value: Any, meta: dict[str, Any] | None = None) -> None:
         found = self._where.pop(task_id, None)
         if found is None:
             return
@@ -114,12 +114,12 @@ class Runner:
         was_done = record.done
         stage = record.stages[i]
         outcome = TaskOutcome(stage.task, stage.id, self.scenario.queue_of(stage.task))
-        fill_outcome(outcome, {"status": status, "result": value})
+        fill_outcome(outcome, {**(meta or {}), "status": status, "result": value})
         stage.state, stage.retries, stage.worker, stage.error = outcome.state, outcome.retries, outcome.worker, outcome.error
         stage.execution_s = outcome.execution_time_s
         stage.received_at = time.time()
-        if isinstance(value, dict):
-            stage.started_at = value.get("started_at")
+        # The simulated tasks report their start in their result; a user task's is in the metadata.
+        stage.started_at = value.get("started_at") if isinstance(value, dict) and "started_at" in value else (meta or {}).get("started_at")
         if record.done and not was_done:
             self._done += 1
             self._recent.append(stage.received_at)

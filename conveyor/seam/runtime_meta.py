@@ -11,12 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 RUNTIME_ATTR = "conveyor_runtime_s"  # set on the task's request by the task base
+STARTED_ATTR = "conveyor_started_at"  # wall clock, so that a caller can tell queue time from run time
 
 
 def add_runtime(meta: dict[str, Any], request: Any) -> dict[str, Any]:
     runtime = getattr(request, RUNTIME_ATTR, None) if request is not None else None
     if runtime is not None:
         meta["runtime_s"] = runtime
+        meta["started_at"] = getattr(request, STARTED_ATTR, None)
     return meta
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from conveyor.settings.environment import PROJECT_ROOT, RECORDS_URL_ENV, BrokerSettings, run_dir
 from conveyor.settings.config import ServiceConfig
 from conveyor.errors import StackError
+from conveyor.stack import compose_override
 from conveyor.stack.base import Replica, Stack
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,10 @@ class ComposeStack(Stack):
         self.settings: BrokerSettings = app.conveyor_broker
         self.project = project_name()
         self.files = compose_files(self.settings)
+        # The config's own services and code directory, on top of the compose files.
+        extra = compose_override.write(self.files, self.config, run_dir() / "compose" / f"{self.project}.override.yml")
+        if extra is not None:
+            self.files = [*self.files, extra]
         # Warm shutdown gets at least the config's grace before compose kills a container.
         self.stop_timeout_s = max(1, math.ceil(self.config.stop_grace_s))
         self._records_warned = False
@@ -159,6 +164,10 @@ class ComposeStack(Stack):
         if source and not source.stat().st_mode & stat.S_IROTH:
             raise StackError(f"{source} is not readable by other users, and the worker containers read it as an "
                              f"unprivileged user; run `chmod o+r {source}`")
+        code = self.config.code_path
+        if code and (not code.is_dir() or (code.stat().st_mode & (stat.S_IROTH | stat.S_IXOTH)) != stat.S_IROTH | stat.S_IXOTH):
+            raise StackError(f"code_dir {code} is not a directory other users can read, and the worker containers "
+                             f"read it as an unprivileged user; run `chmod -R o+rX {code}`")
 
     # --- bookkeeping -------------------------------------------------------------------
     def _state_file(self) -> Path:
@@ -184,6 +193,29 @@ class ComposeStack(Stack):
             if service in ours and oneoff.lower() != "true":
                 found.append(Replica(service, ident[:12], None, state == "running"))
         return sorted(found, key=lambda r: (r.service, r.ident))
+
+    def failures(self) -> dict[str, str]:
+        """Containers of our services that exited or are restarting (restart: unless-stopped brings
+        back one that stopped on a config error, again and again), with the error in their log."""
+        found: dict[str, str] = {}
+        out = _docker("ps", "--all", "--filter", f"label=com.docker.compose.project={self.project}",
+                      "--format", '{{.ID}}\t{{.Label "com.docker.compose.service"}}\t{{.State}}')
+        ours = {s.name for s in self.config.services}
+        for line in out.splitlines():
+            ident, service, state = (line.split("\t") + ["", "", ""])[:3]
+            if service in ours and state in ("exited", "restarting", "dead") and service not in found:
+                found[service] = f"container {ident[:12]} {state}: {self._last_error(ident)}"
+        return found
+
+    @staticmethod
+    def _last_error(ident: str) -> str:
+        try:
+            done = subprocess.run(["docker", "logs", "--tail", "50", ident], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"its log could not be read ({exc})"
+        lines = [line.strip() for line in (done.stdout + "\n" + done.stderr).splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error: ")]
+        return (errors or lines or ["its log is empty"])[-1]
 
     # --- scaling -----------------------------------------------------------------------
     def up(self, wait_s: float = 60.0) -> None:

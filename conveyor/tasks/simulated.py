@@ -23,7 +23,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from conveyor.tasks import deadletter
 from conveyor.tasks import retry
 from conveyor.lifecycle.task import LifecycleTask
-from conveyor.seam.runtime_meta import RUNTIME_ATTR
+from conveyor.seam.runtime_meta import RUNTIME_ATTR, STARTED_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,12 @@ class DeadLetteringTask(LifecycleTask):
     abstract = True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         try:
             result = super().__call__(*args, **kwargs)
             # The run time, for the result backend to store beside a result that is the task's own.
             setattr(self.request, RUNTIME_ATTR, round(time.perf_counter() - started, 6))
+            setattr(self.request, STARTED_ATTR, started_at)
             return result
         except (Retry, Ignore, Reject):
             raise
