@@ -86,4 +86,7 @@ def _kind(obj: Any) -> str:
         return f"a class ({obj.__name__})"
     if inspect.ismodule(obj):
         return "a module"
-    return f"a {type(obj).__name__} ({obj!r:.40})"
+    if inspect.isroutine(obj):
+        return "a function"
+    kind = type(obj).__name__
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} ({obj!r:.40})"
