@@ -227,3 +227,56 @@ def test_up_reports_which_service_could_not_import_its_callable(broker_env, make
         stack.down()
         for name in ("hostonlytasks", "hostonly", "flakytasks"):
             sys.modules.pop(name, None)
+
+
+# --- the compose stack ---------------------------------------------------------------------
+
+from test_docker import TEST_IMAGE, compose_project, docker_engine, docker_image  # noqa: E402,F401  (fixtures)
+
+
+@pytest.fixture
+def compose_env(broker_env, compose_project) -> dict[str, str]:
+    return {**broker_env, "STACK": "compose", "COMPOSE_PROJECT_NAME": compose_project, "CONVEYOR_IMAGE": TEST_IMAGE,
+            "COMPOSE_FILES": ""}
+
+
+@pytest.mark.docker
+@pytest.mark.broker
+def test_the_example_on_the_compose_stack(compose_env):
+    env = {**compose_env, "CONVEYOR_CONFIG": str(CONFIG)}
+    # `make up` builds the image (from our Dockerfile, its layers cached by the session's build) and
+    # starts the example's three services, copies of worker-a with the example's code mounted read-only.
+    _cli("scale.py", "up", env=env, timeout=600)
+    try:
+        assert _answering(env) == {name: 1 for name in SERVICES}
+        _check_dispatch(json.loads(_cli("dispatch.py", "--json", env=env).stdout))
+        _cli("scale.py", "scale", "--service", "counter", "--count", "2", env=env)
+        assert _answering(env) == {"splitter": 1, "counter": 2, "merger": 1}
+        summary = json.loads(_cli("load_test.py", "--scenario", str(SCENARIO), "--tasks", "40", "--json", env=env).stdout)
+        _check_load_test(summary, 40)
+        snap = json.loads(_cli("monitor.py", "--once", "--json", "--no-prometheus", env=env).stdout)
+        assert {r["name"] for r in snap["tasks"]} == {"split", "count_words", "merge_counts"}
+        assert {s["name"]: s["replicas_running"] for s in snap["services"]} == {"splitter": 1, "counter": 2, "merger": 1}
+    finally:
+        _cli("scale.py", "down", env=env, timeout=300)
+
+
+@pytest.mark.docker
+@pytest.mark.broker
+def test_compose_up_reports_the_service_whose_callable_the_image_cannot_import(compose_env, tmp_path):
+    # pytest is installed where the tests run, not in the worker image (requirements.txt only): the
+    # host can import the module, the containers cannot, as with a requirement left out of an image.
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "flakytasks.py").write_text(FLAKY)
+    (tmp_path / "code" / "needspytest.py").write_text("import pytest\n\ndef run():\n    return pytest.__name__\n")
+    path = write_config(tmp_path / "c.yml", FLAKY_CONFIG.replace("flakytasks:flaky", "needspytest:run"))
+    env = {**compose_env, "CONVEYOR_CONFIG": str(path)}
+    proc = run_cli("scale.py", "up", env=env, timeout=600)
+    try:
+        assert proc.returncode == 4, proc.stderr
+        [line] = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert line.startswith("error: service flaker failed to start: container "), line
+        assert line.endswith("error: /etc/conveyor/config.yml:6: task_types[0].callable: needspytest:run: importing "
+                             "needspytest failed: ModuleNotFoundError: No module named 'pytest'"), line
+    finally:
+        _cli("scale.py", "down", env=env, timeout=300)
