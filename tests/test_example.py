@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,16 @@ def _check_load_test(summary: dict, jobs: int) -> None:
     assert summary["workers"] >= 3
 
 
+def _run_scale_and_load(env: dict[str, str]) -> None:
+    """On a stack `make up` started: `make run`, `make scale QUEUE=counter COUNT=2`, `make load-test TASKS=40`."""
+    assert _answering(env) == {name: 1 for name in SERVICES}
+    _check_dispatch(json.loads(_cli("dispatch.py", "--json", env=env).stdout))
+    _cli("scale.py", "scale", "--service", "counter", "--count", "2", env=env)
+    assert _answering(env) == {"splitter": 1, "counter": 2, "merger": 1}
+    summary = json.loads(_cli("load_test.py", "--scenario", str(SCENARIO), "--tasks", "40", "--json", env=env).stdout)
+    _check_load_test(summary, 40)
+
+
 # --- the local stack -----------------------------------------------------------------------
 
 @pytest.mark.broker
@@ -79,14 +91,7 @@ def test_the_example_on_the_local_stack(broker_env, make_app):
     env = {**broker_env, "STACK": "local", "CONVEYOR_CONFIG": str(CONFIG)}
     _cli("scale.py", "up", env=env)
     try:
-        assert _answering(env) == {name: 1 for name in SERVICES}
-        _check_dispatch(json.loads(_cli("dispatch.py", "--json", env=env).stdout))
-
-        _cli("scale.py", "scale", "--service", "counter", "--count", "2", env=env)
-        assert _answering(env) == {"splitter": 1, "counter": 2, "merger": 1}
-
-        summary = json.loads(_cli("load_test.py", "--scenario", str(SCENARIO), "--tasks", "40", "--json", env=env).stdout)
-        _check_load_test(summary, 40)
+        _run_scale_and_load(env)
 
         # `make monitor`: the task table and the Prometheus labels are the example's task names.
         app = make_app(CONFIG)
@@ -231,12 +236,22 @@ def test_up_reports_which_service_could_not_import_its_callable(broker_env, make
 
 # --- the compose stack ---------------------------------------------------------------------
 
-from test_docker import TEST_IMAGE, compose_project, docker_engine, docker_image  # noqa: E402,F401  (fixtures)
+from test_docker import docker_engine  # noqa: E402,F401  (a fixture)
+
+
+@pytest.fixture(scope="module")
+def example_image(docker_engine) -> str:
+    """A tag of this module's own: `make up` builds it from our Dockerfile (layers from the cache),
+    and no other session that builds the shared test tag at the same time can swap it under us."""
+    name = f"conveyor-worker:example-{uuid.uuid4().hex[:8]}"
+    yield name
+    subprocess.run(["docker", "image", "rm", name], capture_output=True, timeout=120)
 
 
 @pytest.fixture
-def compose_env(broker_env, compose_project) -> dict[str, str]:
-    return {**broker_env, "STACK": "compose", "COMPOSE_PROJECT_NAME": compose_project, "CONVEYOR_IMAGE": TEST_IMAGE,
+def compose_env(broker_env, example_image) -> dict[str, str]:
+    project = f"conveyor-example-{uuid.uuid4().hex[:8]}"
+    return {**broker_env, "STACK": "compose", "COMPOSE_PROJECT_NAME": project, "CONVEYOR_IMAGE": example_image,
             "COMPOSE_FILES": ""}
 
 
@@ -248,12 +263,7 @@ def test_the_example_on_the_compose_stack(compose_env):
     # starts the example's three services, copies of worker-a with the example's code mounted read-only.
     _cli("scale.py", "up", env=env, timeout=600)
     try:
-        assert _answering(env) == {name: 1 for name in SERVICES}
-        _check_dispatch(json.loads(_cli("dispatch.py", "--json", env=env).stdout))
-        _cli("scale.py", "scale", "--service", "counter", "--count", "2", env=env)
-        assert _answering(env) == {"splitter": 1, "counter": 2, "merger": 1}
-        summary = json.loads(_cli("load_test.py", "--scenario", str(SCENARIO), "--tasks", "40", "--json", env=env).stdout)
-        _check_load_test(summary, 40)
+        _run_scale_and_load(env)
         snap = json.loads(_cli("monitor.py", "--once", "--json", "--no-prometheus", env=env).stdout)
         assert {r["name"] for r in snap["tasks"]} == {"split", "count_words", "merge_counts"}
         assert {s["name"]: s["replicas_running"] for s in snap["services"]} == {"splitter": 1, "counter": 2, "merger": 1}
