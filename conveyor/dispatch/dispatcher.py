@@ -22,7 +22,7 @@ from conveyor.tasks import deadletter
 from conveyor.settings.config import Config
 from conveyor.errors import BrokerError
 from conveyor.lifecycle import unique
-from conveyor.dispatch.arguments import entry_arguments, task_kwargs  # noqa: F401  (task_kwargs: for callers)
+from conveyor.dispatch.arguments import entry_arguments
 from conveyor.tasks.simulated import DeadLettered
 
 log = logging.getLogger(__name__)
