@@ -21,7 +21,9 @@ from conveyor.settings.config import load_config
 from conveyor.tasks.retry import RETRYABLE
 
 USER_CODE = '''\
-from celery import shared_task
+from celery import Celery
+
+own_app = Celery("theirs", set_as_current=False)  # a task of the user's own app, not shared with ours
 
 LIMIT = 3
 
@@ -34,7 +36,7 @@ def echo(value, times=1):
     return [value] * times
 
 
-@shared_task(name="already_a_task")
+@own_app.task(name="already_a_task", shared=False)
 def decorated():
     return 1
 '''
