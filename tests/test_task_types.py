@@ -229,3 +229,19 @@ def test_a_scenario_naming_an_unknown_type_or_simulating_a_user_task_is_refused(
     with pytest.raises(ConfigError) as info:
         load_scenario(bad, config)
     assert str(info.value).startswith(f"{bad}:4: mix[0].error_rate: runtime_s, error_rate and payload_bytes describe")
+
+
+def test_a_type_s_own_time_limits_and_payload_limit(project):
+    text = CONFIG.replace("    retry: {retry_on:", "    time_limits: {soft_s: 2, hard_s: 5}\n    max_payload_bytes: 4096\n    retry: {retry_on:")
+    config = load_config(write_config(project / "c.yml", text))
+    assert config.payload_limit("echo") == 4096 and config.payload_limit("echo2") == config.limits.max_payload_bytes
+    app = create_app(config, environment.resolve())
+    try:
+        assert (app.tasks["echo"].soft_time_limit, app.tasks["echo"].time_limit) == (2, 5)
+        assert app.tasks["echo2"].soft_time_limit is None
+    finally:
+        app.close()
+    # Celery enforces time limits in the prefork pool only: a threads pool for that queue is refused.
+    text = text.replace("    queues: [q_echo]\n", "    queues: [q_echo]\n    pool: threads\n")
+    message = config_error(write_config(project / "c.yml", text))
+    assert message.startswith(f"{project / 'c.yml'}:22: services[0].pool: time_limits.echo needs the prefork pool"), message
