@@ -31,7 +31,7 @@ EXAMPLE = ROOT / "examples" / "wordcount"
 CONFIG = EXAMPLE / "config.yml"
 SCENARIO = EXAMPLE / "scenario.yml"
 SERVICES = ("splitter", "counter", "merger")
-DOCUMENT_WORDS = 1500  # what wordcount/corpus.py writes per document (examples/wordcount/README)
+DOCUMENT_WORDS = 1500  # what wordcount/corpus.py wrote per document of the shipped corpus
 
 
 def _cli(*args: str, env: dict[str, str], timeout: float = 300):
