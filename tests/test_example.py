@@ -245,7 +245,7 @@ def example_image(docker_engine) -> str:
     and no other session that builds the shared test tag at the same time can swap it under us."""
     name = f"conveyor-worker:example-{uuid.uuid4().hex[:8]}"
     yield name
-    subprocess.run(["docker", "image", "rm", name], capture_output=True, timeout=120)
+    subprocess.run(["docker", "image", "rm", f"{name}-code", name], capture_output=True, timeout=120)
 
 
 @pytest.fixture
@@ -288,5 +288,34 @@ def test_compose_up_reports_the_service_whose_callable_the_image_cannot_import(c
         assert line.startswith("error: service flaker failed to start: container "), line
         assert line.endswith("error: /etc/conveyor/config.yml:6: task_types[0].callable: needspytest:run: importing "
                              "needspytest failed: ModuleNotFoundError: No module named 'pytest'"), line
+    finally:
+        _cli("scale.py", "down", env=env, timeout=300)
+
+
+@pytest.mark.docker
+@pytest.mark.broker
+def test_the_example_in_an_image_built_from_ours_with_its_requirements(compose_env, example_image, tmp_path):
+    # The example as a user's project of its own, with a requirements file: the workers then run an
+    # image built FROM ours (deploy/user.Dockerfile) holding the code, instead of a mount. The build
+    # has no network here, so the requirement is one the base image already satisfies.
+    project = tmp_path / "project"
+    shutil.copytree(EXAMPLE / "wordcount", project / "code" / "wordcount", ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "code" / "requirements.txt").write_text("PyYAML\n")
+    config = CONFIG.read_text().replace("code_dir: .\n", "code_dir: code\ncode_requirements: requirements.txt\n")
+    path = write_config(project / "config.yml", config)
+    subprocess.run(["chmod", "-R", "o+rX", str(tmp_path)], check=True)
+    env = {**compose_env, "CONVEYOR_CONFIG": str(path)}
+    _cli("scale.py", "build", env=env, timeout=600)
+    _cli("scale.py", "up", env=env, timeout=600)
+    try:
+        _check_dispatch(json.loads(_cli("dispatch.py", "--json", env=env).stdout))
+        ids = subprocess.run(["docker", "ps", "--quiet", "--filter", f"label=com.docker.compose.project={env['COMPOSE_PROJECT_NAME']}"],
+                             capture_output=True, text=True, check=True).stdout.split()
+        assert len(ids) == 3
+        inspected = json.loads(subprocess.run(["docker", "inspect", *ids], capture_output=True, text=True, check=True).stdout)
+        for container in inspected:
+            assert container["Config"]["Image"] == f"{example_image}-code"
+            assert "CONVEYOR_CODE_DIR=/opt/conveyor/code" in container["Config"]["Env"]
+            assert all(m["Destination"] != "/opt/conveyor/code" for m in container["Mounts"]), container["Mounts"]
     finally:
         _cli("scale.py", "down", env=env, timeout=300)

@@ -245,3 +245,56 @@ def test_a_type_s_own_time_limits_and_payload_limit(project):
     text = text.replace("    queues: [q_echo]\n", "    queues: [q_echo]\n    pool: threads\n")
     message = config_error(write_config(project / "c.yml", text))
     assert message.startswith(f"{project / 'c.yml'}:22: services[0].pool: time_limits.echo needs the prefork pool"), message
+
+
+# --- the compose override for a config's own services and code --------------------------------
+
+def test_the_compose_override_copies_worker_a_for_new_services_and_mounts_code_dir(monkeypatch):
+    from conveyor.stack import compose_override
+
+    monkeypatch.delenv("CONVEYOR_CODE_DIR", raising=False)
+    config = load_config(ROOT / "examples" / "wordcount" / "config.yml")
+    for file in ("docker-compose.host.yml", "docker-compose.yml"):
+        base = compose_override.services_of([ROOT / file])["worker-a"]
+        services = compose_override.override([ROOT / file], config)["services"]
+        assert list(services) == ["splitter", "counter", "merger"]
+        for name, svc in services.items():
+            assert svc["environment"]["WORKER_SERVICE"] == name
+            assert svc["environment"]["CONVEYOR_CODE_DIR"] == "/opt/conveyor/code"
+            assert svc["volumes"] == [*base["volumes"], f"{ROOT / 'examples' / 'wordcount'}:/opt/conveyor/code:ro"]
+            # Copied as written: the broker's credentials stay placeholders, depends_on comes along.
+            assert svc["environment"]["BROKER_URL"] == base["environment"]["BROKER_URL"]
+            assert svc["environment"]["BROKER_URL"].startswith("amqp://${") or svc["environment"]["BROKER_URL"].startswith("${")
+            assert svc.get("depends_on") == base.get("depends_on") and svc["image"] == base["image"]
+    # The default config's services are the compose files' own and it has no code_dir: no override.
+    assert compose_override.override([ROOT / "docker-compose.host.yml"], load_config(ROOT / "test-config.yml")) is None
+
+
+def test_with_code_requirements_the_workers_run_an_image_built_from_ours(tmp_path, monkeypatch):
+    from conveyor.stack import compose_override
+
+    monkeypatch.delenv("CONVEYOR_CODE_DIR", raising=False)
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "requirements.txt").write_text("PyYAML\n")
+    (tmp_path / "code" / "reqtasks.py").write_text("def run():\n    return 1\n")
+    path = write_config(tmp_path / "c.yml", "name: r\nexpected_workers: 1\ncode_dir: code\ncode_requirements: requirements.txt\n"
+                        "task_types:\n  - {name: run, callable: 'reqtasks:run', queue: q_run}\n"
+                        "tasks:\n  - {task: run, count: 1}\nservices:\n  - {name: runner, queues: [q_run]}\n")
+    try:
+        config = load_config(path)
+    finally:
+        sys.modules.pop("reqtasks", None)
+    files = [ROOT / "docker-compose.host.yml"]
+    base = compose_override.services_of(files)["worker-a"]
+    services = compose_override.override(files, config)["services"]
+    runner = services["runner"]
+    assert runner["image"] == f"{base['image']}-code" and "CONVEYOR_CODE_DIR" not in runner["environment"]
+    assert runner["build"] == {"context": str(tmp_path / "code"), "dockerfile": str(ROOT / "deploy" / "user.Dockerfile"),
+                               "network": "host", "args": {"BASE_IMAGE": base["image"], "REQUIREMENTS": "requirements.txt"}}
+    assert runner["volumes"] == base["volumes"]  # the code is in the image, not mounted
+    assert services["conveyor-base"] == {"build": base["build"], "image": base["image"], "profiles": ["build"]}
+    # A requirements file that is not there is a config error naming the field.
+    (tmp_path / "code" / "requirements.txt").unlink()
+    message = config_error(path)
+    assert message.startswith(f"{path}:4: code_requirements: there is no file requirements.txt in code_dir"), message
+    sys.modules.pop("reqtasks", None)

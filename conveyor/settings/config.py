@@ -242,6 +242,8 @@ def _task_types_problems(config: Config) -> list[tuple[tuple[Any, ...], str]]:
     for name in config.time_limits:
         if name not in seen:
             found.append((("time_limits", name), f"no task type is named {name!r}"))
+    if config.code_requirements and config.code_dir is None:
+        found.append((("code_requirements",), "give code_dir too: the requirements file is looked for there"))
     for i, spec in enumerate(config.tasks):
         kind = config.types.get(spec.task)
         if kind is None:
@@ -269,6 +271,9 @@ def _resolve_code(config: Config) -> tuple[ResolvedCode, list[tuple[tuple[Any, .
     """Import what the config names, with code_dir on the path; every problem with the field to blame."""
     callables.add_to_path(config.code_path)
     code, found = ResolvedCode(), []
+    if config.code_requirements and not os.environ.get(CODE_DIR_ENV) and \
+            not (config.code_path / config.code_requirements).is_file():
+        found.append((("code_requirements",), f"there is no file {config.code_requirements} in code_dir ({config.code_path})"))
     for i, kind in enumerate(config.task_types):
         try:
             code.functions[kind.name] = callables.function(kind.callable)
@@ -313,6 +318,9 @@ class Config(Strict):
     task_types: list[TaskTypeConfig] = Field(default_factory=builtin_task_types, min_length=1)
     code_dir: str | None = Field(None, min_length=1, description=(
         "a directory put first on the import path of the workers (and of the dispatcher), relative to this file"))
+    code_requirements: str | None = Field(None, min_length=1, description=(
+        "a requirements file in code_dir: compose workers then run an image built FROM ours with code_dir and "
+        "these installed (deploy/user.Dockerfile) instead of mounting code_dir"))
     _source: Path | None = PrivateAttr(None)
     _code: ResolvedCode | None = PrivateAttr(None)
     _types: dict[str, TaskTypeConfig] | None = PrivateAttr(None)  # the model is frozen: built once

@@ -233,6 +233,9 @@ class ComposeStack(Stack):
         workers = [s.name for s in self.config.services]
         for name in workers:
             self._check_defined(name)
+        if compose_override.BASE_SERVICE in self.services:  # the user's image is built FROM this one
+            log.info("Building the base worker image.")
+            self._compose("build", compose_override.BASE_SERVICE)
         log.info("Building the worker image for %s.", ", ".join(workers))
         self._compose("build", *workers)
 

@@ -3,7 +3,10 @@
 The compose files define worker-a and worker-b. A config with other services (examples/wordcount:
 splitter, counter, merger) gets each as a copy of the files' worker-a with its own WORKER_SERVICE,
 and a config with a code_dir gets that directory mounted read-only in every worker container, with
-CONVEYOR_CODE_DIR telling the workers where it is. The copy is taken from the compose file's own
+CONVEYOR_CODE_DIR telling the workers where it is. With code_requirements too, the workers run an
+image built FROM ours instead (deploy/user.Dockerfile, the base passed as the build argument
+BASE_IMAGE), with code_dir copied in and its requirements installed; the override then also holds
+`conveyor-base`, a service that is never started, only built: our image, which that one is FROM. The copy is taken from the compose file's own
 text, not from `compose config`, so `${...}` placeholders (the broker's credentials among them) stay
 placeholders: the generated file holds no secret. Compose reads relative paths of every file
 relative to the first one, so the copied ones keep their meaning.
@@ -20,11 +23,14 @@ import yaml
 
 from conveyor.errors import StackError
 from conveyor.settings.config import CODE_DIR_ENV, Config
+from conveyor.settings.environment import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
 TEMPLATE_SERVICE = "worker-a"  # the service of the compose files a new service is a copy of
 CONTAINER_CODE_DIR = "/opt/conveyor/code"  # where code_dir is mounted in a worker container
+BASE_SERVICE = "conveyor-base"  # builds our image, for the user's image to be built FROM it
+USER_DOCKERFILE = PROJECT_ROOT / "deploy" / "user.Dockerfile"
 
 
 def services_of(files: list[Path]) -> dict[str, Any]:
@@ -53,12 +59,38 @@ def override(files: list[Path], config: Config) -> dict[str, Any] | None:
         else:
             raise StackError(f"service {svc.name!r} of the config is not defined in {', '.join(f.name for f in files)}, "
                              f"and there is no {TEMPLATE_SERVICE} service there to copy it from")
-        if code is not None:
+        if code is not None and config.code_requirements:
+            entry.update(_user_image(defined, code, config.code_requirements))
+        elif code is not None:
             entry["environment"] = {**_environment(entry.get("environment")), CODE_DIR_ENV: CONTAINER_CODE_DIR}
             entry["volumes"] = [*(entry.get("volumes") or []), f"{code}:{CONTAINER_CODE_DIR}:ro"]
         if entry:
             services[svc.name] = entry
+    if code is not None and config.code_requirements:
+        template = _template(defined, files)
+        services[BASE_SERVICE] = {"build": template["build"], "image": template["image"], "profiles": ["build"]}
     return {"services": services} if services else None
+
+
+def _template(defined: dict[str, Any], files: list[Path]) -> dict[str, Any]:
+    template = defined.get(TEMPLATE_SERVICE) or {}
+    if "build" not in template or "image" not in template:
+        raise StackError(f"the {TEMPLATE_SERVICE} service of {', '.join(f.name for f in files)} needs `build` and "
+                         "`image`: the image with the config's code is built FROM it")
+    return template
+
+
+def _user_image(defined: dict[str, Any], code: Path, requirements: str) -> dict[str, Any]:
+    """What makes a worker service run the image with the user's code: FROM ours (its tag as the
+    compose files write it, placeholders and all), tagged after it."""
+    template = _template(defined, [])
+    build = template["build"] if isinstance(template["build"], dict) else {}
+    return {
+        "image": f"{template['image']}-code",
+        "build": {"context": str(code), "dockerfile": str(USER_DOCKERFILE),
+                  **({"network": build["network"]} if "network" in build else {}),
+                  "args": {"BASE_IMAGE": template["image"], "REQUIREMENTS": requirements}},
+    }
 
 
 def write(files: list[Path], config: Config, path: Path) -> Path | None:
