@@ -298,3 +298,25 @@ def test_with_code_requirements_the_workers_run_an_image_built_from_ours(tmp_pat
     message = config_error(path)
     assert message.startswith(f"{path}:4: code_requirements: there is no file requirements.txt in code_dir"), message
     sys.modules.pop("reqtasks", None)
+
+
+def test_four_lines_and_a_function_make_a_task_type(tmp_path):
+    """The README's promise: test-config.yml plus four lines, and the new type is routed, consumed,
+    registered and dispatched beside task_a and task_b."""
+    (tmp_path / "mytasks.py").write_text("def greet(name):\n    return f'hello {name}'\n")
+    text = (ROOT / "test-config.yml").read_text()
+    text = text.replace("tasks:\n", "tasks:\n  - {task: greet, count: 5, args: [world]}\n", 1)
+    text = text.replace("services:\n", "services:\n  - {name: greeter, queues: [q_greet]}\n", 1)
+    text += '  - {name: greet, callable: "mytasks:greet", queue: q_greet}\ncode_dir: .\n'
+    try:
+        config = load_config(write_config(tmp_path / "test-config.yml", text))
+        assert config.queues == ("queue_a", "queue_b", "q_greet")
+        assert config.service("greeter").queues == ["q_greet"] and config.task_type("greet").queue == "q_greet"
+        app = create_app(config, environment.resolve())
+        try:
+            assert app.tasks["greet"]("world") == "hello world"
+            assert app.amqp.router.route({}, "greet")["queue"].name == "q_greet"
+        finally:
+            app.close()
+    finally:
+        sys.modules.pop("mytasks", None)
