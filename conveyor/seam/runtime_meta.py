@@ -19,6 +19,9 @@ def add_runtime(meta: dict[str, Any], request: Any) -> dict[str, Any]:
     if runtime is not None:
         meta["runtime_s"] = runtime
         meta["started_at"] = getattr(request, STARTED_ATTR, None)
+        # Also without result_extended (which adds these and more), the report can say where and after how many retries.
+        meta.setdefault("worker", getattr(request, "hostname", None))
+        meta.setdefault("retries", getattr(request, "retries", None))
     return meta
 
 
