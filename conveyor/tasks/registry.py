@@ -28,6 +28,7 @@ def register(app: Celery, config: Config) -> dict[str, Task]:
         registered[kind.name] = app.task(
             code.functions[kind.name], name=kind.name, base=DeadLetteringTask, shared=False,
             bind=kind.bind or kind.simulated,  # the simulated tasks read their own request
+            measure_runtime=not kind.simulated,  # theirs is in their result
             **retry.task_options(config.retry_policy(kind.name), code.retry_on[kind.name]),
             **({"soft_time_limit": limits.soft_s, "time_limit": limits.hard_s,
                 "timeout_retry_factor": limits.retry_factor} if limits else {}),
