@@ -54,7 +54,7 @@ class Work(Strict):
 
     @model_validator(mode="after")
     def _runtime_range(self) -> Work:
-        low, high = self.runtime_range
+        low, high = self.runtime_range or (0.0, 0.0)
         if low < 0 or high > 3600:
             raise ValueError("runtime_s must be between 0 and 3600")
         if low > high:
@@ -64,10 +64,10 @@ class Work(Strict):
         return self
 
     @property
-    def runtime_range(self) -> tuple[float, float]:
+    def runtime_range(self) -> tuple[float, float] | None:
+        """None: the simulated type's own default (Scenario.default_duration_s)."""
         if self.runtime_s is None:
-            default = SIMULATED.get(self.task, SIMULATED["task_a"]).default_duration_s
-            return default, default
+            return None
         if isinstance(self.runtime_s, tuple):
             return self.runtime_s
         return self.runtime_s, self.runtime_s
@@ -142,6 +142,10 @@ class Scenario(Strict):
                     except callables.LookupProblem as exc:
                         found.append(((*where, "generator"), str(exc)))
         return found
+
+    def default_duration_s(self, task: str) -> float:
+        """How long a simulated type works unless told (task_a 0.1 s, task_b 0.2 s, whatever its name)."""
+        return SIMULATED[self._types[task].callable.partition(":")[2]].default_duration_s
 
     def queue_of(self, task: str) -> str:
         return self._types[task].queue
@@ -232,7 +236,7 @@ class Plan:
                 args, kwargs = self._arguments(entry, stage, work, index)
                 steps.append((work.task, kwargs, args))
                 continue
-            low, high = work.runtime_range
+            low, high = work.runtime_range or (self.scenario.default_duration_s(work.task),) * 2
             kwargs = {"duration_s": round(self._rng.uniform(low, high), 6) if high > low else low}
             if work.error_rate:
                 kwargs["fail_probability"] = work.error_rate
