@@ -8,6 +8,7 @@ service."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -319,3 +320,27 @@ def test_the_example_in_an_image_built_from_ours_with_its_requirements(compose_e
             assert all(m["Destination"] != "/opt/conveyor/code" for m in container["Mounts"]), container["Mounts"]
     finally:
         _cli("scale.py", "down", env=env, timeout=300)
+
+
+# --- the default config is as it was ----------------------------------------------------------
+
+@pytest.mark.broker
+def test_the_default_make_run_output_and_json_contract_are_unchanged(broker_env):
+    env = {**broker_env, "STACK": "local"}
+    text = _cli("dispatch.py", "--start-stack", env=env).stdout.splitlines()
+    assert text[:4] == [f"Loaded config: {ROOT / 'test-config.yml'} ('seed workload')", "Expected workers: 2",
+                        "Dispatched 20 tasks: 10 x task_a, 10 x task_b", ""]
+    line = re.compile(r"^task_([ab])  [0-9a-f-]{36}  result: 'Hello from Task ([AB])', execution time: \d+\.\d{3} s, "
+                      r"retries: 0, worker: worker-([ab])-1@\S+$")
+    rows = [line.match(row) for row in text[4:24]]
+    assert all(m and m.group(1) == m.group(2).lower() == m.group(3) for m in rows), text[4:24]
+    assert text[24] == "" and [row.split(":")[0] for row in text[25:]] == [
+        "Total dispatcher time", "Sequential time", "Speed-up", "Total retries", "Succeeded"]
+    assert text[-1] == "Succeeded: 20, failed: 0 (of which dead-lettered: 0)"
+    report = json.loads(_cli("dispatch.py", "--json", "--start-stack", env=env).stdout)
+    assert list(report) == ["config", "tasks", "total_time_s", "sequential_time_s", "speedup", "total_retries",
+                            "succeeded", "failed", "dead_lettered"]
+    assert all(list(t) == ["name", "id", "queue", "state", "result", "execution_time_s", "retries", "worker",
+                           "latency_s", "error"] for t in report["tasks"])
+    assert {(t["name"], t["queue"], t["state"], t["result"]) for t in report["tasks"]} == {
+        ("task_a", "queue_a", "SUCCESS", "Hello from Task A"), ("task_b", "queue_b", "SUCCESS", "Hello from Task B")}
