@@ -32,7 +32,7 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-flower.txt
 run: install ## Dispatch test-config.yml and print the report (starts workers for the run if none answer).
 	$(PY) dispatch.py --start-stack
 
-load-test: install ## Load-test the stack: make load-test TASKS=1000 [SCENARIO=scenarios/flood.yml]; report in reports/load-test/.
+load-test: install ## Load-test the stack: make load-test TASKS=1000 (jobs in all, by the scenario's weights) [SCENARIO=...]; report in reports/load-test/.
 	$(PY) load_test.py --scenario "$(SCENARIO)" --tasks "$(TASKS)" --start-stack --report reports/load-test
 
 bench: install ## Benchmark vs the peers in ../shared/bench and the targets (BENCH_TASKS=10000, BENCH_ROUNDS=3, about 6 min); JSON in bench-results/.

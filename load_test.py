@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Load-test the worker stack with a scenario and report throughput, latency and failures.
 
-    python load_test.py [--scenario FILE] [--tasks N | --duration S] [--rate R] [--concurrency C]
+    python load_test.py [--scenario FILE] [--tasks N | --tasks-per-type N | --duration S] [--rate R] [--concurrency C]
                         [--timeout S] [--max-depth N] [--json] [--report DIR] [--start-stack]
 
 Closed loop (as fast as the stack takes them) unless --rate or the scenario sets a rate. Exit
@@ -22,6 +22,7 @@ from conveyor.loadtest import live, report
 from conveyor.loadtest.metrics import summarize
 from conveyor.loadtest.runner import Options, Runner
 from conveyor.loadtest.scenario import Plan, load_scenario
+from conveyor.settings.config import load_config
 from conveyor.stack.session import stack_session
 from conveyor.settings.context import settings_of
 from conveyor import console
@@ -34,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", default=str(DEFAULT_SCENARIO), help="scenario file (default scenarios/seed.yml)")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--tasks", type=int, default=None, help="jobs per task type of the scenario (default 20)")
+    size.add_argument("--tasks", type=int, default=None,
+                      help="jobs in all, shared out by the scenario's weights (default 20 per entry of its mix)")
+    size.add_argument("--tasks-per-type", type=int, default=None, help="jobs per entry of the scenario's mix")
     size.add_argument("--duration", type=float, help="send for this many seconds instead of a fixed number")
     parser.add_argument("--rate", type=float, help="open loop: send this many jobs per second (default: the scenario's, else closed loop)")
     parser.add_argument("--concurrency", type=int, default=0, help="closed loop: at most this many jobs in flight (default 0: no bound)")
@@ -50,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check(args: argparse.Namespace) -> None:
-    for name, value, low in (("--tasks", args.tasks, 1), ("--duration", args.duration, 0), ("--rate", args.rate, 0),
+    for name, value, low in (("--tasks", args.tasks, 1), ("--tasks-per-type", args.tasks_per_type, 1), ("--duration", args.duration, 0), ("--rate", args.rate, 0),
                              ("--timeout", args.timeout, 0), ("--max-depth", args.max_depth, 1), ("--batch", args.batch, 1)):
         if value is not None and (value < low or (low == 0 and value == 0)):
             raise UsageError(f"{name} must be {'more than 0' if low == 0 else f'at least {low}'}, got {value:g}")
@@ -62,10 +65,15 @@ def main() -> int:
     args = build_parser().parse_args()
     common.setup_logging(args.verbose)
     check(args)
-    scenario = load_scenario(args.scenario)
-    plan = Plan(scenario, None) if args.duration else Plan.per_type(scenario, args.tasks or 20)
-    app = open_app(args.config, starts_stack=args.start_stack)
-    config = settings_of(app).config
+    config = load_config(args.config)
+    scenario = load_scenario(args.scenario, config)
+    app = open_app(config, starts_stack=args.start_stack)
+    if args.duration:
+        plan = Plan(scenario, None)
+    elif args.tasks:
+        plan = Plan.of_total(scenario, args.tasks)
+    else:
+        plan = Plan.per_type(scenario, args.tasks_per_type or 20)
     options = Options(timeout_s=args.timeout, duration_s=args.duration, rate_per_s=args.rate,
                       concurrency=args.concurrency, max_queue_depth=args.max_depth, batch_size=args.batch)
     with app.connection_for_write() as conn:

@@ -99,7 +99,7 @@ def main() -> int:
             console.say(f"Autoscaling every {config.autoscale.interval_s:g} s; Ctrl-C stops. Decisions are logged.")
             scaler.run(args.rounds)
     elif args.command == "rebalance":
-        weights = rebalance.load_weights(args.weights) if args.weights else None
+        weights = rebalance.load_weights(args.weights, config.queues) if args.weights else None
         shares = rebalance.plan(config, args.workers, weights)
         changed = rebalance.apply(stack, shares)
         for name, count in shares.items():

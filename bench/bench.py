@@ -47,7 +47,7 @@ from conveyor.loadtest.publisher import BatchPublisher  # noqa: E402
 from conveyor.loadtest.runner import Options, Runner  # noqa: E402
 from conveyor.loadtest.scenario import Plan, Scenario  # noqa: E402
 from conveyor.stack.local import LocalStack  # noqa: E402
-from conveyor.amqp.topology import TASKS  # noqa: E402
+from conveyor.tasks.simulated import SIMULATED as TASKS  # noqa: E402
 from conveyor import console
 
 PEERS = ROOT.parent / "shared" / "bench" / "peers.sh"

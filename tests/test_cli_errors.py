@@ -26,7 +26,7 @@ def bad_config(tmp_path: Path, old: str, new: str) -> str:
     ("old", "new", "words"),
     [
         ("count: 10\n", "count: 10\n    cont: 3\n", [":8: tasks[0].cont: unknown key"]),
-        ("task: task_b", "task: task_z", [":9: tasks[1].task:", "'task_a' or 'task_b'"]),
+        ("task: task_b", "task: task_z", [":9: tasks[1].task:", "no task type is named 'task_z'"]),
         ("count: 10\n", "count: 0\n", [":7: tasks[0].count:", "greater than 0"]),
         ("count: 10\n", "count: 20000\n", [":5: tasks:", "over limits.max_tasks_per_run (10000)"]),
         ("tasks:\n", "tasks: [\n", [":6: malformed YAML"]),

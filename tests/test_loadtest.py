@@ -87,8 +87,8 @@ def test_a_pipeline_entry_becomes_one_job_of_several_stages():
     s = scenario(mix=[{"name": "p", "task": "task_a", "runtime_s": 0.01, "payload_bytes": 8,
                        "stages": [{"task": "task_b", "runtime_s": 0.02}, {"task": "task_a"}]}])
     [job] = list(Plan.per_type(s, 1))
-    assert [name for name, _ in job.steps] == ["task_a", "task_b", "task_a"]
-    assert [kw["duration_s"] for _, kw in job.steps] == [0.01, 0.02, 0.1]
+    assert [name for name, *_ in job.steps] == ["task_a", "task_b", "task_a"]
+    assert [kw["duration_s"] for _, kw, _ in job.steps] == [0.01, 0.02, 0.1]
     assert job.steps[0][1]["payload"] == "x" * 8
     assert s.queues == ["queue_a", "queue_b"]
 
@@ -250,7 +250,7 @@ def test_counts_add_up_on_a_run_with_injected_failures(broker_env, local_stack, 
     local_stack(config)
     scenario_file = write_config(tmp_path / "failing.yml", FAILING)
     out = tmp_path / "report"
-    proc = run_cli("load_test.py", "--scenario", str(scenario_file), "--config", str(config), "--tasks", "40",
+    proc = run_cli("load_test.py", "--scenario", str(scenario_file), "--config", str(config), "--tasks-per-type", "40",
                    "--json", "--report", str(out), "--timeout", "60", env=broker_env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     s = json.loads(proc.stdout)
@@ -273,7 +273,7 @@ def test_counts_add_up_on_a_run_with_injected_failures(broker_env, local_stack, 
 @pytest.mark.usefixtures("empty_queues")
 def test_with_every_worker_stopped_it_ends_at_its_timeout_and_says_so(broker_env):
     started = time.monotonic()
-    proc = run_cli("load_test.py", "--tasks", "20", "--timeout", "3", "--max-depth", "15", env=broker_env, timeout=60)
+    proc = run_cli("load_test.py", "--tasks-per-type", "20", "--timeout", "3", "--max-depth", "15", env=broker_env, timeout=60)
     elapsed = time.monotonic() - started
     assert proc.returncode == 5, proc.stderr
     assert elapsed < 20
@@ -457,3 +457,20 @@ def test_a_result_goes_out_as_celery_would_send_it_and_survives_a_broken_connect
     for prop in ("content_type", "content_encoding", "delivery_mode", "priority", "application_headers"):
         assert ours.properties.get(prop) == celerys.properties.get(prop), prop
     assert [m.properties["correlation_id"] for m in got] == ["t1", "t2", "t3"]
+
+
+@pytest.mark.broker
+@pytest.mark.usefixtures("empty_queues")
+def test_tasks_n_sends_n_jobs_in_all_and_tasks_per_type_n_of_each(broker_env, local_stack, tmp_path):
+    """`make load-test TASKS=N` is N jobs in all, shared by the scenario's weights; --tasks-per-type N of each."""
+    config = write_config(tmp_path / "stack.yml", STACK_CONFIG)
+    local_stack(config)
+    scenario_file = write_config(tmp_path / "weighted.yml", "name: weighted\nmix:\n  - {task: task_a, runtime_s: 0, weight: 3}\n"
+                                 "  - {task: task_b, runtime_s: 0, weight: 1}\n")
+    for flag, count, expected in (("--tasks", "30", {"task_a": 23, "task_b": 7}), ("--tasks-per-type", "10", {"task_a": 15, "task_b": 5})):
+        proc = run_cli("load_test.py", "--scenario", str(scenario_file), "--config", str(config), flag, count, "--json",
+                       env=broker_env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        s = json.loads(proc.stdout)
+        assert {name: t["sent"] for name, t in s["types"].items()} == expected
+        assert s["succeeded"] == s["sent"] == sum(expected.values())

@@ -32,7 +32,7 @@ from conveyor.chaos.netns import Namespace
 from conveyor.settings.config import load_config
 from conveyor.errors import BrokerError, ConfigError, UsageError
 from conveyor.tasks.deadletter import DeadLettered
-from conveyor.amqp.topology import QUEUES, QUORUM_DELIVERY_LIMIT, work_queues
+from conveyor.amqp.topology import QUORUM_DELIVERY_LIMIT, work_queues
 from conveyor.stack.control import service_of
 from conveyor.tasks.states import TaskState
 
@@ -92,8 +92,8 @@ def test_quorum_queues_are_declared_alike_by_every_declarer(tmp_path):
     config = config_with(tmp_path, "queue_type: quorum\n")
     app = offline_app(config, tmp_path)
     declared = {q.name: q for q in app.conf.task_queues}
-    assert set(declared) == set(QUEUES)
-    for queue in work_queues(config.queue_type):  # what deadletter.declare uses
+    assert set(declared) == set(config.queues) == {"queue_a", "queue_b"}
+    for queue in work_queues(config):  # what deadletter.declare uses
         assert declared[queue.name].queue_arguments == queue.queue_arguments
         assert queue.queue_arguments["x-queue-type"] == "quorum"
         assert queue.queue_arguments["x-dead-letter-strategy"] == "at-least-once"

@@ -1,16 +1,20 @@
-"""Which task goes to which queue, and the RabbitMQ entities behind them.
+"""Which task goes to which queue, and the RabbitMQ entities behind them, derived from the config's
+task_types (conveyor/settings/config.py): every queue a task type names becomes a work queue.
 
 Each work queue is durable, on its own direct exchange, and dead-letters into one `dlx` exchange:
-whatever the broker rejects from queue_a or queue_b (an unknown task, a message a worker cannot
+whatever the broker rejects from a work queue (an unknown task, a message a worker cannot
 decode) lands in `dead_letter` with RabbitMQ's own x-death header. Tasks that fail for good are
 published there by the worker itself (see deadletter.py) so that they carry their reason.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kombu import Exchange, Queue
+
+if TYPE_CHECKING:
+    from conveyor.settings.config import Config
 
 DLX_EXCHANGE = "dlx"
 DEAD_LETTER_QUEUE = "dead_letter"
@@ -18,24 +22,9 @@ DEAD_LETTER_QUEUE = "dead_letter"
 # (reason delivery_limit) instead of handing it out again. A message returned unacknowledged that
 # often took down every worker that took it (an OOM kill, a hard hang): it is a poison message,
 # and the dead-letter queue is where it can be looked at. Retries do not count (each is a new
-# publish). RabbitMQ 4 defaults to 20
-# where 3.x had no limit at all; stating it makes both behave alike. docs/reliability.md.
+# publish). RabbitMQ 4 defaults to 20 where 3.x had no limit at
+# all; stating it makes both behave alike. docs/reliability.md.
 QUORUM_DELIVERY_LIMIT = 20
-
-
-@dataclass(frozen=True)
-class TaskType:
-    name: str
-    queue: str
-    default_duration_s: float
-    message: str
-
-
-TASKS: dict[str, TaskType] = {
-    "task_a": TaskType("task_a", "queue_a", 0.1, "Hello from Task A"),
-    "task_b": TaskType("task_b", "queue_b", 0.2, "Hello from Task B"),
-}
-QUEUES: tuple[str, ...] = tuple(dict.fromkeys(t.queue for t in TASKS.values()))
 
 dlx = Exchange(DLX_EXCHANGE, type="direct", durable=True)
 dead_letter_queue = Queue(DEAD_LETTER_QUEUE, exchange=dlx, routing_key=DEAD_LETTER_QUEUE, durable=True)
@@ -63,11 +52,11 @@ def work_queue(name: str, queue_type: str = "classic") -> Queue:
     )
 
 
-def work_queues(queue_type: str = "classic") -> list[Queue]:
+def work_queues(config: Config) -> list[Queue]:
     """Every declarer (the app's task_queues, deadletter.declare, hence each worker) passes the
     config's queue_type: RabbitMQ refuses a declare whose arguments differ from the queue's."""
-    return [work_queue(name, queue_type) for name in QUEUES]
+    return [work_queue(name, config.queue_type) for name in config.queues]
 
 
-def routes() -> dict[str, dict[str, str]]:
-    return {t.name: {"queue": t.queue, "routing_key": t.queue} for t in TASKS.values()}
+def routes(config: Config) -> dict[str, dict[str, str]]:
+    return {t.name: {"queue": t.queue, "routing_key": t.queue} for t in config.task_types}

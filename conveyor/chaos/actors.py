@@ -57,7 +57,7 @@ class Publisher(threading.Thread):
                 task_id = str(uuid.uuid4())
                 self.sent += 1
                 try:
-                    self.app.send_task(item.task, kwargs=item.kwargs, task_id=task_id, producer=producer,
+                    self.app.send_task(item.task, args=item.args, kwargs=item.kwargs, task_id=task_id, producer=producer,
                                        ignore_result=True)  # the ledger is the record here, not the backend
                 except environment.PUBLISH_ERRORS as exc:
                     log.warning("Task %d of %d was not confirmed by the broker: %s.", index + 1, len(self.planned), exc)

@@ -37,8 +37,9 @@ from conveyor.stack import control
 from conveyor.settings.config import Config, load_config
 from conveyor.errors import UsageError
 from conveyor.stack.local import LocalStack
-from conveyor.amqp.topology import QUEUES, TASKS
 from conveyor.amqp.queues import declared_depth
+from conveyor.settings.context import settings_of
+from conveyor.dispatch.arguments import entry_arguments
 from conveyor.chaos.actors import Killer, PartitionedWorker, Publisher
 from conveyor.chaos.netns import Namespace
 from conveyor.chaos.node import BrokerNode
@@ -95,19 +96,35 @@ class Planned:
     task: str
     kwargs: dict[str, Any]
     fails: bool
+    args: tuple[Any, ...] = ()
 
 
 def plan(options: ChaosOptions, config: Config) -> list[Planned]:
-    """The tasks, alternating between the task types; a reproducible share fails every attempt."""
+    """The tasks, alternating between the simulated task types and the config's dispatch entries of
+    the other task types. A reproducible share of the simulated ones fails every attempt; a user's
+    task gets the arguments its dispatch entry gives (args/kwargs or its generator, with the number
+    of tasks sent from that entry so far as the index) and is planned to succeed: failures that its
+    retry_on covers must be retried away, and any dead-lettered one is reported as a mismatch."""
     rng = random.Random(options.seed)
-    names = list(TASKS)
+    sources: list[tuple[str, int | None]] = [(t.name, None) for t in config.task_types if t.simulated]
+    sources += [(spec.task, entry) for entry, spec in enumerate(config.tasks) if not config.task_type(spec.task).simulated]
+    if not sources:
+        raise UsageError("the config has no simulated task type and no dispatch entry (tasks[]) of another "
+                         "type: the chaos run has nothing it knows how to call")
+    sent_of: dict[int, int] = {}
     planned = []
     for index in range(options.tasks):
+        name, entry = sources[index % len(sources)]
+        if entry is not None:
+            args, kwargs = entry_arguments(config, entry, sent_of.get(entry, 0))
+            sent_of[entry] = sent_of.get(entry, 0) + 1
+            planned.append(Planned(name, kwargs, False, tuple(args)))
+            continue
         fails = rng.random() < options.fail_rate
-        kwargs: dict[str, Any] = {} if options.duration_s is None else {"duration_s": options.duration_s}
+        kwargs = {} if options.duration_s is None else {"duration_s": options.duration_s}
         if fails:
-            kwargs["fail_first"] = config.retry.max_retries + 1  # one more failure than retries allowed
-        planned.append(Planned(names[index % len(names)], kwargs, fails))
+            kwargs["fail_first"] = config.retry_policy(name).max_retries + 1  # one more failure than retries allowed
+        planned.append(Planned(name, kwargs, fails))
     return planned
 
 
@@ -178,6 +195,8 @@ class ChaosRun:
         in a file of the run's own, for the workers to load."""
         update: dict[str, Any] = {"services": [s.model_copy(update={"replicas": self.options.replicas})
                                                for s in self.base_config.services]}
+        if self.base_config.code_path:  # the copy lives elsewhere: its code_dir must not be relative
+            update["code_dir"] = str(self.base_config.code_path)
         if self.options.partition:
             update["heartbeat_s"] = PARTITION_HEARTBEAT_S
         data = self.base_config.model_copy(update=update).model_dump(mode="json")
@@ -303,7 +322,7 @@ def _backlog(app: Celery) -> int:
         with conn:
             channel = conn.channel()
             try:
-                return sum(declared_depth(channel, name)[0] for name in QUEUES)
+                return sum(declared_depth(channel, name)[0] for name in settings_of(app).config.queues)
             finally:
                 channel.close()
     except (OSError, *conn.connection_errors, *conn.channel_errors) as exc:

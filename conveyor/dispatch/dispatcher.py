@@ -19,12 +19,12 @@ from celery.result import AsyncResult, ResultSet
 
 from conveyor.settings import environment
 from conveyor.tasks import deadletter
-from conveyor.settings.config import Config, TaskSpec
+from conveyor.settings.config import Config
 from conveyor.errors import BrokerError
 from conveyor.lifecycle import unique
+from conveyor.dispatch.arguments import entry_arguments
 from conveyor.tasks.deadletter import DeadLettered
 from conveyor.tasks.states import TaskState
-from conveyor.amqp.topology import TASKS
 from conveyor.settings.context import settings_of
 
 log = logging.getLogger(__name__)
@@ -98,22 +98,6 @@ class DispatchReport:
         }
 
 
-def task_kwargs(spec: TaskSpec, index: int) -> dict[str, Any]:
-    """The task's keyword arguments; a seeded random failure gets a distinct seed per task."""
-    params = spec.params
-    kwargs: dict[str, Any] = {}
-    if params.duration_s is not None:
-        kwargs["duration_s"] = params.duration_s
-    if params.fail_first:
-        kwargs["fail_first"] = params.fail_first
-    if params.fail_probability:
-        kwargs["fail_probability"] = params.fail_probability
-        kwargs["seed"] = (params.seed or 0) + index
-    if params.payload_bytes:
-        kwargs["payload"] = "x" * params.payload_bytes
-    return kwargs
-
-
 def send_all(app: Celery, config: Config) -> list[tuple[TaskOutcome, AsyncResult | None]]:
     """Publish every task; each send returns only once the broker confirmed it. A broker that goes
     away is retried for publish_retry_s (app.py); then this fails loudly, saying how many got through."""
@@ -131,19 +115,20 @@ def send_all(app: Celery, config: Config) -> list[tuple[TaskOutcome, AsyncResult
 def _send_all(app: Celery, config: Config, sent: list) -> list[tuple[TaskOutcome, AsyncResult | None]]:
     deadletter.declare(app)
     with app.producer_or_acquire() as producer:
-        for spec in config.tasks:
-            queue = TASKS[spec.task].queue
+        for entry, spec in enumerate(config.tasks):
+            queue = config.task_type(spec.task).queue
             for index in range(spec.count):
+                args, kwargs = entry_arguments(config, entry, index)
                 if spec.unique_key:
                     key = spec.unique_key.format(index=index)
-                    done = unique.send_unique(app, spec.task, key, kwargs=task_kwargs(spec, index), producer=producer)
+                    done = unique.send_unique(app, spec.task, key, args=args, kwargs=kwargs, producer=producer)
                     if not done.sent:  # nothing was sent, so there is no result to wait for
                         sent.append((TaskOutcome(spec.task, done.id, queue, state=TaskState.DUPLICATE, error=(
                             f"not sent: task {done.id} with unique key {key!r} is still queued or running")), None))
                         continue
                     result = app.AsyncResult(done.id)
                 else:
-                    result = app.send_task(spec.task, kwargs=task_kwargs(spec, index), producer=producer)
+                    result = app.send_task(spec.task, args=args, kwargs=kwargs, producer=producer)
                 sent.append((TaskOutcome(spec.task, result.id, queue, sent_at=time.monotonic()), result))
     log.info("Sent %d tasks.", len(sent))
     return sent
@@ -176,12 +161,21 @@ def fill_outcome(outcome: TaskOutcome, meta: dict[str, Any]) -> None:
     """Classify a result (`status` and `result` as the backend gives them) into the outcome: shared with conveyor.loadtest."""
     outcome.latency_s = round(time.monotonic() - outcome.sent_at, 6)
     status, value = meta.get("status"), meta.get("result")
-    if status == TaskState.SUCCEEDED and isinstance(value, dict):
+    if status == TaskState.SUCCEEDED and _simulated(value):
         outcome.state = TaskState.SUCCEEDED
         outcome.result = value.get("message")
         outcome.execution_time_s = value.get("execution_time_s")
         outcome.retries = value.get("retries", 0)
         outcome.worker = value.get("worker")
+        return
+    if status == TaskState.SUCCEEDED:
+        # A user task's result is its own; what the simulated ones report about themselves comes from
+        # the result's metadata here (worker and retries with result_extended, runtime_s from the worker).
+        outcome.state = TaskState.SUCCEEDED
+        outcome.result = value
+        outcome.execution_time_s = meta.get("runtime_s")
+        outcome.retries = meta.get("retries") or 0
+        outcome.worker = meta.get("worker")
         return
     exc = value
     if isinstance(value, dict) and "exc_type" in value:  # a backend that hands back the raw form
@@ -193,6 +187,11 @@ def fill_outcome(outcome: TaskOutcome, meta: dict[str, Any]) -> None:
     else:
         outcome.state = TaskState.parse(status) if status else TaskState.FAILED
         outcome.error = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc)
+
+
+def _simulated(value: Any) -> bool:
+    """The result of a simulated task (conveyor/tasks/simulated.py), which reports on itself."""
+    return isinstance(value, dict) and {"task", "message", "execution_time_s", "retries", "worker"} <= value.keys()
 
 
 def app_exception(raw: dict[str, Any]) -> BaseException:

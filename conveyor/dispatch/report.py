@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TextIO
+from typing import Any, TextIO
 
 from conveyor.dispatch.dispatcher import DispatchReport
 from conveyor.tasks.states import TaskState
@@ -18,7 +18,8 @@ def print_report(report: DispatchReport, out: TextIO, source: str) -> None:
     width = max(len(t.name) for t in report.tasks)
     for t in report.tasks:
         if t.state == TaskState.SUCCEEDED:
-            detail = f"result: {t.result!r}, execution time: {t.execution_time_s:.3f} s, retries: {t.retries}, worker: {t.worker}"
+            runtime = "?" if t.execution_time_s is None else f"{t.execution_time_s:.3f}"
+            detail = f"result: {_short(t.result)}, execution time: {runtime} s, retries: {t.retries}, worker: {t.worker}"
         else:
             detail = f"{t.state}: {t.error}, retries: {t.retries}"
         w(f"{t.name:<{width}}  {t.id}  {detail}\n")
@@ -28,3 +29,11 @@ def print_report(report: DispatchReport, out: TextIO, source: str) -> None:
     w(f"Speed-up:               {report.speedup:.2f}x\n")
     w(f"Total retries:          {report.total_retries}\n")
     w(f"Succeeded: {report.succeeded}, failed: {report.failed} (of which dead-lettered: {report.dead_lettered})\n")
+
+
+RESULT_CHARS = 100  # a user task's result can be big: the report shows its start; --json has it whole
+
+
+def _short(result: Any) -> str:
+    text = repr(result)
+    return text if len(text) <= RESULT_CHARS else f"{text[:RESULT_CHARS - 1]}… ({len(text)} characters)"

@@ -18,9 +18,10 @@ def when(ts: float | None, precise: bool = False) -> str:
 def table(rows: list[Record]) -> str:
     if not rows:
         return "No task records match."
-    lines = [f"{'ID':<36}  {'NAME':<8} {'STATUS':<13} {'ATT':>3}  {'SENT':<19}  {'UPDATED':<19}  {'WORKER':<24} ERROR"]
+    name = max(8, *(len(r.name or "-") for r in rows))  # task names are the user's: as wide as the longest
+    lines = [f"{'ID':<36}  {'NAME':<{name}} {'STATUS':<13} {'ATT':>3}  {'SENT':<19}  {'UPDATED':<19}  {'WORKER':<24} ERROR"]
     for r in rows:
-        lines.append(f"{r.id:<36}  {r.name or '-':<8} {r.status or '-':<13} {r.attempts:>3}  {when(r.sent_at):<19}  "
+        lines.append(f"{r.id:<36}  {r.name or '-':<{name}} {r.status or '-':<13} {r.attempts:>3}  {when(r.sent_at):<19}  "
                      f"{when(r.updated_at):<19}  {r.worker or '-':<24} {(r.error or '')[:80]}")
     return "\n".join(lines)
 
@@ -44,9 +45,11 @@ def detail(r: Record) -> str:
 def letters(found: list[DeadLetter]) -> str:
     if not found:
         return "The dead-letter queue is empty."
-    lines = [f"{'ID':<36}  {'TASK':<8} {'ATT':>3}  {'FROM':<8} {'DEAD-LETTERED AT':<32} REASON"]
+    task = max(8, *(len(d.task or "-") for d in found))
+    queue = max(8, *(len(d.original_queue or "-") for d in found))
+    lines = [f"{'ID':<36}  {'TASK':<{task}} {'ATT':>3}  {'FROM':<{queue}} {'DEAD-LETTERED AT':<32} REASON"]
     for d in found:
         at = d.headers.get("x-dead-lettered-at") or "-"
-        lines.append(f"{d.task_id or '-':<36}  {d.task or '-':<8} {d.attempts if d.attempts is not None else '-':>3}  "
-                     f"{d.original_queue or '-':<8} {at:<32} {d.reason[:100]}")
+        lines.append(f"{d.task_id or '-':<36}  {d.task or '-':<{task}} {d.attempts if d.attempts is not None else '-':>3}  "
+                     f"{d.original_queue or '-':<{queue}} {at:<32} {d.reason[:100]}")
     return "\n".join(lines)

@@ -32,7 +32,8 @@ from celery.result import AsyncResult
 from kombu import Consumer
 from conveyor.settings.context import settings_of
 
-OnResult = Callable[[str, str, Any], None]
+# (task id, status, result, the result's whole metadata: worker, retries, runtime_s of a user task)
+OnResult = Callable[[str, str, Any, dict[str, Any]], None]
 
 IDLE_WAIT_S = 0.05  # the longest sleep between two polls of a polled backend
 MAX_DRAIN = 2000  # result messages taken in one wait at most, so that sending goes on under a flood
@@ -60,7 +61,7 @@ class ReplyQueue:
         status = body.get("status")
         if status in states.READY_STATES:  # STARTED and RETRY states are not what we wait for
             self.delivered += 1
-            self._on_result(body.get("task_id"), status, body.get("result"))
+            self._on_result(body.get("task_id"), status, body.get("result"), body)
 
     def wait(self, timeout_s: float) -> None:
         """Deliver the results already here, or else wait up to timeout_s for the next ones."""
@@ -94,7 +95,7 @@ class Pushed:
 
     def _deliver(self, result: AsyncResult) -> None:
         self.delivered += 1
-        self._on_result(result.id, result.state, result.result)
+        self._on_result(result.id, result.state, result.result, result._get_task_meta())
 
     def wait(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -128,7 +129,7 @@ class Polled:
             result = self._pending.popleft()
             if result.state in states.READY_STATES:
                 delivered += 1
-                self._on_result(result.id, result.state, result.result)
+                self._on_result(result.id, result.state, result.result, result._get_task_meta())
             else:
                 self._pending.append(result)
         if not delivered:

@@ -22,7 +22,6 @@ from celery import Celery, chain
 
 from conveyor.tasks import deadletter
 from conveyor.dispatch.dispatcher import TaskOutcome, fill_outcome
-from conveyor.amqp.topology import TASKS
 from conveyor.loadtest.metrics import Record, RunStats, Stage
 from conveyor.tasks.states import TaskState
 from conveyor.loadtest.publisher import BatchPublisher
@@ -85,43 +84,43 @@ class Runner:
     # --- sending ---------------------------------------------------------------------------
     def _send(self, job: Job, pub: BatchPublisher) -> Record:
         record = Record(job.index, job.type, time.time(), [])
-        if len(job.steps) == 1 and pub.fast:
-            name, kwargs = job.steps[0]
+        if len(job.steps) == 1 and pub.fast and not job.steps[0][2]:
+            name, kwargs, _ = job.steps[0]
             ids = [pub.send_task(name, kwargs, _kwargsrepr(kwargs))]
         elif len(job.steps) == 1:
             # declare=[]: the queues were declared once before the run; by default Celery re-declares
             # the task's queue on every send (kombu's cache check alone cost ~12 % of a send, profiled).
-            name, kwargs = job.steps[0]
-            ids = [self.app.send_task(name, kwargs=kwargs, producer=pub.producer, declare=[]).id]
+            name, kwargs, args = job.steps[0]
+            ids = [self.app.send_task(name, args=args, kwargs=kwargs, producer=pub.producer, declare=[]).id]
         else:
             # A Celery chain: each stage's result becomes the next stage's first argument.
-            stages = chain(*(self.app.signature(name, kwargs=kwargs) for name, kwargs in job.steps))
+            stages = chain(*(self.app.signature(name, args=args, kwargs=kwargs) for name, kwargs, args in job.steps))
             last = stages.apply_async(producer=pub.producer, declare=[])
             ids = []
             while last is not None:
                 ids.append(last.id)
                 last = last.parent
             ids.reverse()
-        for i, ((name, _), task_id) in enumerate(zip(job.steps, ids)):
+        for i, ((name, *_), task_id) in enumerate(zip(job.steps, ids)):
             record.stages.append(Stage(name, task_id))
             self._where[task_id] = (record, i)
             self.watcher.watch(task_id)
         return record
 
-    def _on_result(self, task_id: str, status: str, value: Any) -> None:
+    def _on_result(self, task_id: str, status: str, value: Any, meta: dict[str, Any] | None = None) -> None:
         found = self._where.pop(task_id, None)
         if found is None:
             return
         record, i = found
         was_done = record.done
         stage = record.stages[i]
-        outcome = TaskOutcome(stage.task, stage.id, TASKS[stage.task].queue)
-        fill_outcome(outcome, {"status": status, "result": value})
+        outcome = TaskOutcome(stage.task, stage.id, self.scenario.queue_of(stage.task))
+        fill_outcome(outcome, {**(meta or {}), "status": status, "result": value})
         stage.state, stage.retries, stage.worker, stage.error = outcome.state, outcome.retries, outcome.worker, outcome.error
         stage.execution_s = outcome.execution_time_s
         stage.received_at = time.time()
-        if isinstance(value, dict):
-            stage.started_at = value.get("started_at")
+        # The simulated tasks report their start in their result; a user task's is in the metadata.
+        stage.started_at = value.get("started_at") if isinstance(value, dict) and "started_at" in value else (meta or {}).get("started_at")
         if record.done and not was_done:
             self._done += 1
             self._recent.append(stage.received_at)

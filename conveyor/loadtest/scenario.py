@@ -12,6 +12,13 @@
         payload_bytes: 256
         stages:                     # optional: each stage gets the previous one's result (a Celery chain)
           - {task: task_b, runtime_s: [0.01, 0.03], error_rate: 0.1}
+      - task: count_words           # any task type of the config: its arguments, fixed or generated
+        generator: wordcount.jobs:count_args   # package.module:function(index) -> (args, kwargs)
+        # or: args: [...], kwargs: {...}
+
+runtime_s, error_rate and payload_bytes describe the simulated task types (task_a, task_b); a user's
+task type takes args/kwargs or a generator instead. In a pipeline, a later stage gets the previous
+stage's result as its first argument, before its own args.
 
 Errors name the file, the line and the field, through the same reader as the main config.
 """
@@ -23,43 +30,52 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
-from conveyor.settings.config import Strict, read_yaml, validate
-from conveyor.amqp.topology import TASKS
+from conveyor.errors import ConfigError
+from conveyor.settings import callables
+from conveyor.settings.config import Config, Strict, TaskTypeConfig, builtin_task_types, describe, read_yaml, validate
+from conveyor.tasks.simulated import SIMULATED
 
 
 class Work(Strict):
     """One task of the mix, or one stage of a pipeline."""
 
-    task: Literal[tuple(TASKS)]  # type: ignore[valid-type]
+    task: str = Field(min_length=1, description="a task type of the config")
     runtime_s: float | tuple[float, float] | None = Field(None, description="the task's default when absent")
     error_rate: float = Field(0.0, ge=0, le=1, description="probability that an attempt fails (and is retried)")
     payload_bytes: int = Field(0, ge=0, le=16 * 1024 * 1024)
+    args: list[Any] = Field(default_factory=list, description="a user task's positional arguments")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="a user task's keyword arguments")
+    generator: str | None = Field(None, pattern=callables.CALLABLE_PATTERN,
+                                  description="package.module:function(index) -> (args, kwargs) for a user task")
 
     @model_validator(mode="after")
     def _runtime_range(self) -> Work:
-        low, high = self.runtime_range
+        low, high = self.runtime_range or (0.0, 0.0)
         if low < 0 or high > 3600:
             raise ValueError("runtime_s must be between 0 and 3600")
         if low > high:
             raise ValueError("runtime_s: the first value of the range must not be above the second")
+        if self.generator and (self.args or self.kwargs):
+            raise ValueError("give either a generator or args/kwargs, not both: the generator makes both")
         return self
 
     @property
-    def runtime_range(self) -> tuple[float, float]:
+    def runtime_range(self) -> tuple[float, float] | None:
+        """None: the simulated type's own default (Scenario.default_duration_s)."""
         if self.runtime_s is None:
-            default = TASKS[self.task].default_duration_s
-            return default, default
+            return None
         if isinstance(self.runtime_s, tuple):
             return self.runtime_s
         return self.runtime_s, self.runtime_s
 
     @property
-    def queue(self) -> str:
-        return TASKS[self.task].queue
+    def simulating(self) -> bool:
+        """Whether the entry says how a simulated task behaves."""
+        return self.runtime_s is not None or bool(self.error_rate or self.payload_bytes)
 
 
 class TaskType(Work):
@@ -75,7 +91,8 @@ class TaskType(Work):
     def steps(self) -> list[Work]:
         """Every stage in order, the entry's own task first."""
         return [Work(task=self.task, runtime_s=self.runtime_s, error_rate=self.error_rate,
-                     payload_bytes=self.payload_bytes), *self.stages]
+                     payload_bytes=self.payload_bytes, args=self.args, kwargs=self.kwargs,
+                     generator=self.generator), *self.stages]
 
 
 class Scenario(Strict):
@@ -86,6 +103,9 @@ class Scenario(Strict):
     batch_size: int = Field(200, ge=1, le=10_000, description="messages published between two waits for confirms")
     seed: int = 0
     mix: list[TaskType] = Field(min_length=1)
+    # The config's task types (bind); task_a and task_b until a config is bound.
+    _types: dict[str, TaskTypeConfig] = PrivateAttr(default_factory=lambda: {t.name: t for t in builtin_task_types()})
+    _generators: dict[tuple[int, int], Any] = PrivateAttr(default_factory=dict)  # (entry, stage) -> generator
 
     def problems(self) -> list[tuple[tuple[Any, ...], str]]:
         found: list[tuple[tuple[Any, ...], str]] = []
@@ -97,16 +117,57 @@ class Scenario(Strict):
             seen.add(entry.label)
         return found
 
+    def bind(self, config: Config) -> list[tuple[tuple[Any, ...], str]]:
+        """Check the mix against the config's task types and import its generators (with the
+        config's code_dir on the path); returns the problems, each with the field to blame."""
+        self._types = config.types
+        callables.add_to_path(config.code_path)
+        found: list[tuple[tuple[Any, ...], str]] = []
+        self._generators = {}
+        for i, entry in enumerate(self.mix):
+            for stage, work in enumerate(entry.steps):
+                where = ("mix", i) if stage == 0 else ("mix", i, "stages", stage - 1)
+                kind = self._types.get(work.task)
+                if kind is None:
+                    found.append(((*where, "task"), f"no task type is named {work.task!r}; the config "
+                                  f"declares {', '.join(self._types)}"))
+                    continue
+                if not kind.simulated and work.simulating:
+                    found.append(((*where, "runtime_s" if work.runtime_s is not None else "error_rate"),
+                                  f"runtime_s, error_rate and payload_bytes describe the simulated task types; "
+                                  f"give {work.task} args, kwargs or a generator"))
+                if work.generator:
+                    try:
+                        self._generators[(i, stage)] = callables.function(work.generator)
+                    except callables.LookupProblem as exc:
+                        found.append(((*where, "generator"), str(exc)))
+        return found
+
+    def default_duration_s(self, task: str) -> float:
+        """How long a simulated type works unless told (task_a 0.1 s, task_b 0.2 s, whatever its name)."""
+        return SIMULATED[self._types[task].callable.partition(":")[2]].default_duration_s
+
+    def queue_of(self, task: str) -> str:
+        return self._types[task].queue
+
+    def simulated(self, task: str) -> bool:
+        return self._types[task].simulated
+
     @property
     def queues(self) -> list[str]:
-        return list(dict.fromkeys(step.queue for entry in self.mix for step in entry.steps))
+        return list(dict.fromkeys(self.queue_of(step.task) for entry in self.mix for step in entry.steps))
 
 
-def load_scenario(path: str | os.PathLike[str]) -> Scenario:
-    """Read and validate a scenario file; raise ConfigError naming the file, line and field."""
+def load_scenario(path: str | os.PathLike[str], config: Config | None = None) -> Scenario:
+    """Read and validate a scenario file against the config's task types (default: task_a and
+    task_b); raise ConfigError naming the file, the line and the field."""
     file = Path(path)
     data, root = read_yaml(file)
-    return validate(Scenario, data, root, file)
+    scenario = validate(Scenario, data, root, file)
+    found = scenario.bind(config) if config is not None else []
+    if found:
+        raise ConfigError(describe(file, root, *found[0]))
+    return scenario
 
 
 @dataclass(frozen=True)
@@ -115,7 +176,7 @@ class Job:
 
     index: int
     type: str
-    steps: tuple[tuple[str, dict[str, Any]], ...]  # (task name, kwargs) per stage
+    steps: tuple[tuple[str, dict[str, Any], tuple[Any, ...]], ...]  # (task name, kwargs, args) per stage
 
 
 class Plan:
@@ -132,7 +193,11 @@ class Plan:
     @classmethod
     def per_type(cls, scenario: Scenario, tasks_per_type: int) -> Plan:
         """tasks_per_type x the number of types in all, shared out by weight (equal weights: that many each)."""
-        total = tasks_per_type * len(scenario.mix)
+        return cls.of_total(scenario, tasks_per_type * len(scenario.mix))
+
+    @classmethod
+    def of_total(cls, scenario: Scenario, total: int) -> Plan:
+        """`total` jobs in all, shared out by the entries' weights (largest remainders)."""
         weight = sum(e.weight for e in scenario.mix)
         shares = [total * e.weight / weight for e in scenario.mix]
         counts = [int(s) for s in shares]
@@ -167,15 +232,30 @@ class Plan:
     def _job(self, index: int, entry: TaskType) -> Job:
         steps = []
         for stage, work in enumerate(self._steps[entry.label]):
-            low, high = work.runtime_range
-            kwargs: dict[str, Any] = {"duration_s": round(self._rng.uniform(low, high), 6) if high > low else low}
+            if not self.scenario.simulated(work.task):
+                args, kwargs = self._arguments(entry, stage, work, index)
+                steps.append((work.task, kwargs, args))
+                continue
+            low, high = work.runtime_range or (self.scenario.default_duration_s(work.task),) * 2
+            kwargs = {"duration_s": round(self._rng.uniform(low, high), 6) if high > low else low}
             if work.error_rate:
                 kwargs["fail_probability"] = work.error_rate
                 kwargs["seed"] = self.scenario.seed * 1_000_003 + index * 31 + stage
             if work.payload_bytes:
                 kwargs["payload"] = self._payload(work.payload_bytes)
-            steps.append((work.task, kwargs))
+            kwargs.update(work.kwargs)
+            steps.append((work.task, kwargs, tuple(work.args)))
         return Job(index, entry.label, tuple(steps))
+
+    def _arguments(self, entry: TaskType, stage: int, work: Work, index: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """A user task's (args, kwargs): fixed, or from its generator called with the job's index."""
+        if not work.generator:
+            return tuple(work.args), dict(work.kwargs)
+        made = self.scenario._generators[(self.scenario.mix.index(entry), stage)](index)
+        if not (isinstance(made, (tuple, list)) and len(made) == 2 and isinstance(made[1], dict)):
+            raise ConfigError(f"scenario {self.scenario.name!r}: {work.generator}({index}) returned {made!r:.80}; "
+                              "it must return (args, kwargs), a list and a dict")
+        return tuple(made[0]), dict(made[1])
 
     def _payload(self, size: int) -> str:
         if size not in self._payloads:

@@ -51,13 +51,15 @@ import threading
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 from celery.utils import nodesplit
 from prometheus_client.metrics_core import Metric
 
 from conveyor.tasks.deadletter import DeadLettered
-from conveyor.amqp.topology import DEAD_LETTER_QUEUE, TASKS
+from conveyor.amqp.topology import DEAD_LETTER_QUEUE
+from conveyor.settings.config import builtin_task_types
 from conveyor.stats import percentile_linear
 from conveyor.stack.control import service_of
 from conveyor.monitor.metrics import TASK_DEAD_LETTERED, TASK_EVENTS, TASK_LATENCY, TASK_RUNTIME, TASK_WAIT, Series
@@ -125,7 +127,9 @@ class Accounting:
 
     def __init__(self, latency_window_tasks: int = 1000, rate_window_s: float = 5.0,
                  since: float | None = None, max_tracked: int = MAX_TRACKED_TASKS,
-                 worker_down_after_s: float = 10.0, worker_forget_after_s: float = 1800.0) -> None:
+                 worker_down_after_s: float = 10.0, worker_forget_after_s: float = 1800.0,
+                 types: Iterable[tuple[str, str]] | None = None) -> None:
+        """`types`: (task name, queue) of every task type of the config (default: task_a and task_b)."""
         self.since = time.time() if since is None else since
         self.series = Series()
         self._down_after_s, self._forget_after_s = worker_down_after_s, worker_forget_after_s
@@ -138,8 +142,13 @@ class Accounting:
         self._tasks: OrderedDict[str, _Task] = OrderedDict()  # least recently heard of first
         self._retrying: Counter[tuple[str, str]] = Counter()
         self._workers: dict[str, _Worker] = {}
-        for spec in TASKS.values():  # every known type shows up, with zeros, before its first event
-            self._stats((spec.name, spec.queue))
+        # Events after task-sent carry no queue; routing is static per type, so it comes from here.
+        self._queue_of_type = dict(types if types is not None else ((t.name, t.queue) for t in builtin_task_types()))
+        for name, queue in self._queue_of_type.items():  # every known type shows up, with zeros, before its first event
+            self._stats((name, queue))
+
+    def _queue_of(self, name: str, event: dict[str, Any]) -> str:
+        return event.get("queue") or event.get("routing_key") or self._queue_of_type.get(name, "")
 
     # --- feeding ----------------------------------------------------------------------
     def record(self, event: dict[str, Any]) -> None:
@@ -166,7 +175,7 @@ class Accounting:
             if not name:
                 log.debug("Ignoring %s for task %s, which was in flight before the monitor started.", kind, task_id)
                 return
-            task = self._track(task_id, (name, _queue_of(name, event)))
+            task = self._track(task_id, (name, self._queue_of(name, event)))
         self._tasks.move_to_end(task_id)
         stats = self._stats(task.key)
         counted = _COUNTED.get(kind)
@@ -202,7 +211,7 @@ class Accounting:
 
     def _sent(self, task_id: str, event: dict[str, Any]) -> None:
         name = event.get("name") or ""
-        queue = _queue_of(name, event)
+        queue = self._queue_of(name, event)
         if queue == DEAD_LETTER_QUEUE or event.get("retries"):
             return
         task = self._tasks.get(task_id)
@@ -328,14 +337,6 @@ class Accounting:
         self._labelled = {labels for labels in self._labelled if labels[1] != host}
         if dropped:
             log.info("Dropped %d task series of host %s, which has no worker left.", dropped, host)
-
-
-def _queue_of(name: str, event: dict[str, Any]) -> str:
-    queue = event.get("queue") or event.get("routing_key")
-    if queue:
-        return queue
-    spec = TASKS.get(name)  # events after task-sent carry no queue; routing is static per type
-    return spec.queue if spec else ""
 
 
 def _prune(times: deque[float], before: float) -> None:

@@ -28,7 +28,8 @@ class Monitor:
         self.stack, self.settings = stack, settings
         self.accounting = Accounting(settings.latency_window_tasks, rate_window_s=settings.collect_interval_s,
                                      worker_down_after_s=settings.worker_down_after_s,
-                                     worker_forget_after_s=settings.worker_forget_after_s)
+                                     worker_forget_after_s=settings.worker_forget_after_s,
+                                     types=[(t.name, t.queue) for t in stack.config.task_types])
         self.listener = EventListener(stack.app, self.accounting.record)
         self.emitter = Emitter(influx) if influx else None
         self._broker: dict[str, Any] | None = None

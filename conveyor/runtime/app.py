@@ -12,7 +12,7 @@ from conveyor.tasks import deadletter
 from conveyor.lifecycle import ledger
 from conveyor.seam import inbound, rpc_backend, trace
 from conveyor.seam.consumer import body_limit
-from conveyor.tasks import simulated
+from conveyor.tasks import registry
 from conveyor.lifecycle import records, signals as record_signals
 from conveyor.settings.config import Config, load_config
 from conveyor.amqp.topology import routes, work_queues
@@ -35,9 +35,9 @@ def create_app(config: Config | None = None, settings: environment.BrokerSetting
         # Every publish waits for the broker's confirm: a task is never reported sent unless it is stored.
         transport_options["confirm_publish"] = True
     app.conf.update(
-        task_queues=work_queues(config.queue_type),
-        task_routes=routes(),
-        task_default_queue="queue_a",
+        task_queues=work_queues(config),
+        task_routes=routes(config),
+        task_default_queue=config.queues[0],
         task_create_missing_queues=False,
         accept_content=["json"],
         task_serializer="json",
@@ -67,9 +67,9 @@ def create_app(config: Config | None = None, settings: environment.BrokerSetting
     )
     # Headers too deep for py-amqp and compressed bodies too big once inflated are caught as they are
     # read, in every process (a worker, `dlq list`): conveyor/seam/inbound.py.
-    inbound.install(body_limit(config.limits.max_payload_bytes))
+    inbound.install(body_limit(max(config.payload_limit(t.name) for t in config.task_types)))
     attach(app, Settings(config, settings, config.tuning.fast_paths and environment.fast_paths_allowed(), choice))
-    simulated.register(app, config.retry, config.time_limits)
+    registry.register(app, config)
     if settings.records_url not in records.OFF:
         record_signals.connect()
     ledger.attach_from_env()

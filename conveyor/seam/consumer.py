@@ -53,11 +53,15 @@ class Consumer(CeleryConsumer):
     def create_task_handler(self, promise: Any = promise):
         handle = super().create_task_handler(promise)
         config = settings_of(self.app).config
-        max_body_bytes = body_limit(config.limits.max_payload_bytes)
         max_eta_s = config.broker.consumer_timeout_s
         refusals = (*self.connection_errors, *self.channel_errors)
 
         def on_task_received(message: Message) -> None:
+            # The limit is the task type's own max_payload_bytes, else limits.max_payload_bytes; the
+            # headers are not checked yet, so a task name of the wrong type gets the default limit.
+            headers = message.headers if isinstance(message.headers, dict) else {}
+            task = headers.get("task")
+            max_body_bytes = body_limit(config.payload_limit(task if isinstance(task, str) else ""))
             try:
                 intake.check(message, max_body_bytes, max_eta_s)
             except Rejected as exc:

@@ -13,8 +13,10 @@ import os
 from celery.backends.filesystem import FilesystemBackend
 from kombu.utils.encoding import ensure_bytes
 
+from conveyor.seam.runtime_meta import RuntimeMeta
 
-class AtomicFilesystemBackend(FilesystemBackend):
+
+class AtomicFilesystemBackend(RuntimeMeta, FilesystemBackend):
     def set(self, key, value) -> None:
         path = os.fsdecode(self._filename(key))
         temporary = f"{path}.{os.getpid()}.tmp"

@@ -43,6 +43,7 @@ from kombu.serialization import dumps
 
 from conveyor.seam import frames
 from conveyor.settings.context import maybe_settings_of
+from conveyor.seam.runtime_meta import RuntimeMeta, add_runtime
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class _Held:
     next_poll: float = 0.0
 
 
-class RPCBackend(CeleryRPCBackend):
+class RPCBackend(RuntimeMeta, CeleryRPCBackend):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._declared_on: weakref.WeakSet = weakref.WeakSet()
@@ -91,7 +92,7 @@ class RPCBackend(CeleryRPCBackend):
         if request and getattr(request, "parent_id", None):
             meta["parent_id"] = request.parent_id
         meta["task_id"] = task_id
-        return meta
+        return add_runtime(meta, request)
 
     def _confirms(self) -> bool:
         config = (maybe_settings_of(self.app) and maybe_settings_of(self.app).config)

@@ -6,6 +6,7 @@ typo that passed silently would run a different test than the one the user meant
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -14,10 +15,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from conveyor.errors import ConfigError, UsageError
-from conveyor.amqp.topology import QUEUES, TASKS
+from conveyor.settings import callables
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "test-config.yml"
 CONFIG_ENV = "CONVEYOR_CONFIG"
+CODE_DIR_ENV = "CONVEYOR_CODE_DIR"  # where code_dir is mounted inside a worker container
 
 
 class Strict(BaseModel):
@@ -36,9 +40,13 @@ class TaskParams(Strict):
 
 
 class TaskSpec(Strict):
-    task: Literal[tuple(TASKS)]  # type: ignore[valid-type]
+    task: str = Field(min_length=1, description="a name from task_types")
     count: int = Field(gt=0)
-    params: TaskParams = TaskParams()
+    params: TaskParams | None = Field(None, description="how a simulated task (task_a, task_b) behaves")
+    args: list[Any] = Field(default_factory=list, description="positional arguments of every task of this entry")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of every task of this entry")
+    generator: str | None = Field(None, pattern=callables.CALLABLE_PATTERN, description=(
+        "package.module:function called with the task's index within this entry, returning (args, kwargs)"))
     unique_key: str | None = Field(None, min_length=1, max_length=200, description=(
         "while a task with this key is queued or running, dispatching another sends nothing; "
         "{index} becomes the task's index within this entry"))
@@ -50,7 +58,15 @@ class TaskSpec(Strict):
                 self.unique_key.format(index=0)
             except (KeyError, IndexError, ValueError) as exc:
                 raise ValueError(f"unique_key may use only the placeholder {{index}} ({exc!r} is not one)") from None
+        if self.generator and (self.args or self.kwargs):
+            raise ValueError("give either a generator or args/kwargs, not both: the generator makes both")
+        if self.params is not None and (self.args or self.kwargs or self.generator):
+            raise ValueError("params describe a simulated task; give them, or args/kwargs/generator, not both")
         return self
+
+    @property
+    def simulated(self) -> TaskParams:
+        return self.params or TaskParams()
 
 
 class TimeLimit(Strict):
@@ -90,7 +106,7 @@ class RetryPolicy(Strict):
 
 class ServiceConfig(Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9-]*$")
-    queues: list[Literal[tuple(QUEUES)]] = Field(min_length=1)  # type: ignore[valid-type]
+    queues: list[str] = Field(min_length=1, description="queues of the config's task types")
     concurrency: int = Field(2, ge=1, le=64)
     replicas: int = Field(1, ge=0)
     pool: Literal["prefork", "threads", "solo"] = "prefork"
@@ -185,6 +201,138 @@ class Tuning(Strict):
         "CONVEYOR_FAST_PATHS=off in the environment, every one falls back to the libraries' own code"))
 
 
+# --- Task types: what each task is, where it runs, how it is retried ----------------------------------
+# The queues, their exchanges and dead-letter bindings (conveyor/amqp/topology.py), Celery's routes and
+# the tasks the workers register (conveyor/tasks/registry.py) are all derived from this section.
+
+SIMULATED_MODULE = "conveyor.tasks.simulated"
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.:-]*$"
+QUEUE_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
+RESERVED_QUEUES = ("dead_letter", "dlx", "celery")  # the dead-letter queue and exchange; Celery's default queue
+
+
+class TaskRetry(Strict):
+    """A task type's own retry policy: whatever is left out comes from the top-level `retry`."""
+
+    retry_on: list[str] = Field(default_factory=list, description=(
+        "exceptions another attempt may cure: a builtin name (TimeoutError) or package.module:Name"))
+    max_retries: int | None = Field(None, ge=0, le=10)
+    backoff_s: int | None = Field(None, ge=1, le=3600)
+    backoff_max_s: int | None = Field(None, ge=1, le=24 * 3600)
+    jitter: bool | None = None
+
+
+class TaskTypeConfig(Strict):
+    name: str = Field(min_length=1, max_length=200, pattern=NAME_PATTERN, description="the Celery task name")
+    callable: str = Field(pattern=callables.CALLABLE_PATTERN, description="package.module:function the workers import")
+    queue: str = Field(min_length=1, max_length=200, pattern=QUEUE_PATTERN)
+    retry: TaskRetry = TaskRetry()
+    time_limits: TimeLimit | None = None
+    max_payload_bytes: int | None = Field(None, ge=1, le=64 * 1024 * 1024, description="overrides limits.max_payload_bytes")
+    bind: bool = Field(False, description="pass the task itself as the first argument (Celery's bind=True)")
+
+    @property
+    def simulated(self) -> bool:
+        return self.callable.partition(":")[0] == SIMULATED_MODULE
+
+
+def builtin_task_types() -> list[TaskTypeConfig]:
+    """task_a and task_b, for a config that declares no task_types (test-config.yml declares them the same way)."""
+    return [TaskTypeConfig(name="task_a", callable=f"{SIMULATED_MODULE}:task_a", queue="queue_a"),
+            TaskTypeConfig(name="task_b", callable=f"{SIMULATED_MODULE}:task_b", queue="queue_b")]
+
+
+class ResolvedCode:
+    """The functions, retryable exceptions and argument generators a config names, imported."""
+
+    def __init__(self) -> None:
+        self.functions: dict[str, Any] = {}
+        self.retry_on: dict[str, tuple[type[BaseException], ...]] = {}
+        self.generators: dict[int, Any] = {}  # index of the dispatch entry -> generator
+
+
+def _task_types_problems(config: Config) -> list[tuple[tuple[Any, ...], str]]:
+    found: list[tuple[tuple[Any, ...], str]] = []
+    seen: dict[str, int] = {}
+    for i, kind in enumerate(config.task_types):
+        if kind.name in seen:
+            found.append((("task_types", i, "name"), f"task type {kind.name!r} is declared twice "
+                          f"(first as task_types[{seen[kind.name]}]); give each its own name"))
+        seen.setdefault(kind.name, i)
+        if kind.name == "celery" or kind.name.startswith("celery."):
+            found.append((("task_types", i, "name"), f"{kind.name!r} collides with Celery's own task names "
+                          "(celery.*); choose another name"))
+        if kind.queue in RESERVED_QUEUES:
+            found.append((("task_types", i, "queue"), f"{kind.queue!r} is reserved (the dead-letter queue and "
+                          "exchange, Celery's default queue); choose another queue"))
+        if kind.time_limits and kind.name in config.time_limits:
+            found.append((("task_types", i, "time_limits"), f"time limits for {kind.name} are also given in "
+                          "time_limits; keep one of the two"))
+    queues = set(config.queues)
+    for i, svc in enumerate(config.services):
+        for j, queue in enumerate(svc.queues):
+            if queue not in queues:
+                found.append((("services", i, "queues", j), f"no task type goes to {queue!r}; "
+                              f"the task types' queues are {', '.join(config.queues)}"))
+    for queue in config.weights:
+        if queue not in queues:
+            found.append((("weights", queue), f"no task type goes to {queue!r}; the queues are {', '.join(config.queues)}"))
+    for name in config.time_limits:
+        if name not in seen:
+            found.append((("time_limits", name), f"no task type is named {name!r}"))
+    if config.code_requirements and config.code_dir is None:
+        found.append((("code_requirements",), "give code_dir too: the requirements file is looked for there"))
+    for i, spec in enumerate(config.tasks):
+        kind = config.types.get(spec.task)
+        if kind is None:
+            found.append((("tasks", i, "task"), f"no task type is named {spec.task!r}; "
+                          f"task_types declares {', '.join(config.types)}"))
+        elif spec.params is not None and not kind.simulated:
+            found.append((("tasks", i, "params"), f"params describe the simulated task types; give {spec.task} "
+                          "args, kwargs or a generator"))
+    return found
+
+
+def _task_types_warnings(config: Config) -> list[tuple[tuple[Any, ...], str]]:
+    served = {q for s in config.services for q in s.queues}
+    warned: set[str] = set()
+    found = []
+    for i, kind in enumerate(config.task_types):
+        if kind.queue not in served and kind.queue not in warned:
+            warned.add(kind.queue)
+            found.append((("task_types", i, "queue"), f"no service consumes queue {kind.queue!r}: "
+                          f"{kind.name} tasks sent there would wait until one does"))
+    return found
+
+
+def _resolve_code(config: Config) -> tuple[ResolvedCode, list[tuple[tuple[Any, ...], str]]]:
+    """Import what the config names, with code_dir on the path; every problem with the field to blame."""
+    callables.add_to_path(config.code_path)
+    code, found = ResolvedCode(), []
+    if config.code_requirements and not os.environ.get(CODE_DIR_ENV) and \
+            not (config.code_path / config.code_requirements).is_file():
+        found.append((("code_requirements",), f"there is no file {config.code_requirements} in code_dir ({config.code_path})"))
+    for i, kind in enumerate(config.task_types):
+        try:
+            code.functions[kind.name] = callables.function(kind.callable)
+        except callables.LookupProblem as exc:
+            found.append((("task_types", i, "callable"), str(exc)))
+        classes = []
+        for j, name in enumerate(kind.retry.retry_on):
+            try:
+                classes.append(callables.exception(name))
+            except callables.LookupProblem as exc:
+                found.append((("task_types", i, "retry", "retry_on", j), str(exc)))
+        code.retry_on[kind.name] = tuple(classes)
+    for i, spec in enumerate(config.tasks):
+        if spec.generator:
+            try:
+                code.generators[i] = callables.function(spec.generator)
+            except callables.LookupProblem as exc:
+                found.append((("tasks", i, "generator"), str(exc)))
+    return code, found
+
+
 class Config(Strict):
     name: str = Field(min_length=1)
     expected_workers: int = Field(ge=0)
@@ -194,7 +342,7 @@ class Config(Strict):
     limits: Limits = Limits()
     autoscale: Autoscale = Autoscale()
     # How `scale.py rebalance` shares workers among the services: a service weighs the sum of its queues' weights.
-    weights: dict[Literal[tuple(QUEUES)], float] = Field(default_factory=dict)  # type: ignore[valid-type]
+    weights: dict[str, float] = Field(default_factory=dict)
     stop_grace_s: float = Field(30.0, gt=0, description="warm-shutdown time before a worker is killed")
     # Delivery guarantees (docs/reliability.md). Quorum queues are replicated and also survive a node's
     # disk; changing the type of an existing queue needs the queue deleted first (RabbitMQ refuses).
@@ -203,16 +351,77 @@ class Config(Strict):
     publish_retry_s: float = Field(30.0, ge=0, le=3600, description="how long a publish retries a broker that is away before it fails")
     monitoring: Monitoring = Monitoring()
     tuning: Tuning = Tuning()
-    time_limits: dict[Literal[tuple(TASKS)], TimeLimit] = Field(default_factory=dict)  # type: ignore[valid-type]
+    time_limits: dict[str, TimeLimit] = Field(default_factory=dict)
     records_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="task records are kept this long after their last change")
     broker: Broker = Broker()
     side_services: SideServices = SideServices()
+    task_types: list[TaskTypeConfig] = Field(default_factory=builtin_task_types, min_length=1)
+    code_dir: str | None = Field(None, min_length=1, description=(
+        "a directory put first on the import path of the workers (and of the dispatcher), relative to this file"))
+    code_requirements: str | None = Field(None, min_length=1, description=(
+        "a requirements file in code_dir: compose workers then run an image built FROM ours with code_dir and "
+        "these installed (deploy/user.Dockerfile) instead of mounting code_dir"))
     _source: Path | None = PrivateAttr(None)
+    _code: ResolvedCode | None = PrivateAttr(None)
+    _types: dict[str, TaskTypeConfig] | None = PrivateAttr(None)  # the model is frozen: built once
 
     @property
     def source(self) -> Path | None:
         """The file this config was loaded from, so that workers can be handed the same one."""
         return self._source
+
+    # --- task types ------------------------------------------------------------------------
+    @property
+    def types(self) -> dict[str, TaskTypeConfig]:
+        """Task types by name (the first of a duplicated name, which problems() reports)."""
+        if self._types is None:
+            self._types = {}
+            for kind in self.task_types:
+                self._types.setdefault(kind.name, kind)
+        return self._types
+
+    def task_type(self, name: str) -> TaskTypeConfig:
+        try:
+            return self.types[name]
+        except KeyError:
+            raise UsageError(f"no task type is named {name!r}: the config declares {', '.join(self.types)}") from None
+
+    @property
+    def queues(self) -> tuple[str, ...]:
+        """Every work queue, in the order the task types first name them."""
+        return tuple(dict.fromkeys(kind.queue for kind in self.task_types))
+
+    def retry_policy(self, name: str) -> RetryPolicy:
+        overrides = self.task_type(name).retry.model_dump(exclude={"retry_on"}, exclude_none=True)
+        return self.retry.model_copy(update=overrides) if overrides else self.retry
+
+    def time_limit(self, name: str) -> TimeLimit | None:
+        return self.task_type(name).time_limits or self.time_limits.get(name)
+
+    def payload_limit(self, name: str) -> int:
+        kind = self.types.get(name)
+        return (kind.max_payload_bytes if kind else None) or self.limits.max_payload_bytes
+
+    @property
+    def code_path(self) -> Path | None:
+        """code_dir, absolute; CONVEYOR_CODE_DIR overrides it where the code sits elsewhere (a container's mount)."""
+        if os.environ.get(CODE_DIR_ENV):
+            return Path(os.environ[CODE_DIR_ENV])
+        if self.code_dir is None:
+            return None
+        base = self._source.parent if self._source else Path.cwd()
+        return (base / self.code_dir).resolve()
+
+    @property
+    def code(self) -> ResolvedCode:
+        """The imported functions (and exception classes, generators); imported on first use."""
+        if self._code is None:
+            code, found = _resolve_code(self)
+            if found:
+                loc, msg = found[0]
+                raise ConfigError(_describe(self._source or Path("<config>"), None, loc, msg))
+            self._code = code
+        return self._code
 
     def service(self, name: str) -> ServiceConfig:
         for svc in self.services:
@@ -247,18 +456,24 @@ class Config(Strict):
         for queue, weight in self.weights.items():
             if weight <= 0:
                 found.append((("weights", queue), f"weight must be more than 0, got {weight:g}"))
+        found += _task_types_problems(self)
+        if found:
+            return found
         served = {q for s in self.services for q in s.queues}
         for i, spec in enumerate(self.tasks):
-            queue = TASKS[spec.task].queue
+            queue = self.types[spec.task].queue
             if queue not in served:
                 found.append((("tasks", i, "task"), f"{spec.task} goes to {queue}, which no service consumes"))
-            if spec.params.payload_bytes > self.limits.max_payload_bytes:
-                found.append((("tasks", i, "params", "payload_bytes"), f"{spec.params.payload_bytes} is over "
-                              f"limits.max_payload_bytes ({self.limits.max_payload_bytes}); workers would refuse it"))
-        for task in self.time_limits:
+            limit = self.payload_limit(spec.task)
+            if spec.simulated.payload_bytes > limit:
+                found.append((("tasks", i, "params", "payload_bytes"), f"{spec.simulated.payload_bytes} is over "
+                              f"limits.max_payload_bytes ({limit}); workers would refuse it"))
+        for kind in self.task_types:
+            if self.time_limit(kind.name) is None:
+                continue
             for i, svc in enumerate(self.services):
-                if TASKS[task].queue in svc.queues and svc.pool != "prefork":
-                    found.append((("services", i, "pool"), f"time_limits.{task} needs the prefork pool: "
+                if kind.queue in svc.queues and svc.pool != "prefork":
+                    found.append((("services", i, "pool"), f"time_limits.{kind.name} needs the prefork pool: "
                                   f"Celery enforces no time limit in a {svc.pool} pool"))
         found += self._consumer_timeout_problems()
         found += self._recycling_problems()
@@ -276,13 +491,17 @@ class Config(Strict):
                                    "the broker would take the message back while a worker still holds it"))
 
         for i, spec in enumerate(self.tasks):
-            if spec.params.duration_s is not None:
+            if spec.params is not None and spec.params.duration_s is not None:
                 over(("tasks", i, "params", "duration_s"), "the task's run time", spec.params.duration_s)
-        for task, limits in self.time_limits.items():
+        for i, kind in enumerate(self.task_types):
+            limits = kind.time_limits or self.time_limits.get(kind.name)
+            if limits is None:
+                continue
             # A retry after a soft timeout runs under limits retry_factor times longer, per retry.
-            stretch = limits.retry_factor ** self.retry.max_retries
+            stretch = limits.retry_factor ** self.retry_policy(kind.name).max_retries
             field = "hard_s" if limits.hard_s is not None else "soft_s"
-            over(("time_limits", task, field), f"its time limit on the last retry ({field} x retry_factor^max_retries)",
+            loc = ("task_types", i, "time_limits", field) if kind.time_limits else ("time_limits", kind.name, field)
+            over(loc, f"its time limit on the last retry ({field} x retry_factor^max_retries)",
                  (limits.hard_s or limits.soft_s) * stretch)
         if self.queue_type == "classic" and self.retry.max_retries:
             # On a classic queue Celery holds a retry, unacknowledged, in a worker until it is due.
@@ -298,6 +517,10 @@ class Config(Strict):
                                   "child process to replace"))
         return found
 
+    def warnings(self) -> list[tuple[tuple[Any, ...], str]]:
+        """What is allowed but probably not meant, each with the path of the field concerned."""
+        return _task_types_warnings(self)
+
 
 def config_path(path: str | os.PathLike[str] | None = None) -> Path:
     return Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
@@ -309,6 +532,13 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     data, root = read_yaml(file)
     config = validate(Config, data, root, file)
     config._source = file.resolve()
+    for loc, msg in config.warnings():
+        log.warning("%s", _describe(file, root, loc, msg))
+    code, found = _resolve_code(config)
+    if found:
+        loc, msg = found[0]
+        raise ConfigError(_describe(file, root, loc, msg))
+    config._code = code
     return config
 
 
@@ -358,6 +588,9 @@ def _describe(file: Path, root: yaml.Node | None, loc: tuple[Any, ...], msg: str
     loc = tuple(part for part in loc if not (isinstance(part, str) and part.startswith(("function-", "literal["))))
     field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(top level)"
     return f"{file}:{_line(root, loc)}: {field}: {msg}"
+
+
+describe = _describe  # for the other files read through this module (scenarios)
 
 
 def _line(node: yaml.Node | None, loc: tuple[Any, ...]) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -21,6 +22,8 @@ from conveyor.settings.config import Config, ServiceConfig
 from conveyor.errors import StackError, UsageError
 
 log = logging.getLogger(__name__)
+
+FAILURE_CHECK_S = 2.0  # while waiting for replicas to answer, look this often for ones that exited
 
 
 @dataclass
@@ -66,6 +69,11 @@ class Stack(abc.ABC):
     @abc.abstractmethod
     def logs(self, follow: bool = True) -> None:
         """Print (and with follow, keep printing) the workers' logs."""
+
+    def failures(self) -> dict[str, str]:
+        """Services with a replica that exited, each with the error it stopped on (its last `error:`
+        line, which the launcher prints for a config it cannot load or a callable it cannot import)."""
+        return {}
 
     def build(self) -> None:
         """Build what the replicas run; local processes run this checkout, so nothing to build."""
@@ -126,8 +134,19 @@ class Stack(abc.ABC):
         want = {name: count for name, count in want.items() if count > 0}
         if not want:
             return
-        seen = control.wait_responding(self.app, want, timeout_s)
-        missing = {n: c for n, c in want.items() if seen[n] < c}
+        deadline = time.monotonic() + timeout_s
+        while True:
+            # In short rounds, so that a replica that stopped at start is reported at once, by service.
+            seen = control.wait_responding(self.app, want, min(FAILURE_CHECK_S, max(0.0, deadline - time.monotonic())))
+            missing = {n: c for n, c in want.items() if seen[n] < c}
+            if not missing or time.monotonic() >= deadline:
+                break
+            failed = {name: why for name, why in self.failures().items() if name in missing}
+            if failed:
+                raise StackError("; ".join(f"service {name} failed to start: {why}" for name, why in failed.items()))
         if missing:
+            failed = {name: why for name, why in self.failures().items() if name in missing}
+            if failed:
+                raise StackError("; ".join(f"service {name} failed to start: {why}" for name, why in failed.items()))
             detail = ", ".join(f"{n}: {seen[n]} of {c}" for n, c in missing.items())
             raise StackError(f"workers did not answer within {timeout_s:.0f} s ({detail}); see `make logs`")

@@ -41,6 +41,7 @@ from conveyor.settings.environment import PROJECT_ROOT, RECORDS_URL_ENV, BrokerS
 from conveyor.settings.config import ServiceConfig
 from conveyor.errors import StackError
 from conveyor.stack import credentials
+from conveyor.stack import compose_override
 from conveyor.stack.base import Replica, Stack
 from conveyor.settings.context import settings_of
 
@@ -129,6 +130,10 @@ class ComposeStack(Stack):
         self.own_broker = own_broker
         self._broker_started = False
         self.files = compose_files(own_broker)
+        # The config's own services and code directory, on top of the compose files.
+        extra = compose_override.write(self.files, self.config, run_dir() / "compose" / f"{self.project}.override.yml")
+        if extra is not None:
+            self.files = [*self.files, extra]
         # Warm shutdown gets at least the config's grace before compose kills a container.
         self.stop_timeout_s = max(1, math.ceil(self.config.stop_grace_s))
         self._records_warned = False
@@ -193,6 +198,10 @@ class ComposeStack(Stack):
         if source and not source.stat().st_mode & stat.S_IROTH:
             raise StackError(f"{source} is not readable by other users, and the worker containers read it as an "
                              f"unprivileged user; run `chmod o+r {source}`")
+        code = self.config.code_path
+        if code and (not code.is_dir() or (code.stat().st_mode & (stat.S_IROTH | stat.S_IXOTH)) != stat.S_IROTH | stat.S_IXOTH):
+            raise StackError(f"code_dir {code} is not a directory other users can read, and the worker containers "
+                             f"read it as an unprivileged user; run `chmod -R o+rX {code}`")
 
     # --- bookkeeping -------------------------------------------------------------------
     def _state_file(self) -> Path:
@@ -258,6 +267,27 @@ class ComposeStack(Stack):
             states.append((state.get("Health") or {}).get("Status") or state.get("Status") or "unknown")
         return states[0] if len(states) == 1 else ("missing" if not states else ",".join(sorted(states)))
 
+    def failures(self) -> dict[str, str]:
+        """Containers of our services that exited or are restarting (restart: unless-stopped brings
+        back one that stopped on a config error, again and again), with the error in their log."""
+        found: dict[str, str] = {}
+        ours = {s.name for s in self.config.services}
+        for container in self.containers():
+            service = (container.attrs.get("Labels") or {}).get(SERVICE_LABEL, "")
+            state = container.attrs.get("State", "")
+            if service in ours and state in ("exited", "restarting", "dead") and service not in found:
+                found[service] = f"container {container.id[:12]} {state}: {self._last_error(container.id)}"
+        return found
+
+    def _last_error(self, ident: str) -> str:
+        try:
+            text = self.engine.containers.get(ident).logs(tail=50).decode(errors="replace")
+        except DockerException as exc:
+            return f"its log could not be read ({exc})"
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error: ")]
+        return (errors or lines or ["its log is empty"])[-1]
+
     # --- scaling -----------------------------------------------------------------------
     def up(self, wait_s: float = 60.0) -> None:
         """Build the image from the current code (cached layers make this quick), start the broker
@@ -279,6 +309,9 @@ class ComposeStack(Stack):
         workers = [s.name for s in self.config.services]
         for name in workers:
             self._check_defined(name)
+        if compose_override.BASE_SERVICE in self.services:  # the user's image is built FROM this one
+            log.info("Building the base worker image.")
+            self._compose("build", compose_override.BASE_SERVICE)
         log.info("Building the worker image for %s.", ", ".join(workers))
         self._compose("build", *workers)
 

@@ -110,6 +110,15 @@ class LocalStack(Stack):
             f.unlink(missing_ok=True)
             log.info("Stopped worker %s.", node)
 
+    def failures(self) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for pidfile in self._pidfiles():
+            pid, node = read_pidfile(pidfile)
+            if not is_ours(pid, node):
+                service = pidfile.stem.rsplit("-", 1)[0]
+                found.setdefault(service, f"worker {node or pidfile.stem} exited: {last_error(pidfile.with_suffix('.log'))}")
+        return found
+
     def down(self) -> None:
         self._stop(self._pidfiles())
         self._state_file().unlink(missing_ok=True)
@@ -120,6 +129,18 @@ class LocalStack(Stack):
             raise StackError(f"no worker logs in {self.home}; start the stack with `make up`")
         cmd = ["tail", "-n", "50", *(["-F"] if follow else []), *files]
         os.execvp(cmd[0], cmd)
+
+
+def last_error(log_file: Path, tail_bytes: int = 16_384) -> str:
+    """The last `error: ...` line a worker wrote before it exited, else its last line."""
+    try:
+        with open(log_file, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+            lines = [line.strip() for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    except OSError:
+        return f"no log at {log_file}"
+    errors = [line for line in lines if line.startswith("error: ")]
+    return (errors or lines or ["its log is empty"])[-1]
 
 
 def _index_key(path: Path) -> int:

@@ -10,25 +10,25 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import Field, create_model
 
-from conveyor.settings.config import Config, Strict, read_yaml, validate
+from conveyor.settings.config import Config, Strict, load_config, read_yaml, validate
 from conveyor.errors import UsageError
 from conveyor.stack.base import Stack
-from conveyor.amqp.topology import QUEUES
 
 log = logging.getLogger(__name__)
 
-# A weights file: `queue_a: 3` and `queue_b: 1`; a queue left out weighs 1.
-WeightsFile = create_model("WeightsFile", __base__=Strict, **{q: (float, Field(1.0, gt=0)) for q in QUEUES})
-
-
-def load_weights(path: str | Path) -> dict[str, float]:
+def load_weights(path: str | Path, queues: Iterable[str] | None = None) -> dict[str, float]:
+    """A weights file: `queue_a: 3` and `queue_b: 1`, one key per queue of the config (default: the
+    default config's); a queue left out weighs 1."""
+    names = tuple(queues) if queues is not None else load_config().queues
+    weights_file = create_model("WeightsFile", __base__=Strict, **{q: (float, Field(1.0, gt=0)) for q in names})
     file = Path(path)
     data, root = read_yaml(file)
-    return validate(WeightsFile, data, root, file).model_dump()
+    return validate(weights_file, data, root, file).model_dump()
 
 
 def split(weights: dict[str, float], total: int) -> dict[str, int]:

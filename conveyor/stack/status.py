@@ -7,7 +7,7 @@ from typing import Any
 from conveyor.amqp import queues
 from conveyor.stack import control
 from conveyor.stack.base import Stack
-from conveyor.amqp.topology import DEAD_LETTER_QUEUE, QUEUES
+from conveyor.amqp.topology import DEAD_LETTER_QUEUE
 
 
 def collect(stack: Stack, ping_timeout_s: float = 1.0) -> dict[str, Any]:
@@ -24,7 +24,7 @@ def collect(stack: Stack, ping_timeout_s: float = 1.0) -> dict[str, Any]:
         }
         for svc in stack.config.services
     ]
-    stats = queues.stats(stack.app, [*QUEUES, DEAD_LETTER_QUEUE])
+    stats = queues.stats(stack.app, [*stack.config.queues, DEAD_LETTER_QUEUE])
     return {"backend": stack.name, "services": services, "queues": [q.as_dict() for q in stats]}
 
 

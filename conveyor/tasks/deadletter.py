@@ -41,7 +41,7 @@ def declare(app: Celery) -> None:
     with app.connection_for_write() as conn:
         channel = conn.default_channel
         dead_letter_queue(channel).declare()
-        for queue in work_queues(settings_of(app).config.queue_type):
+        for queue in work_queues(settings_of(app).config):
             queue(channel).declare()
 
 

@@ -23,9 +23,10 @@ class TransientTaskError(Exception):
 RETRYABLE = (TransientTaskError, SoftTimeLimitExceeded)
 
 
-def task_options(policy: RetryPolicy) -> dict[str, Any]:
+def task_options(policy: RetryPolicy, retry_on: tuple[type[BaseException], ...] = ()) -> dict[str, Any]:
+    """`retry_on`: a task type's own transient exceptions (its config's retry.retry_on), retried too."""
     return {
-        "autoretry_for": RETRYABLE,
+        "autoretry_for": RETRYABLE + tuple(retry_on),
         "max_retries": policy.max_retries,
         "retry_backoff": policy.backoff_s,
         "retry_backoff_max": policy.backoff_max_s,

@@ -1,5 +1,8 @@
 """task_a and task_b: simulated work whose failures are reproducible.
 
+They are task types like any other: test-config.yml declares them in its task_types (callables
+`conveyor.tasks.simulated:task_a` and `:task_b`), and conveyor/tasks/registry.py registers them.
+
 Parameters (all optional): `duration_s` how long to work, `fail_first` fail the first K attempts,
 `fail_probability` fail each attempt with probability p (deterministic for a given `seed` and
 attempt), `payload` a string sent along to load the broker. A failure is a TransientTaskError, which
@@ -11,17 +14,17 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from celery import Celery, Task
+from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 
 from conveyor.tasks import deadletter
 from conveyor.tasks.deadletter import DeadLettered
 from conveyor.tasks import retry
-from conveyor.settings.config import RetryPolicy, TimeLimit
 from conveyor.tasks.base import LifecycleTask
-from conveyor.amqp.topology import TASKS, TaskType
+from conveyor.seam.runtime_meta import RUNTIME_ATTR, STARTED_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +47,19 @@ class DeadLetteringTask(LifecycleTask):
     """
 
     abstract = True
+    # Measure each run for the result's metadata (conveyor/seam/runtime_meta.py): on for a user's task
+    # types, whose result is their own; the simulated ones report their time in their result.
+    measure_runtime: bool = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.measure_runtime:
+            started, started_at = time.perf_counter(), time.time()
         try:
-            return super().__call__(*args, **kwargs)
+            result = super().__call__(*args, **kwargs)
+            if self.measure_runtime:
+                setattr(self.request, RUNTIME_ATTR, round(time.perf_counter() - started, 6))
+                setattr(self.request, STARTED_ATTR, started_at)
+            return result
         except (Retry, Ignore, Reject):
             raise
         except Exception as exc:
@@ -71,7 +83,22 @@ def _check(name: str, value: Any, kind: type | tuple[type, ...], low: float | No
         raise InvalidTaskArguments(f"{name} must be between {low} and {high}, got {value!r}")
 
 
-def simulate(task: Task, spec: TaskType, duration_s: float | None = None, fail_first: int = 0,
+@dataclass(frozen=True)
+class Simulated:
+    """How one simulated type behaves by default."""
+
+    name: str
+    default_duration_s: float
+    message: str
+
+
+SIMULATED: dict[str, Simulated] = {
+    "task_a": Simulated("task_a", 0.1, "Hello from Task A"),
+    "task_b": Simulated("task_b", 0.2, "Hello from Task B"),
+}
+
+
+def simulate(task: Task, spec: Simulated, duration_s: float | None = None, fail_first: int = 0,
              fail_probability: float = 0.0, seed: int | None = None, payload: str = "") -> dict[str, Any]:
     duration_s = spec.default_duration_s if duration_s is None else duration_s
     _check("duration_s", duration_s, (int, float), 0, 3600)
@@ -88,11 +115,11 @@ def simulate(task: Task, spec: TaskType, duration_s: float | None = None, fail_f
     if duration_s:  # time.sleep(0) still gives up the CPU, which costs a no-op task a time slice
         time.sleep(duration_s)
     if attempt < fail_first:
-        raise SimulatedFailure(f"{spec.name} failed attempt {attempt + 1} on purpose (fail_first={fail_first})")
+        raise SimulatedFailure(f"{task.name} failed attempt {attempt + 1} on purpose (fail_first={fail_first})")
     if fail_probability and random.Random(f"{seed}:{attempt}").random() < fail_probability:
-        raise SimulatedFailure(f"{spec.name} failed attempt {attempt + 1} at random (p={fail_probability}, seed={seed})")
+        raise SimulatedFailure(f"{task.name} failed attempt {attempt + 1} at random (p={fail_probability}, seed={seed})")
     return {
-        "task": spec.name,
+        "task": task.name,
         "message": spec.message,
         "execution_time_s": round(time.perf_counter() - started, 6),
         "started_at": started_at,
@@ -102,27 +129,19 @@ def simulate(task: Task, spec: TaskType, duration_s: float | None = None, fail_f
     }
 
 
-def register(app: Celery, policy: RetryPolicy, time_limits: dict[str, TimeLimit] | None = None) -> dict[str, Task]:
-    """Define task_a and task_b on `app` with the retry policy and time limits from the config."""
-    registered = {}
-    for spec in TASKS.values():
-        limits = (time_limits or {}).get(spec.name)
-        registered[spec.name] = app.task(
-            _runner(spec), name=spec.name, bind=True, base=DeadLetteringTask, shared=False,
-            **retry.task_options(policy),
-            **({"soft_time_limit": limits.soft_s, "time_limit": limits.hard_s,
-                "timeout_retry_factor": limits.retry_factor} if limits else {}),
-        )
-    return registered
-
-
-def _runner(spec: TaskType):
+def _runner(spec: Simulated):
     # `upstream`: in a pipeline (a Celery chain) the previous stage's result, which Celery passes as
     # the first positional argument; the simulated work does not depend on it.
+    # Registered bound (Celery's bind=True, conveyor/tasks/registry.py): `self` is the task.
     def run(self: Task, upstream: Any = None, duration_s: float | None = None, fail_first: int = 0,
             fail_probability: float = 0.0, seed: int | None = None, payload: str = "") -> dict[str, Any]:
         return simulate(self, spec, duration_s, fail_first, fail_probability, seed, payload)
 
     run.__name__ = run.__qualname__ = spec.name
-    run.__doc__ = f"{spec.message!r} after {spec.default_duration_s} s of simulated work (routed to {spec.queue})."
+    run.__module__ = __name__
+    run.__doc__ = f"{spec.message!r} after {spec.default_duration_s} s of simulated work."
     return run
+
+
+task_a = _runner(SIMULATED["task_a"])
+task_b = _runner(SIMULATED["task_b"])
