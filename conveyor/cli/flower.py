@@ -48,9 +48,9 @@ def command(host: str, port: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m conveyor.cli.flower", description=__doc__.split("\n")[0])
-    parser.add_argument("--address", default=os.environ.get("FLOWER_ADDRESS", DEFAULT_HOST),
+    parser.add_argument("--address", default=environment.flower_address() or DEFAULT_HOST,
                         help="bind address (default 127.0.0.1: Flower can revoke tasks and stop workers, and has no login)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("FLOWER_PORT", DEFAULT_PORT)))
+    parser.add_argument("--port", type=int, default=int(environment.flower_port() or DEFAULT_PORT))
     args = parser.parse_args(argv)
     common.setup_logging(progress=True)
     console.run(lambda: _exec(args.address, args.port))
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
 def _exec(host: str, port: int) -> None:
     settings = environment.resolve()
     config = load_config()
-    env = {**os.environ, "FLOWER_BROKER_API": broker_api(settings)}
+    env = environment.inherited({"FLOWER_BROKER_API": broker_api(settings)})
     if not config.tuning.task_events:
         log.warning("tuning.task_events is off in %s: workers send no task events, so Flower will list the "
                     "workers but no tasks. Turn it on for Flower (docs/monitoring.md).", config.source or "the config")

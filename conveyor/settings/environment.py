@@ -196,3 +196,44 @@ def environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+# --- The process environment -------------------------------------------------------------------
+# conveyor reads its environment here and nowhere else (tests/test_layout.py checks): each variable
+# is named, defaulted and explained once. Functions elsewhere that take an `env` mapping (to be
+# testable with one of their own) default to PROCESS_ENV.
+PROCESS_ENV: Mapping[str, str] = os.environ
+LOG_LEVEL_ENV = "LOG_LEVEL"  # the CLIs' log level (WARNING by default)
+NODE_FILE_ENV = "CONVEYOR_NODE_FILE"  # where a replica writes its node name, for its healthcheck
+WORKER_SERVICE_ENV = "WORKER_SERVICE"  # the service a containerised replica serves
+WORKER_LOGLEVEL_ENV = "WORKER_LOGLEVEL"  # a worker's log level (INFO by default)
+CONFIG_ENV = "CONVEYOR_CONFIG"  # the config file (conveyor/settings/config.py reads it)
+
+
+def inherited(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child process (a worker, a broker node, Flower): this one's, with `extra` on top."""
+    return {**os.environ, **(extra or {})}
+
+
+def log_level() -> str | None:
+    return os.environ.get(LOG_LEVEL_ENV) or None
+
+
+def node_file() -> str | None:
+    return os.environ.get(NODE_FILE_ENV) or None
+
+
+def worker_service() -> str | None:
+    return os.environ.get(WORKER_SERVICE_ENV) or None
+
+
+def worker_loglevel() -> str:
+    return os.environ.get(WORKER_LOGLEVEL_ENV) or "INFO"
+
+
+def flower_address() -> str | None:
+    return os.environ.get("FLOWER_ADDRESS") or None  # `make flower`'s address (127.0.0.1 by default)
+
+
+def flower_port() -> str | None:
+    return os.environ.get("FLOWER_PORT") or None  # `make flower`'s port (5555 by default)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
 import subprocess
 from collections.abc import Mapping
@@ -32,6 +31,7 @@ from conveyor.console import say
 from conveyor.errors import BrokerError, StackError, UsageError
 from conveyor.stack import credentials
 from conveyor.stack.compose import BROKER_SERVICE, EMBEDDED_REFUSAL, broker_image, docker, project_name
+from conveyor.settings.environment import PROCESS_ENV
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class StackChoice:
                               "(or `make run`, which starts the stack for the run)")
 
 
-def requested_backend(requested: str | None = None, env: Mapping[str, str] = os.environ) -> str:
+def requested_backend(requested: str | None = None, env: Mapping[str, str] = PROCESS_ENV) -> str:
     """compose, local, or "" for the automatic choice."""
     name = (requested or env.get(STACK_ENV) or "").strip().lower()
     if name == "auto":
@@ -72,7 +72,7 @@ def requested_backend(requested: str | None = None, env: Mapping[str, str] = os.
     return name
 
 
-def choose(requested: str | None = None, env: Mapping[str, str] = os.environ) -> StackChoice:
+def choose(requested: str | None = None, env: Mapping[str, str] = PROCESS_ENV) -> StackChoice:
     """Decide for this machine, as it is now (see the module's table). Every command may pull the
     broker image: the first command that finds it missing fetches it (once), and one that cannot
     reach a registry fails at once, so all of them decide alike."""

@@ -44,6 +44,7 @@ from conveyor.stack import credentials
 from conveyor.stack import compose_override
 from conveyor.stack.base import Replica, Stack
 from conveyor.settings.context import settings_of
+from conveyor.settings.environment import PROCESS_ENV, inherited
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def compose_command() -> tuple[str, ...]:
     raise StackError("neither `docker compose` nor `docker-compose` is installed; install Docker Compose or use STACK=local")
 
 
-def project_name(env: Mapping[str, str] = os.environ) -> str:
+def project_name(env: Mapping[str, str] = PROCESS_ENV) -> str:
     """The project name as compose itself normalises it, which is also the value of its container labels."""
     raw = env.get(PROJECT_ENV, "").strip() or DEFAULT_PROJECT
     name = re.sub(r"[^-_a-z0-9]", "", raw.lower())
@@ -94,11 +95,11 @@ def project_name(env: Mapping[str, str] = os.environ) -> str:
     return name
 
 
-def broker_image(env: Mapping[str, str] = os.environ) -> str:
+def broker_image(env: Mapping[str, str] = PROCESS_ENV) -> str:
     return env.get(BROKER_IMAGE_ENV, "").strip() or DEFAULT_BROKER_IMAGE
 
 
-def compose_files(own_broker: bool, env: Mapping[str, str] = os.environ) -> list[Path]:
+def compose_files(own_broker: bool, env: Mapping[str, str] = PROCESS_ENV) -> list[Path]:
     """COMPOSE_FILES if set. Otherwise the host-network file whenever the app has a broker of its
     own, on this machine or another: containers on the host network reach it exactly as the host
     does, so workers on several hosts all join the one broker. docker-compose.yml, which brings its
@@ -141,7 +142,7 @@ class ComposeStack(Stack):
     # --- running compose ---------------------------------------------------------------
     def _env(self) -> dict[str, str]:
         """What the compose files interpolate: the app's own broker settings and config file."""
-        env = {**os.environ, **self.settings.worker_env(), PROJECT_ENV: self.project}
+        env = inherited({**self.settings.worker_env(), PROJECT_ENV: self.project})
         if self.own_broker:
             env.update(credentials.ensure(self.project).compose_env())
             env[BROKER_IMAGE_ENV] = broker_image()

@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 from conveyor.settings.environment import run_dir
 from conveyor.errors import StackError
+from conveyor.settings.environment import PROCESS_ENV
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +38,17 @@ class BrokerCredentials:
         """What docker-compose.yml interpolates for its broker and workers."""
         return {USER_ENV: self.user, PASSWORD_ENV: self.password}
 
-    def url(self, env: Mapping[str, str] = os.environ) -> str:
+    def url(self, env: Mapping[str, str] = PROCESS_ENV) -> str:
         """How this machine reaches the compose broker: the port docker-compose.yml publishes on loopback."""
         port = env.get(PORT_ENV, "").strip() or "5672"
         return f"amqp://{quote(self.user, safe='')}:{quote(self.password, safe='')}@127.0.0.1:{port}//"
 
 
-def path(project: str, env: Mapping[str, str] = os.environ) -> Path:
+def path(project: str, env: Mapping[str, str] = PROCESS_ENV) -> Path:
     return run_dir(env) / "compose" / f"{project}-broker.env"
 
 
-def load(project: str, env: Mapping[str, str] = os.environ) -> BrokerCredentials | None:
+def load(project: str, env: Mapping[str, str] = PROCESS_ENV) -> BrokerCredentials | None:
     """The credentials in use for the project's broker, or None when none were made yet."""
     user, password = env.get(USER_ENV, "").strip(), env.get(PASSWORD_ENV, "").strip()
     if user and password:
@@ -66,7 +67,7 @@ def load(project: str, env: Mapping[str, str] = os.environ) -> BrokerCredentials
     return BrokerCredentials(values[USER_ENV], values[PASSWORD_ENV], str(file))
 
 
-def ensure(project: str, env: Mapping[str, str] = os.environ) -> BrokerCredentials:
+def ensure(project: str, env: Mapping[str, str] = PROCESS_ENV) -> BrokerCredentials:
     """The project's credentials, generated (once) when there are none yet."""
     found = load(project, env)
     if found:

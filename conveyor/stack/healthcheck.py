@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
-from conveyor.stack.launcher import NODE_FILE_ENV
+from conveyor.settings import environment
+from conveyor.settings.environment import NODE_FILE_ENV
 
 log = logging.getLogger(__name__)
 
 
 def node_from_file(path: str | None = None) -> str:
-    file = path or os.environ.get(NODE_FILE_ENV)
+    file = path or environment.node_file()
     if not file:
         raise LookupError(f"{NODE_FILE_ENV} is not set, so there is no node name to ping")
     try:

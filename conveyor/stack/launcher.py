@@ -15,9 +15,9 @@ import sys
 import uuid
 from pathlib import Path
 
+from conveyor.settings import environment
 from conveyor.settings.config import ServiceConfig, load_config
 
-NODE_FILE_ENV = "CONVEYOR_NODE_FILE"
 
 
 def node_name(service: str, suffix: str | None = None) -> str:
@@ -54,22 +54,22 @@ def recycling(service: ServiceConfig) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m conveyor.stack.launcher", description=__doc__.splitlines()[0])
-    parser.add_argument("--service", default=os.environ.get("WORKER_SERVICE"), required="WORKER_SERVICE" not in os.environ)
+    parser.add_argument("--service", default=environment.worker_service(), required=environment.worker_service() is None)
     parser.add_argument("--node", help="full Celery node name (default: SERVICE-<random>@HOST)")
     parser.add_argument("--config", help="config file (default: CONVEYOR_CONFIG or test-config.yml)")
-    parser.add_argument("--loglevel", default=os.environ.get("WORKER_LOGLEVEL", "INFO"))
+    parser.add_argument("--loglevel", default=environment.worker_loglevel())
     args = parser.parse_args(argv)
     from conveyor.console import run
 
     def start() -> None:
         service = load_config(args.config).service(args.service)
         node = args.node or node_name(service.name)
-        if os.environ.get(NODE_FILE_ENV):
-            Path(os.environ[NODE_FILE_ENV]).write_text(node + "\n")
-        if args.config:
-            os.environ["CONVEYOR_CONFIG"] = str(Path(args.config).resolve())
+        if environment.node_file():
+            Path(environment.node_file()).write_text(node + "\n")
+        # The worker (celery_app) loads the same config file: --config travels as CONVEYOR_CONFIG.
+        extra = {environment.CONFIG_ENV: str(Path(args.config).resolve())} if args.config else {}
         cmd = command(service, node, args.loglevel)
-        os.execv(cmd[0], cmd)
+        os.execve(cmd[0], cmd, environment.inherited(extra))
 
     run(start)
 

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from conveyor.settings import environment
 from conveyor.settings.environment import PROJECT_ROOT, run_dir
 from conveyor.settings.config import ServiceConfig
 from conveyor.errors import StackError
@@ -74,7 +75,7 @@ class LocalStack(Stack):
         self.home.mkdir(parents=True, exist_ok=True)
         stem = f"{service.name}-{index}"
         node = f"{stem}@{socket.gethostname()}"
-        env = {**os.environ, **settings_of(self.app).broker.worker_env(), "PYTHONUNBUFFERED": "1"}
+        env = environment.inherited({**settings_of(self.app).broker.worker_env(), "PYTHONUNBUFFERED": "1"})
         if self.config.source:
             env["CONVEYOR_CONFIG"] = str(self.config.source)
         cmd = [sys.executable, "-m", "conveyor.stack.launcher", "--service", service.name, "--node", node]
