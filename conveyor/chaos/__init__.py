@@ -8,6 +8,7 @@
     sweep.py   removing what runs killed outright left behind
 
 The ledger the workers write during a run is conveyor/lifecycle/ledger.py. Reference: docs/reliability.md.
+May import: conveyor.loadtest and every layer below it (not conveyor.cli).
 """
 
 from conveyor.chaos.run import ChaosOptions, ChaosRun

@@ -5,4 +5,5 @@ Records are written by the processes where transitions happen, through Celery's 
 host and in containers), else a SQLite file in the run directory (records.py, broker.records_url).
 The operator's commands are `python -m conveyor tasks ...` and `python -m conveyor dlq ...`
 (conveyor/__main__.py); docs/tasks.md is the reference.
+May import: conveyor.tasks, conveyor.seam, conveyor.amqp, conveyor.settings and the root modules.
 """

@@ -3,8 +3,9 @@
 accounting: per task type totals, latency and runtime from events; listener: the event stream;
 snapshot: one dict of everything; collector: the Monitor that samples and emits on a schedule;
 metrics: every Prometheus metric's name, labels and buckets (the Celery exporter's where they mean
-the same); prometheus / influx: the two exporters; dashboard: the rich terminal view; flower:
-`make flower`.
+the same); prometheus / influx: the two exporters; dashboard: the rich terminal view. (`make
+flower` is conveyor/cli/flower.py.)
+May import: conveyor.stack and the layers below it; not conveyor.dispatch, its sibling.
 """
 
 from conveyor.monitor.collector import Monitor

@@ -1,6 +1,8 @@
-"""Tasks: the task definitions, the retry policy handed to Celery's autoretry, and the dead-letter
-queue (how a task that failed for good gets there, and how to read and requeue it).
+"""Tasks: their states (states.py), the base class every task has (base.py: escalating time limits,
+retries announced on a signal), the simulated types and the registry of the config's own, the
+retry policy handed to Celery's autoretry, and the dead-letter queue (how a task that failed for
+good gets there, and how to read and requeue it).
 
-May import: conveyor.lifecycle's task base class, conveyor.seam, conveyor.amqp, conveyor.settings,
-conveyor.errors.
+May import: conveyor.seam, conveyor.amqp, conveyor.settings and the root modules; not
+conveyor.lifecycle, which is above it (it receives the signals this layer sends).
 """
