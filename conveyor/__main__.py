@@ -20,7 +20,7 @@ from dataclasses import asdict
 from conveyor.cli import common
 from conveyor.tasks import deadletter
 from conveyor.errors import UsageError
-from conveyor.lifecycle import commands, records, render
+from conveyor.lifecycle import commands, render, stores
 from conveyor.tasks.states import RECORD_STATES, TaskState
 from conveyor import console
 from conveyor.stack import open_app
@@ -80,7 +80,7 @@ def run_tasks(app, args) -> int:
         if args.limit < 1:
             raise UsageError(f"--limit must be 1 or more, got {args.limit}")
         since = commands.parse_since(args.since) if args.since else None
-        found = records.require_store(app).query(tuple(args.status or ()), args.name, since, args.limit)
+        found = stores.require_store(app).query(tuple(args.status or ()), args.name, since, args.limit)
         print(json.dumps([r.as_dict() for r in found], indent=2) if args.json else render.table(found))
     elif args.command == "show":
         record = commands.find(app, args.id)

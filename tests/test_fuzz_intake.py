@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from kombu import Connection, Exchange, Producer, Queue
 
 from helpers import ROOT
-from conveyor.lifecycle import records
+from conveyor.lifecycle import stores
 from conveyor.seam.intake import HEADERS
 from conveyor.tasks import deadletter
 
@@ -68,7 +68,7 @@ class Harness:
         self.seq = 0
         self.ran: set[int] = set()
         self.dead: set[int] = set()
-        self.store = records.store_for(self.app, keep_writes=False)
+        self.store = stores.store_for(self.app, keep_writes=False)
 
     def publish(self, body: bytes, headers: dict, content_type: str, content_encoding: str, task_id: Any) -> int | None:
         self.seq += 1

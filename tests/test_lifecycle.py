@@ -17,7 +17,7 @@ from conveyor.tasks import deadletter
 from conveyor.amqp import queues
 from conveyor.settings.config import TaskSpec
 from conveyor.dispatch.dispatcher import dispatch
-from conveyor.lifecycle import records
+from conveyor.lifecycle import records, stores
 from conveyor.tasks.states import TaskState
 from conveyor.lifecycle.unique import Dispatched, send_unique
 from conveyor.tasks.deadletter import DeadLettered
@@ -52,7 +52,7 @@ def stack(rabbitmq_url, tmp_path_factory):
 
 @pytest.fixture
 def store(stack):
-    return records.require_store(stack.app)
+    return stores.require_store(stack.app)
 
 
 def settled(store, task_id: str, status: str, timeout_s: float = 20) -> records.Record:

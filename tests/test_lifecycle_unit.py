@@ -18,7 +18,7 @@ from helpers import ROOT, listening, unavailable
 from conveyor.settings import environment
 from conveyor.settings.config import Config, TimeLimit, load_config
 from conveyor.errors import ConfigError, UsageError
-from conveyor.lifecycle import commands, records
+from conveyor.lifecycle import commands, records, stores
 from conveyor.tasks.states import TaskState
 from conveyor.lifecycle.redis_store import RedisStore
 from conveyor.lifecycle.sqlite_store import SqliteStore
@@ -170,14 +170,14 @@ def test_records_url_resolution(tmp_path):
 
 
 def test_open_store_and_namespaces(tmp_path):
-    assert records.open_store("off") is None
-    sqlite = records.open_store(f"sqlite:///{tmp_path / 'r.sqlite3'}")
+    assert stores.open_store("off") is None
+    sqlite = stores.open_store(f"sqlite:///{tmp_path / 'r.sqlite3'}")
     assert isinstance(sqlite.inner, SqliteStore) and sqlite.inner.path == tmp_path / "r.sqlite3"
     with pytest.raises(ConfigError, match="none of redis://"):
-        records.open_store("mysql://nope")
-    assert records.namespace("amqp://guest:guest@127.0.0.1:5672/conveyor-test-1") == "conveyor-test-1"
-    assert records.namespace("amqp://guest:guest@127.0.0.1:5672//") == "default"
-    assert records.namespace("filesystem://localhost/") == "embedded"
+        stores.open_store("mysql://nope")
+    assert stores.namespace("amqp://guest:guest@127.0.0.1:5672/conveyor-test-1") == "conveyor-test-1"
+    assert stores.namespace("amqp://guest:guest@127.0.0.1:5672//") == "default"
+    assert stores.namespace("filesystem://localhost/") == "embedded"
 
 
 def test_an_unreachable_redis_is_one_clear_error():

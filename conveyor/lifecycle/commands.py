@@ -12,7 +12,7 @@ from celery import Celery
 
 from conveyor.tasks import deadletter
 from conveyor.errors import UsageError
-from conveyor.lifecycle import records
+from conveyor.lifecycle import stores
 from conveyor.lifecycle.records import Record, now
 from conveyor.tasks.states import TaskState
 from conveyor.lifecycle.signals import REQUEUED_HEADER
@@ -35,7 +35,7 @@ def parse_since(text: str) -> float:
 
 
 def find(app: Celery, task_id: str) -> Record:
-    record = records.require_store(app).get(task_id)
+    record = stores.require_store(app).get(task_id)
     if record is None:
         raise UsageError(f"no record of task {task_id}; `python -m conveyor tasks list` shows the recent ones")
     return record
@@ -43,7 +43,7 @@ def find(app: Celery, task_id: str) -> Record:
 
 def revoke(app: Celery, task_id: str, terminate: bool = False) -> str:
     """Revoke through Celery's remote control and in the record store; returns what will happen."""
-    store = records.require_store(app)
+    store = stores.require_store(app)
     record = find(app, task_id)
     if not record.active:
         raise UsageError(f"task {task_id} is already {TaskState.parse(record.status).label}; there is nothing to revoke")
@@ -94,7 +94,7 @@ def requeue(app: Celery, task_ids: Iterable[str] | None) -> list[deadletter.Dead
 def purge(app: Celery) -> list[deadletter.DeadLetter]:
     """Remove every message from the dead-letter queue, noting it in each task's record."""
     gone = deadletter.drain(app, limit=sys.maxsize)
-    store = records.store_for(app)
+    store = stores.store_for(app)
     if store is not None:
         for letter in gone:
             if letter.task_id:

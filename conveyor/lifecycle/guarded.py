@@ -18,7 +18,7 @@ reads one, is_revoked, before each run). Through GuardedStore:
 
 Reads made for operators (get, query) and unique-key claims fail at once while the breaker is open,
 with a RecordStoreError the CLIs print on one line; so do the writes of a store opened without
-`keep_writes` (records.require_store, for operators' commands: a process about to exit must not
+`keep_writes` (stores.require_store, for operators' commands: a process about to exit must not
 keep a revoke in a backlog it would lose).
 """
 

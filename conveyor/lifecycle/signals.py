@@ -27,7 +27,7 @@ from celery.signals import before_task_publish, task_failure, task_prerun, task_
 
 from conveyor.errors import RecordStoreError
 from conveyor.amqp.topology import DEAD_LETTER_QUEUE
-from conveyor.lifecycle import records
+from conveyor.lifecycle import stores
 from conveyor.lifecycle.records import now
 from conveyor.tasks.states import TaskState
 from conveyor.settings.context import settings_of
@@ -74,7 +74,7 @@ def describe_error(exc: BaseException | None, soft: float | None = None) -> str 
 def _published(sender: str | None = None, headers: dict | None = None, routing_key: str | None = None,
                **_: Any) -> None:
     headers = headers or {}
-    store = records.store_for(current_app)
+    store = stores.store_for(current_app)
     if store is None or "id" not in headers:
         return
     task_id = headers["id"]
@@ -99,7 +99,7 @@ def _published(sender: str | None = None, headers: dict | None = None, routing_k
 
 @_best_effort
 def _started(sender: Task | None = None, task_id: str | None = None, **_: Any) -> None:
-    store = records.store_for(sender.app)
+    store = stores.store_for(sender.app)
     if store is None or sender.request.called_directly:
         return
     request = sender.request
@@ -114,7 +114,7 @@ def record_retry(sender: Task | None = None, exc: BaseException | None = None, w
                  soft: float | None = None, hard: float | None = None, note: str = "", **_: Any) -> None:
     """Received from LifecycleTask.retry (retry_scheduled) just before it publishes the retry."""
     task = sender
-    store = records.store_for(task.app)
+    store = stores.store_for(task.app)
     if store is None:
         return
     request = task.request
@@ -129,7 +129,7 @@ def record_retry(sender: Task | None = None, exc: BaseException | None = None, w
 
 @_best_effort
 def _succeeded(sender: Task | None = None, **_: Any) -> None:
-    store = records.store_for(sender.app)
+    store = stores.store_for(sender.app)
     if store is None or sender.request.called_directly:
         return
     attempt = (sender.request.retries or 0) + 1
@@ -141,7 +141,7 @@ def _succeeded(sender: Task | None = None, **_: Any) -> None:
 def _failed(sender: Task | None = None, task_id: str | None = None, exception: BaseException | None = None,
             **_: Any) -> None:
 
-    store = records.store_for(sender.app)
+    store = stores.store_for(sender.app)
     if store is None or isinstance(exception, DeadLettered):
         return  # dead-lettered: recorded when it was published to the dead-letter queue
     if isinstance(exception, TimeLimitExceeded):
@@ -157,7 +157,7 @@ def _failed(sender: Task | None = None, task_id: str | None = None, exception: B
 @_best_effort
 def _revoked(sender: Task | None = None, request: Any = None, terminated: bool = False, signum: Any = None,
              expired: bool = False, **_: Any) -> None:
-    store = records.store_for(sender.app)
+    store = stores.store_for(sender.app)
     if store is None or request is None:
         return
     if terminated:
@@ -172,7 +172,7 @@ def _revoked(sender: Task | None = None, request: Any = None, terminated: bool =
 def _revoked_in_store(sender: Task | None = None, task_id: str | None = None, **_: Any) -> bool:
     """Asked by the worker's request (conveyor.seam.request) before a task runs: was it revoked?"""
     try:
-        store = records.store_for(sender.app)
+        store = stores.store_for(sender.app)
         return store is not None and store.is_revoked(task_id)
     except Exception as exc:  # noqa: BLE001  (runs in the worker's consumer: fail open, the task runs)
         log.warning("Could not check whether task %s was revoked, so it runs: %s.", task_id, exc)

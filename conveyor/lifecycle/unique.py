@@ -16,7 +16,7 @@ from typing import Any
 
 from celery import Celery, uuid
 
-from conveyor.lifecycle import records
+from conveyor.lifecycle import stores
 from conveyor.tasks.states import TaskState
 from conveyor.lifecycle.signals import UNIQUE_HEADER
 
@@ -32,7 +32,7 @@ class Dispatched:
 def send_unique(app: Celery, name: str, unique_key: str, args: Any = None, kwargs: dict[str, Any] | None = None,
                 **options: Any) -> Dispatched:
     """app.send_task, unless a task with `unique_key` is active; options go to send_task as they are."""
-    store = records.require_store(app)
+    store = stores.require_store(app)
     task_id = options.pop("task_id", None) or uuid()
     holder = store.claim(unique_key, task_id, name)
     if holder != task_id:

@@ -13,7 +13,7 @@ from conveyor.lifecycle import ledger
 from conveyor.seam import inbound, rpc_backend, trace
 from conveyor.seam.consumer import body_limit
 from conveyor.tasks import registry
-from conveyor.lifecycle import records, signals as record_signals
+from conveyor.lifecycle import signals as record_signals, stores
 from conveyor.settings.config import Config, load_config
 from conveyor.amqp.topology import routes, work_queues
 from conveyor.settings.context import Settings, attach, settings_of
@@ -70,7 +70,7 @@ def create_app(config: Config | None = None, settings: environment.BrokerSetting
     inbound.install(body_limit(max(config.payload_limit(t.name) for t in config.task_types)))
     attach(app, Settings(config, settings, config.tuning.fast_paths and environment.fast_paths_allowed(), choice))
     registry.register(app, config)
-    if settings.records_url not in records.OFF:
+    if settings.records_url not in stores.OFF:
         record_signals.connect()
     ledger.attach_from_env()
     return app
