@@ -43,7 +43,7 @@ from conveyor.runtime.app import create_app  # noqa: E402
 from conveyor.settings.config import load_config  # noqa: E402
 from conveyor.errors import ConveyorError, StackError, UsageError  # noqa: E402
 from conveyor.loadtest.metrics import summarize  # noqa: E402
-from conveyor.loadtest.publisher import BatchPublisher  # noqa: E402
+from conveyor.seam.publisher import Publisher  # noqa: E402
 from conveyor.loadtest.runner import Options, Runner  # noqa: E402
 from conveyor.loadtest.scenario import Plan, Scenario  # noqa: E402
 from conveyor.stack.local import LocalStack  # noqa: E402
@@ -163,7 +163,7 @@ def dispatcher_cost(config_file: Path, n: int) -> dict[str, Any]:
 
         deadletter.declare(app)
         kwargs = {"duration_s": 0}
-        with BatchPublisher(app) as pub:
+        with Publisher(app) as pub:
             def send(_producer: Any) -> str:
                 return pub.send_task("task_a", kwargs, repr(kwargs))
 

@@ -145,6 +145,9 @@ class Tuning(Strict):
     result_confirms: bool = Field(True, description=(
         "workers wait for the broker's confirm of each rpc:// result before acknowledging the task; "
         "off, a broker crash in between can lose a result (never the task), docs/reliability.md"))
+    fast_paths: bool = Field(True, description=(
+        "take the seam's fast paths around Celery/kombu/py-amqp (conveyor/seam/__init__.py lists them); "
+        "off, every publish goes through kombu's public Producer.publish"))
 
 
 class Config(Strict):
@@ -163,6 +166,7 @@ class Config(Strict):
     queue_type: Literal["classic", "quorum"] = "classic"
     heartbeat_s: float = Field(30.0, ge=0, le=3600, description="worker-broker heartbeat; a silent peer is dropped after about twice this; 0: off")
     publish_retry_s: float = Field(30.0, ge=0, le=3600, description="how long a publish retries a broker that is away before it fails")
+    confirm_timeout_s: float = Field(30.0, gt=0, le=3600, description="the longest wait for the broker's confirm of a publish")
     monitoring: Monitoring = Monitoring()
     tuning: Tuning = Tuning()
     time_limits: dict[Literal[tuple(TASKS)], TimeLimit] = Field(default_factory=dict)  # type: ignore[valid-type]

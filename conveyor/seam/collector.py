@@ -1,8 +1,9 @@
-"""Collecting results: each task's final state, handed to a callback as (task id, status, value).
+"""The one result collector, for dispatch.py and the load tester: each task's final state, handed to a
+callback as (task id, status, value), with a deadline on every wait.
 
-Three ways, by result backend:
+Three ways, by result backend (`collector_for` picks one):
 
-- rpc:// (`ReplyQueue`): the load tester reads its reply queue itself. Celery's own result consumer
+- rpc:// (`ReplyQueue`): the caller reads its reply queue itself. Celery's own result consumer
   (`AsyncResult.then`) runs a promise chain, a state-change handler and a `sleep(0)` per message:
   profiled, that was a third of the caller's CPU at saturation, and the caller shares the machine's
   cores with the workers and the broker. Every result of ours comes to that queue (the rpc backend
@@ -14,7 +15,13 @@ Three ways, by result backend:
 
 Values are as the backend stores them: a failure's value is its exception in serialized form
 (`exc_type`, `exc_message`) for `ReplyQueue`, an exception instance for the others;
-`conveyor.dispatch.fill_outcome` reads both.
+`conveyor.dispatch.dispatcher.fill_outcome` reads both.
+
+Uses of Celery/kombu internals (checked against celery 5.7.0, kombu 5.7.0): `ReplyQueue` consumes
+the rpc backend's own reply queue (`RPCBackend.binding`) with a kombu Consumer of its own, in place
+of Celery's result consumer (`AsyncResult.then`, `ResultSet.iter_native`), and reads the result
+meta as the backend publishes it (`status`, `result`, `task_id`). `Pushed` drives
+`app.backend.result_consumer.drain_events` with a timeout.
 """
 
 from __future__ import annotations
@@ -137,9 +144,12 @@ class Polled:
         pass
 
 
-def watcher_for(app: Celery, on_result: OnResult, connection: Any) -> ReplyQueue | Pushed | Polled:
+Collector = ReplyQueue | Pushed | Polled
+
+
+def collector_for(app: Celery, on_result: OnResult, connection: Any) -> Collector:
     """The way to collect `app`'s results; `connection` is the publisher's (rpc:// shares it)."""
-    if isinstance(app.backend, RPCBackend) and not app.conveyor_broker.embedded:
+    if isinstance(app.backend, RPCBackend) and connection.transport.driver_type == "amqp":
         return ReplyQueue(app, on_result, connection)
     if isinstance(app.backend, AsyncBackendMixin):
         return Pushed(app, on_result)
