@@ -26,8 +26,9 @@ Uses of Celery/kombu/py-amqp internals (checked against celery 5.7.0, kombu 5.7.
   unread and pairs every later confirm with the wrong message.
 - py-amqp `channel.events["basic_ack"]`/`["basic_nack"]`: confirms read as they arrive. Replaces:
   `basic_publish_confirm`, a round trip per message.
-- py-amqp's `transport._write` swapped while a Publisher publishes (fast path): the frames of a
-  batch gathered into a few large writes. Replaces: a sendall per frame (15 % of the sender's time).
+- py-amqp's `transport._write` swapped while a Publisher's channel publishes (fast path; the
+  channel's `basic_publish` wrapped to do it): the frames of a batch gathered into a few large
+  writes. Replaces: a sendall per frame (15 % of the sender's time).
 - `frames.write_publish` (fast path): basic.publish frames written straight to the frame writer.
   Replaces: `channel.basic_publish`'s per-message argument encoding and socket poll.
 - `Publisher.send_task` (fast path) re-implements `app.send_task` with `app.amqp.as_task_v2` and
@@ -254,6 +255,8 @@ class Publisher:
             if self.fast_paths:
                 self._transport = self.connection.connection.transport
                 self._write_now = self._transport._write
+                basic_publish = self.channel.basic_publish
+                self.channel.basic_publish = lambda *args, **kwargs: self._gathering(basic_publish, *args, **kwargs)
         self.producer = producer_class(self.app)(self.channel, auto_declare=False, on_return=self._on_return,
                                                  wrap=self._publish_counted)
         self._routes: dict[str, tuple[str, str, int, bytes]] = {}
@@ -315,14 +318,16 @@ class Publisher:
 
     def _counted(self, identity: str | None, publish: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         self._tag += 1
-        if not self.confirms:
-            return publish(*args, **kwargs)
-        self._unsettled.add(self._tag)
-        if identity is not None:
-            self._tag_of[identity] = self._tag
-            self._id_of[self._tag] = identity
-        if self._transport is None:
-            return publish(*args, **kwargs)
+        if self.confirms:
+            self._unsettled.add(self._tag)
+            if identity is not None:
+                self._tag_of[identity] = self._tag
+                self._id_of[self._tag] = identity
+        return publish(*args, **kwargs)
+
+    def _gathering(self, publish: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Publish with the frames gathered rather than written (fast path). Only the publish itself:
+        a declaration on the way (a task-sent event's exchange) is written at once and awaited."""
         self._transport._write = self._gather
         try:
             return publish(*args, **kwargs)
@@ -361,7 +366,7 @@ class Publisher:
         message = self.channel.prepare_message(data, 0, content_type, content_encoding, headers,
                                                dict(properties, delivery_mode=delivery_mode))
         # Without basic_publish's per-message extras (conveyor/seam/frames.py): flush() reads the socket.
-        self._counted(task_id, frames.write_publish, self.channel, publish_args, message)
+        self._counted(task_id, self._gathering, frames.write_publish, self.channel, publish_args, message)
         if after_task_publish.receivers:
             after_task_publish.send(sender=name, body=body, headers=headers, exchange=exchange, routing_key=routing_key)
         return task_id

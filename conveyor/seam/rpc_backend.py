@@ -13,6 +13,9 @@ Results go out on connections that wait for the broker's confirm of every publis
 its late ack. With `result_confirms: false` they go out without confirms instead; the dead-letter
 publishes keep theirs (conveyor/tasks/deadletter.py uses the app's pool).
 
+A confirm is awaited for at most `confirm_timeout_s` (a broker under an alarm stops confirming);
+a publish that times out goes the retrying way below, on a new connection.
+
 Each worker thread keeps a producer of its own and publishes a result straight on its channel.
 Celery checks a producer out of a pool and publishes through kombu's retrying wrapper for every
 result: 37 % of a solo worker's samples went to storing a no-op result, the pool checkout 8 % and
@@ -41,7 +44,7 @@ from kombu import Producer
 from kombu.pools import ProducerPool
 from kombu.serialization import dumps
 
-from conveyor.seam import frames
+from conveyor.seam import frames, publisher
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +143,10 @@ class RPCBackend(CeleryRPCBackend):
         # As kombu's Producer.publish builds it: no headers, priority 0, these two properties.
         message = channel.prepare_message(body, 0, content_type, content_encoding, {},
                                           {"correlation_id": correlation_id, "delivery_mode": self.delivery_mode})
-        if held.confirms:  # basic_publish waits for the confirm
-            channel.basic_publish(message, exchange=self.exchange.name, routing_key=routing_key)
+        if held.confirms:  # basic_publish waits for the confirm: for at most confirm_timeout_s
+            deadline_s = publisher.confirm_timeout_s(self.app)
+            channel.basic_publish(message, exchange=self.exchange.name, routing_key=routing_key,
+                                  timeout=deadline_s, confirm_timeout=deadline_s)
             return
         now = time.monotonic()
         if now >= held.next_poll:
