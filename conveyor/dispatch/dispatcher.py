@@ -23,7 +23,7 @@ from conveyor.tasks import deadletter
 from conveyor.settings.config import Config, TaskSpec
 from conveyor.errors import BrokerError, PublishInterrupted
 from conveyor.seam.collector import Collector, collector_for
-from conveyor.seam.publisher import Publisher
+from conveyor.seam.publisher import Publisher, kwargs_repr
 from conveyor.lifecycle import unique
 from conveyor.tasks.simulated import DeadLettered
 from conveyor.amqp.topology import TASKS
@@ -129,12 +129,14 @@ class _Sending:
         self.outcomes: list[TaskOutcome] = []
         self.by_id: dict[str, TaskOutcome] = {}
         self.confirmed = 0
+        self.pending = 0  # sent, neither refused nor finished
 
     def on_result(self, task_id: str, status: str, value: Any) -> None:
         outcome = self.by_id.get(task_id)
         if outcome is None or outcome.state != states.PENDING:
             return
         fill_outcome(outcome, {"status": status, "result": value})
+        self.pending -= 1
         if self.on_done:
             self.on_done(outcome)
 
@@ -146,15 +148,12 @@ class _Sending:
         for task_id in (getattr(r, "id", r) for r in refused):
             outcome = self.by_id.pop(task_id, None)  # no result will come: the broker never stored it
             if outcome is not None and outcome.state == states.PENDING:
+                self.pending -= 1
                 outcome.state = REFUSED
                 outcome.error = "refused by the broker (nacked, or returned: no queue took it); not sent"
         if unique_ids:
             unique.release_refused(self.app, unique_ids)
         log.error("The broker refused %d task(s): they were not sent.", len(refused))
-
-    @property
-    def pending(self) -> int:
-        return sum(o.state == states.PENDING for o in self.by_id.values())
 
 
 def send_all(pub: Publisher, collector: Collector, config: Config, sending: _Sending) -> None:
@@ -176,10 +175,11 @@ def send_all(pub: Publisher, collector: Collector, config: Config, sending: _Sen
                     continue
                 task_id = done.id
             else:
-                task_id = pub.publish(lambda _producer: pub.send_task(spec.task, kwargs))
+                task_id = pub.publish(lambda _producer: pub.send_task(spec.task, kwargs, kwargs_repr(kwargs)))
             outcome = TaskOutcome(spec.task, task_id, queue, sent_at=time.monotonic())
             sending.outcomes.append(outcome)
             sending.by_id[task_id] = outcome
+            sending.pending += 1
             collector.watch(task_id)
             if len(sending.outcomes) % BATCH == 0:
                 sending.settle(*pub.flush(in_flight=BATCH))

@@ -25,7 +25,7 @@ from conveyor.dispatch.dispatcher import TaskOutcome, fill_outcome
 from conveyor.amqp.topology import TASKS
 from conveyor.loadtest.metrics import PENDING, SUCCESS, Record, RunStats, Stage
 from conveyor.seam.collector import IDLE_WAIT_S, collector_for
-from conveyor.seam.publisher import Publisher
+from conveyor.seam.publisher import Publisher, kwargs_repr
 from conveyor.loadtest.scenario import Job, Plan, Scenario
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class Runner:
         record = Record(job.index, job.type, time.time(), [])
         if len(job.steps) == 1:
             name, kwargs = job.steps[0]
-            ids = [pub.send_task(name, kwargs, _kwargsrepr(kwargs))]
+            ids = [pub.send_task(name, kwargs, kwargs_repr(kwargs))]
         else:
             # A Celery chain: each stage's result becomes the next stage's first argument.
             stages = chain(*(self.app.signature(name, kwargs=kwargs) for name, kwargs in job.steps))
@@ -226,7 +226,3 @@ class Runner:
         return Progress(now - start, self.plan.total, len(self.records), self._done, self._failed,
                         len(self.records) - self._done, len(self._recent) / span, paused)
 
-
-def _kwargsrepr(kwargs: dict[str, Any]) -> str:
-    """What Celery's saferepr would show of a load-test task's arguments, payload abbreviated."""
-    return repr({k: f"<{len(v)} characters>" if k == "payload" else v for k, v in kwargs.items()})
