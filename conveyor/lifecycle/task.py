@@ -7,6 +7,14 @@ them. The hard limit is the backstop for a task that ignores the soft one: the w
 process, Celery marks the task failed and acknowledges it (task_acks_on_timeout), and the record
 says so. It is not retried, since a task that could not be interrupted is not one a longer limit cures.
 
+Retry countdowns on classic queues wait in the broker, not in a worker: Celery would publish the
+retry with an ETA, and the worker that receives it holds it unacknowledged until it is due (filling
+its prefetch, and past RabbitMQ's consumer_timeout the channel is closed). Here a retry is published
+instead to the delay queue of its retry level (conveyor/amqp/topology.py: `delay_queue`, a TTL of
+that level's countdown cap, dead-lettering back to the work queue), with the jittered countdown as
+its per-message expiration, and the worker acknowledges the original at once. docs/reliability.md
+explains the choice. Quorum queues keep Celery's native delayed delivery, which already does this.
+
 Durable revokes: Celery keeps revoked ids in each worker's memory (or a per-node --statedb file),
 so a worker started after `revoke`, or on another host, would run the task. The record store is
 shared and persistent, so the worker's request also asks it, once per task, just before handing the
@@ -17,16 +25,22 @@ event, message acknowledged).
 from __future__ import annotations
 
 import logging
+import math
+from datetime import datetime
 from typing import Any
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.utils.time import get_exponential_backoff_interval
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
+from conveyor.amqp.topology import delay_queue
 from conveyor.lifecycle import records, signals
 
 log = logging.getLogger(__name__)
+
+DELAY_OPTION = "conveyor_delay"  # from retry() to signature_from_request(); never reaches a message
 
 
 class LifecycleRequest(Request):
@@ -65,4 +79,36 @@ class LifecycleTask(Task):
             limit = self.max_retries if max_retries is None else max_retries
             if limit is None or (request.retries or 0) < limit:  # else Celery re-raises exc: no retry
                 signals.record_retry(self, exc, eta or countdown, soft, hard, note)
+                options.update(self._broker_delay(eta, countdown))
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+
+    def _broker_delay(self, eta: Any, countdown: float | None) -> dict[str, Any]:
+        """The options that send this retry through its level's delay queue; none where Celery's own
+        way stays (no delay, a quorum queue, a task with an expiry, a request not from a queue)."""
+        request = self.request
+        queue = (request.delivery_info or {}).get("routing_key")
+        declared = self.app.amqp.queues.get(queue) if queue else None
+        if declared is None or (declared.queue_arguments or {}).get("x-queue-type") == "quorum" or request.expires:
+            return {}
+        if eta is not None:
+            countdown = ((eta if isinstance(eta, datetime) else datetime.fromisoformat(str(eta))) - self.app.now()).total_seconds()
+        if not countdown or countdown <= 0:
+            return {}
+        # The level's cap, the countdown Celery's backoff gives before jitter: every retry of that
+        # level expires no later than it, so the queue's head-only expiry never holds one longer.
+        cap = get_exponential_backoff_interval(factor=self.retry_backoff or 0, retries=request.retries or 0,
+                                               maximum=self.retry_backoff_max, full_jitter=False)
+        ttl_s = max(cap, math.ceil(countdown))
+        delayed = delay_queue(queue, ttl_s)
+        return {DELAY_OPTION: {"queue": delayed, "declare": [delayed], "expiration": countdown}}
+
+    def signature_from_request(self, request: Any = None, args: Any = None, kwargs: Any = None, queue: Any = None,
+                               **extra: Any):
+        # A retry through a delay queue: no ETA (the broker holds the delay), its own queue and expiration.
+        delay = extra.pop(DELAY_OPTION, None)
+        if delay is not None:
+            extra.pop("countdown", None)
+            extra.pop("eta", None)
+            queue = delay.pop("queue")
+            extra.update(delay)
+        return super().signature_from_request(request, args, kwargs, queue, **extra)
