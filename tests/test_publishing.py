@@ -6,11 +6,15 @@ workers run loses nothing."""
 from __future__ import annotations
 
 import logging
+import shutil
+import time
 
 import pytest
 
-from conftest import queue_depth, wait_for, write_config
-from conveyor.errors import PublishRefused
+from conftest import queue_depth, unavailable, wait_for, write_config
+from conveyor.chaos.node import BrokerNode
+from conveyor.errors import BrokerError, PublishRefused
+from conveyor.settings import environment
 from conveyor.amqp import queues
 from conveyor.amqp.topology import DEAD_LETTER_QUEUE
 from conveyor.seam import publisher
@@ -158,3 +162,42 @@ def test_a_dead_letter_queue_deleted_mid_run_loses_nothing(dead_letter_stack):
     assert queue_depth(app, "queue_a") == 0
     log = (dead_letter_stack.home / "worker-a-1.log").read_text()
     assert "could not route a dead-letter publish" in log
+
+
+@pytest.fixture
+def alarmed_node(tmp_path, monkeypatch):
+    """A RabbitMQ node of our own (conveyor/chaos/node.py), so that its memory alarm blocks nobody else."""
+    if not shutil.which("rabbitmq-server"):
+        unavailable("rabbitmq-server (for a private broker node)")
+    with BrokerNode() as node:
+        monkeypatch.setenv("BROKER_URL", node.url())
+        monkeypatch.setenv("RESULT_BACKEND", "rpc://")
+        monkeypatch.setenv("RECORDS_URL", "off")
+        monkeypatch.setenv(environment.RUN_DIR_ENV, str(tmp_path / "run"))
+        yield node
+
+
+@pytest.mark.broker
+def test_under_a_memory_alarm_the_publisher_gives_up_at_its_deadline_and_says_why(alarmed_node, make_app, tmp_path, caplog):
+    app = make_app(write_config(tmp_path / "p.yml", CONFIG.format(fast="true")))
+    deadletter.declare(app)
+    alarm = alarmed_node._ctl("set_vm_memory_high_watermark", "0.0000001")
+    assert alarm is not None and alarm.returncode == 0, alarm
+    try:
+        with caplog.at_level(logging.WARNING, logger=publisher.__name__), Publisher(app, confirm_timeout_s=3) as pub:
+            started = time.monotonic()
+            with pytest.raises(BrokerError, match=r"did not confirm \d+ message\(s\) within 3 s; the broker has "
+                                                  r"blocked publishing \(.*\); check RabbitMQ \(memory or disk alarms\)"):
+                for _ in range(200):
+                    pub.publish(lambda _producer: pub.send_task("task_a", {"duration_s": 0}))
+                pub.flush()
+            waited = time.monotonic() - started
+        assert 3 <= waited < 6
+        assert [r.getMessage() for r in caplog.records if "blocked publishing" in r.getMessage()][:1], caplog.text
+    finally:
+        alarmed_node._ctl("set_vm_memory_high_watermark", "0.4")
+    # Once the alarm clears, publishing works again: what the blocked publisher left unconfirmed is
+    # the broker's to keep or drop; only what is confirmed counts.
+    with Publisher(app, confirm_timeout_s=10) as pub:
+        ids = [pub.publish(lambda _producer: pub.send_task("task_a", {"duration_s": 0})) for _ in range(20)]
+        assert pub.flush() == (ids, [])

@@ -34,8 +34,8 @@ Uses of Celery/kombu/py-amqp internals (checked against celery 5.7.0, kombu 5.7.
 - `Publisher.send_task` (fast path) re-implements `app.send_task` with `app.amqp.as_task_v2` and
   the publish signals: routing, the rpc:// reply queue's declaration (`RPCBackend.binding`) and the
   arguments' repr done once per run. Only without task-sent events.
-- `amqp.Connection(on_blocked=..., on_unblocked=...)`, passed through the transport options:
-  `connection.blocked`/`unblocked` logged once per change.
+- `amqp.Connection(on_blocked=..., on_unblocked=...)`, passed through the transport options (and
+  set on a Publisher's own connection): `connection.blocked`/`unblocked` logged once per change.
 
 Every fast path is off with `tuning.fast_paths: false`: then every message goes through kombu's
 public Producer.publish (still counted, still confirmed asynchronously by the Publisher).
@@ -90,34 +90,38 @@ def fast_paths(app: Celery) -> bool:
 # --- connection.blocked ----------------------------------------------------------------------
 
 class _Blocking:
-    """How many of this process's connections the broker has blocked: logged when that goes from
-    none to some and back, not once per connection (a worker holds several)."""
+    """Which of this process's connections the broker has blocked: logged when that goes from none
+    to some and back, not once per connection. The app's connections (a worker holds several) share
+    one key, since an alarm blocks them all; a Publisher's has its own, forgotten when it closes
+    (a closed connection is never told it is unblocked)."""
+
+    APP = "app"
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.count = 0
+        self.keys: set[object] = set()
         self.reason = ""
 
-    def blocked(self, reason: str = "") -> None:
+    def blocked(self, reason: str = "", key: object = APP) -> None:
         with self.lock:
-            self.count += 1
+            first = not self.keys
+            self.keys.add(key)
             self.reason = reason or "no reason given"
-            first = self.count == 1
         if first:
             log.warning("The broker blocked publishing (%s): publishes wait for it to unblock, each for at most "
                         "its confirm timeout; %s.", self.reason, ALARM_HINT)
 
-    def unblocked(self) -> None:
+    def unblocked(self, key: object = APP, closed: bool = False) -> None:
         with self.lock:
-            if not self.count:
+            if key not in self.keys:
                 return
-            self.count -= 1
-            last = self.count == 0
-        if last:
+            self.keys.discard(key)
+            last = not self.keys
+        if last and not closed:
             log.warning("The broker unblocked publishing.")
 
     def describe(self) -> str:
-        return f"; the broker has blocked publishing ({self.reason})" if self.count else ""
+        return f"; the broker has blocked publishing ({self.reason})" if self.keys else ""
 
 
 BLOCKING = _Blocking()
@@ -256,6 +260,9 @@ class Publisher:
         self._transport: Any = None
         self.channel = self.connection.channel()
         if self.confirms:
+            amqp_connection = self.connection.connection
+            amqp_connection.on_blocked = lambda reason: BLOCKING.blocked(reason, key=self)
+            amqp_connection.on_unblocked = lambda: BLOCKING.unblocked(key=self)
             self.channel.confirm_select()
             self.channel.events["basic_ack"].add(self._on_ack)
             self.channel.events["basic_nack"].add(self._on_nack)
@@ -273,12 +280,24 @@ class Publisher:
             self.app.backend.binding(self.channel).declare()  # once, where send_task declares it per task
 
     def _close(self) -> None:
-        try:
-            self._write_frames()
-            self.channel.close()
-        except Exception:  # noqa: BLE001  (a connection that broke has nothing left to close)
-            log.debug("Closing the publisher channel failed.", exc_info=True)
-        self.connection.release()
+        # Closing waits for the broker's close-ok, which a broker that stopped reading (an alarm, a
+        # timeout above) never sends: then the connection is dropped instead, and every graceful
+        # close has the confirm timeout as its deadline.
+        healthy = self.confirms and not self._unsettled and self not in BLOCKING.keys
+        BLOCKING.unblocked(key=self, closed=True)
+        if not self.confirms:
+            self.connection.release()
+            return
+        if healthy:
+            try:
+                with self.connection.connection.transport.having_timeout(self.confirm_timeout_s):
+                    self._write_frames()
+                    self.channel.close()
+                    self.connection.release()
+                return
+            except Exception:  # noqa: BLE001  (a connection that broke, or timed out, is dropped below)
+                log.debug("Closing the publisher connection failed; dropping it.", exc_info=True)
+        self.connection.collect()
 
     def reconnect(self) -> tuple[list[Any], list[Any], list[Any]]:
         """After PublishInterrupted: (confirmed, refused, unknown) among the jobs not yet handed back,
@@ -293,10 +312,8 @@ class Publisher:
             else:
                 confirmed.append(identity)
         self._frames.clear()
-        try:
-            self.connection.release()
-        except Exception:  # noqa: BLE001  (it is broken already)
-            log.debug("Releasing the broken publisher connection failed.", exc_info=True)
+        BLOCKING.unblocked(key=self, closed=True)
+        self.connection.collect()  # broken already: nothing to close gracefully
         self._open()
         return confirmed, refused, unknown
 
