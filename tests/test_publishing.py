@@ -13,6 +13,7 @@ import pytest
 
 from conftest import queue_depth, unavailable, wait_for, write_config
 from conveyor.chaos.node import BrokerNode
+from conveyor.dispatch import dispatcher
 from conveyor.errors import BrokerError, PublishRefused
 from conveyor.settings import environment
 from conveyor.amqp import queues
@@ -201,3 +202,19 @@ def test_under_a_memory_alarm_the_publisher_gives_up_at_its_deadline_and_says_wh
     with Publisher(app, confirm_timeout_s=10) as pub:
         ids = [pub.publish(lambda _producer: pub.send_task("task_a", {"duration_s": 0})) for _ in range(20)]
         assert pub.flush() == (ids, [])
+
+
+def test_a_refused_task_is_reported_refused_and_waited_on_no_more():
+    sending = dispatcher._Sending(app=None, on_done=None)
+    for task_id in ("t1", "t2", "t3"):
+        outcome = dispatcher.TaskOutcome("task_a", task_id, "queue_a")
+        sending.outcomes.append(outcome)
+        sending.by_id[task_id] = outcome
+        sending.pending += 1
+    sending.settle(["t1", "t3"], ["t2"])
+    assert [o.state for o in sending.outcomes] == ["PENDING", dispatcher.REFUSED, "PENDING"]
+    assert sending.confirmed == 2 and sending.pending == 2 and "t2" not in sending.by_id
+    sending.on_result("t2", "SUCCESS", {"message": "late"})  # nothing can come for it; if it did, it is ignored
+    assert sending.outcomes[1].state == dispatcher.REFUSED
+    sending.on_result("t1", "SUCCESS", {"message": "Hello from Task A", "retries": 0})
+    assert sending.outcomes[0].state == "SUCCESS" and sending.pending == 1
