@@ -240,11 +240,13 @@ def empty_queues(broker_env, make_app):
 # The lean tuning takes the fast paths: Publisher.send_task (no task-sent event to send) and
 # results published without a confirm each; the default one goes through app.send_task.
 LEAN_TUNING = "tuning: {task_events: false, track_started: false, result_extended: false, result_confirms: false}\n"
+# The same without any of the seam's fast paths: kombu's public Producer.publish, Celery's result consumer.
+NO_FAST_PATHS = LEAN_TUNING.replace("}", ", fast_paths: false}")
 
 
 @pytest.mark.broker
 @pytest.mark.usefixtures("empty_queues")
-@pytest.mark.parametrize("tuning", ["", LEAN_TUNING], ids=["default", "lean"])
+@pytest.mark.parametrize("tuning", ["", LEAN_TUNING, NO_FAST_PATHS], ids=["default", "lean", "no-fast-paths"])
 def test_counts_add_up_on_a_run_with_injected_failures(broker_env, local_stack, tmp_path, tuning):
     config = write_config(tmp_path / "stack.yml", STACK_CONFIG + tuning)
     local_stack(config)

@@ -218,3 +218,18 @@ def test_a_refused_task_is_reported_refused_and_waited_on_no_more():
     assert sending.outcomes[1].state == dispatcher.REFUSED
     sending.on_result("t1", "SUCCESS", {"message": "Hello from Task A", "retries": 0})
     assert sending.outcomes[0].state == "SUCCESS" and sending.pending == 1
+
+
+@pytest.mark.broker
+@pytest.mark.usefixtures("broker_env")
+@pytest.mark.parametrize("fast", ["true", "false"], ids=["fast-paths", "no-fast-paths"])
+def test_dispatch_sends_and_collects_every_task_either_way(local_stack, tmp_path, fast):
+    config_file = write_config(tmp_path / "d.yml", CONFIG.format(fast=fast).replace(
+        "tasks: [{task: task_a, count: 1}]", "tasks: [{task: task_a, count: 300, params: {duration_s: 0}}]"))
+    stack = local_stack(config_file)
+    app = stack.app
+    with Publisher(app) as pub:
+        assert pub.fast is (fast == "true")
+    report = dispatcher.dispatch(app, app.conveyor_config, timeout_s=60)
+    assert report.succeeded == len(report.tasks) == 300, [t.error for t in report.tasks if t.state != "SUCCESS"][:3]
+    assert len({t.id for t in report.tasks}) == 300 and all(t.latency_s is not None for t in report.tasks)

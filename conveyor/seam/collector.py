@@ -9,7 +9,8 @@ Three ways, by result backend (`collector_for` picks one):
   cores with the workers and the broker. Every result of ours comes to that queue (the rpc backend
   sends each one to the `reply_to` of its task message, chained stages included), so nothing needs
   registering per task.
-- redis:// (`Pushed`): Celery's result consumer, through `AsyncResult.then`.
+- redis:// (`Pushed`): Celery's result consumer, through `AsyncResult.then`; also rpc:// with
+  `tuning.fast_paths: false`.
 - anything else, e.g. the embedded file backend (`Polled`): the state of each pending task is read
   in turn.
 
@@ -37,6 +38,8 @@ from celery.backends.asynchronous import AsyncBackendMixin
 from celery.backends.rpc import RPCBackend
 from celery.result import AsyncResult
 from kombu import Consumer
+
+from conveyor.seam import publisher
 
 OnResult = Callable[[str, str, Any], None]
 
@@ -110,7 +113,10 @@ class Pushed:
             got = self.delivered != before
             left = deadline - time.monotonic()
             seen = self.delivered
-            consumer.drain_events(timeout=0.001 if got or left <= 0 else left)
+            try:
+                consumer.drain_events(timeout=0.001 if got or left <= 0 else left)
+            except socket.timeout:  # the rpc:// consumer raises, where the redis one returns
+                return
             if self.delivered == seen and (got or left <= 0):
                 return  # the redis consumer returns, rather than raise, when nothing came
 
@@ -149,7 +155,8 @@ Collector = ReplyQueue | Pushed | Polled
 
 def collector_for(app: Celery, on_result: OnResult, connection: Any) -> Collector:
     """The way to collect `app`'s results; `connection` is the publisher's (rpc:// shares it)."""
-    if isinstance(app.backend, RPCBackend) and connection.transport.driver_type == "amqp":
+    fast = publisher.fast_paths(app)
+    if fast and isinstance(app.backend, RPCBackend) and connection.transport.driver_type == "amqp":
         return ReplyQueue(app, on_result, connection)
     if isinstance(app.backend, AsyncBackendMixin):
         return Pushed(app, on_result)

@@ -141,9 +141,9 @@ def _identity(headers: dict | None, properties: dict) -> str | None:
 class ConfirmingProducer(Producer):
     """kombu's Producer with conveyor's publishing rules (see the module's docstring).
 
-    `wrap`, when set (by a Publisher), is called as wrap(publish, identity, body, **kwargs) around
-    each publish, to count it; such a producer's channel awaits no confirm per message, and its
-    returns go to the Publisher's `on_return`.
+    `wrap`, when set (by a Publisher), is called as wrap(publish, body, **kwargs) instead of kombu's
+    publish, to count it; such a producer's channel awaits no confirm per message, and its returns
+    go to the Publisher's `on_return`.
     """
 
     confirm_timeout_s = CONFIRM_TIMEOUT_S

@@ -13,6 +13,9 @@ Results go out on connections that wait for the broker's confirm of every publis
 its late ack. With `result_confirms: false` they go out without confirms instead; the dead-letter
 publishes keep theirs (conveyor/tasks/deadletter.py uses the app's pool).
 
+With `tuning.fast_paths: false`, none of this: Celery's own meta, a declaration per task sent,
+and every result through a pooled producer and kombu's public Producer.publish.
+
 A confirm is awaited for at most `confirm_timeout_s` (a broker under an alarm stops confirming);
 a publish that times out goes the retrying way below, on a new connection.
 
@@ -68,9 +71,13 @@ class RPCBackend(CeleryRPCBackend):
         self._unconfirmed: ProducerPool | None = None
         self._held = threading.local()  # .producer: a _Held
 
+    @cached_property
+    def _fast(self) -> bool:
+        return publisher.fast_paths(self.app)
+
     def on_task_call(self, producer, task_id) -> None:
         channel = producer.channel
-        if channel not in self._declared_on:
+        if not self._fast or channel not in self._declared_on:
             super().on_task_call(producer, task_id)
             self._declared_on.add(channel)
 
@@ -83,7 +90,7 @@ class RPCBackend(CeleryRPCBackend):
         # no-op worker's CPU, profiled): the search through the config's namespaces behind
         # find_value_for_key("extended", "result"), read once here, and app.now()'s conversions
         # (the same instant, in the same zone). Extended results and other states go Celery's way.
-        if self._extended or state not in self.READY_STATES:
+        if not self._fast or self._extended or state not in self.READY_STATES:
             return super()._to_result(task_id, state, result, traceback, request)
         meta = {"status": state, "result": self.encode_result(result, state), "traceback": traceback,
                 "children": self.current_task_children(request),
@@ -113,24 +120,28 @@ class RPCBackend(CeleryRPCBackend):
         return self._unconfirmed
 
     def store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
-        # Celery's own, on this thread's producer; through the pool and kombu's retries if that fails.
+        # Celery's own, on this thread's producer; through the pool and kombu's retries if that fails
+        # (or always, with tuning.fast_paths off).
         routing_key, correlation_id = self.destination_for(task_id, request)
         if not routing_key:
             return None
         meta = self._to_result(task_id, state, result, traceback, request)
-        # Encoded first, so that a result that cannot be encoded fails as in Celery (EncodeError).
-        content_type, content_encoding, body = dumps(meta, serializer=self.serializer)
-        try:
-            self._publish_held(body, content_type, content_encoding, routing_key, correlation_id)
-        except Exception as exc:  # noqa: BLE001  (whatever broke, the retrying path below decides)
-            log.info("Publishing the result of task %s failed (%r); publishing it again with retries.", task_id, exc)
-            self._drop_held()
-            with self._producers().acquire(block=True) as producer:
-                producer.publish(
-                    meta, exchange=self.exchange, routing_key=routing_key, correlation_id=correlation_id,
-                    serializer=self.serializer, retry=True, retry_policy=self.retry_policy,
-                    declare=self.on_reply_declare(task_id), delivery_mode=self.delivery_mode,
-                )
+        if self._fast:
+            # Encoded first, so that a result that cannot be encoded fails as in Celery (EncodeError).
+            content_type, content_encoding, body = dumps(meta, serializer=self.serializer)
+            try:
+                self._publish_held(body, content_type, content_encoding, routing_key, correlation_id)
+                return result
+            except Exception as exc:  # noqa: BLE001  (whatever broke, the retrying path below decides)
+                log.info("Publishing the result of task %s failed (%r); publishing it again with retries.", task_id, exc)
+                self._drop_held()
+        # Celery's way (and without the fast paths, the only one): a pooled producer, kombu's retries.
+        with self._producers().acquire(block=True) as producer:
+            producer.publish(
+                meta, exchange=self.exchange, routing_key=routing_key, correlation_id=correlation_id,
+                serializer=self.serializer, retry=True, retry_policy=self.retry_policy,
+                declare=self.on_reply_declare(task_id), delivery_mode=self.delivery_mode,
+            )
         return result
 
     def _publish_held(self, body: bytes, content_type: str, content_encoding: str, routing_key: str,
