@@ -13,7 +13,8 @@ its prefetch, and past RabbitMQ's consumer_timeout the channel is closed). Here 
 instead to the delay queue of its retry level (conveyor/amqp/topology.py: `delay_queue`, a TTL of
 that level's countdown cap, dead-lettering back to the work queue), with the jittered countdown as
 its per-message expiration, and the worker acknowledges the original at once. docs/reliability.md
-explains the choice. Quorum queues keep Celery's native delayed delivery, which already does this.
+explains the choice. Quorum queues keep Celery's native delayed delivery, which already does this;
+the embedded broker (no TTL, no dead-lettering) keeps Celery's ETA.
 
 Durable revokes: Celery keeps revoked ids in each worker's memory (or a per-node --statedb file),
 so a worker started after `revoke`, or on another host, would run the task. The record store is
@@ -86,6 +87,8 @@ class LifecycleTask(Task):
         """The options that send this retry through its level's delay queue; none where Celery's own
         way stays (no delay, a quorum queue, a task with an expiry, a request not from a queue)."""
         request = self.request
+        if not self._broker_holds_delays():
+            return {}
         queue = (request.delivery_info or {}).get("routing_key")
         declared = self.app.amqp.queues.get(queue) if queue else None
         if declared is None or (declared.queue_arguments or {}).get("x-queue-type") == "quorum" or request.expires:
@@ -101,6 +104,14 @@ class LifecycleTask(Task):
         ttl_s = max(cap, math.ceil(countdown))
         delayed = delay_queue(queue, ttl_s)
         return {DELAY_OPTION: {"queue": delayed, "declare": [delayed], "expiration": countdown}}
+
+    def _broker_holds_delays(self) -> bool:
+        """RabbitMQ does (TTL and dead-lettering); the embedded filesystem transport has neither."""
+        holds = self.__dict__.get("_holds_delays")
+        if holds is None:
+            with self.app.connection_for_write() as conn:  # names the transport; connects to nothing
+                holds = self.__dict__["_holds_delays"] = conn.transport.driver_type == "amqp"
+        return holds
 
     def signature_from_request(self, request: Any = None, args: Any = None, kwargs: Any = None, queue: Any = None,
                                **extra: Any):

@@ -148,11 +148,19 @@ class ConfirmingProducer(Producer):
 
     confirm_timeout_s = CONFIRM_TIMEOUT_S
 
-    def __init__(self, channel: Any, *args: Any, wrap: Callable[..., Any] | None = None, **kwargs: Any) -> None:
+    def __init__(self, channel: Any, *args: Any, wrap: Callable[..., Any] | None = None,
+                 on_return: Callable[..., None] | None = None, **kwargs: Any) -> None:
         self.wrap = wrap
         self.returned: list[tuple[Exception, str, str]] = []
-        kwargs.setdefault("on_return", self._record_return)
+        # Registered on the channel at publish time rather than by kombu, which assumes every
+        # channel has py-amqp's `events` (the filesystem transport's has none, and returns nothing).
+        self.on_return_handler = on_return or self._record_return
         super().__init__(channel, *args, **kwargs)
+
+    def _watch_returns(self) -> None:
+        events = getattr(self.channel, "events", None)
+        if events is not None and self.on_return_handler not in events["basic_return"]:
+            events["basic_return"].add(self.on_return_handler)
 
     def _record_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
         self.returned.append((exc, exchange, routing_key))
@@ -167,6 +175,7 @@ class ConfirmingProducer(Producer):
             kwargs["confirm_timeout"] = self.confirm_timeout_s
         if kwargs.get("timeout") is None:  # the write too: a broker that stops reading blocks it
             kwargs["timeout"] = self.confirm_timeout_s
+        self._watch_returns()
         if self.wrap is not None:
             return self.wrap(super().publish, body, **kwargs)
         self.returned.clear()
