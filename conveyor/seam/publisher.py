@@ -275,6 +275,7 @@ class Publisher:
             self.channel.confirm_select()
             self.channel.events["basic_ack"].add(self._on_ack)
             self.channel.events["basic_nack"].add(self._on_nack)
+            self.channel.events["basic_return"].add(self._on_return)  # the fast path bypasses the producer
             if self.fast_paths:
                 self._transport = self.connection.connection.transport
                 self._write_now = self._transport._write
