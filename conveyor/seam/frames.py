@@ -9,6 +9,13 @@ bulk without a confirm awaited per message (conveyor/seam/publisher.py's batches
 `tuning.result_confirms: false`), `write_publish` writes the frames straight to the connection's
 frame writer, with the arguments encoded once per destination; the caller reads the socket itself
 often enough (the batch publisher at every flush, the result publisher once a second).
+
+Uses of py-amqp internals (checked against amqp 5.4.2, kombu 5.7.0):
+
+- `amqp.spec.Basic.Publish` and `amqp.serialization.dumps("Bssbb", ...)`: the method frame's
+  arguments, encoded as `Channel._basic_publish` encodes them. Replaces: that encoding per message.
+- `Connection.frame_writer(1, channel_id, method, args, message)`: the writer `send_method` uses.
+  Replaces: `channel.basic_publish`'s socket-timeout context and non-blocking read per message.
 """
 
 from __future__ import annotations

@@ -16,6 +16,17 @@ publishes keep theirs (conveyor/tasks/deadletter.py uses the app's pool).
 With `tuning.fast_paths: false`, none of this: Celery's own meta, a declaration per task sent,
 and every result through a pooled producer and kombu's public Producer.publish.
 
+Uses of Celery/kombu/py-amqp internals (checked against celery 5.7.0, kombu 5.7.0, amqp 5.4.2):
+
+- `celery.backends.rpc.RPCBackend` subclassed: `on_task_call` (the reply queue declared once per
+  channel), `_to_result` (the meta without its two costly steps; a conformance test compares it with
+  Celery's), `store_result` (this thread's held producer). Replaces: a queue.declare round trip per
+  task sent, and a pool checkout plus kombu's retry wrapper per result.
+- py-amqp's `channel.prepare_message`/`basic_publish(..., confirm_timeout=)` on the held producer,
+  and `frames.write_publish` without result confirms. Replaces: kombu's Producer.publish per result.
+- `kombu.pools.ProducerPool` for results without confirms. Replaces: the app's pool, whose
+  connections confirm every publish.
+
 A confirm is awaited for at most `confirm_timeout_s` (a broker under an alarm stops confirming);
 a publish that times out goes the retrying way below, on a new connection.
 
