@@ -1,7 +1,8 @@
-"""The one publisher (conveyor/seam/publisher.py) on the real broker: task messages are mandatory, so a
-message no queue takes is refused rather than confirmed and dropped, both one at a time (Celery's
-own publishes) and in batches, with the fast paths on and off; and a dead-letter queue deleted while
-workers run loses nothing."""
+"""The one publisher (conveyor/seam/publisher.py; producer.py for single publishes) on the real
+broker: task messages are mandatory, so a message no queue takes is refused rather than confirmed
+and dropped, both one at a time (Celery's own publishes) and in batches, with the fast paths on and
+off; a dead-letter queue deleted while workers run loses nothing; and under a memory alarm the
+publisher gives up at its deadline and says why."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from conveyor.errors import BrokerError, PublishRefused
 from conveyor.settings import environment
 from conveyor.amqp import queues
 from conveyor.amqp.topology import DEAD_LETTER_QUEUE
-from conveyor.seam import publisher
-from conveyor.seam.publisher import ConfirmingProducer, Publisher
+from conveyor.seam import producer
+from conveyor.seam.producer import ConfirmingProducer
+from conveyor.seam.publisher import Publisher
 from conveyor.tasks import deadletter
 from conveyor.tasks.simulated import DeadLettered
 
@@ -108,8 +110,8 @@ def test_without_fast_paths_every_message_goes_through_kombus_producer(make_app,
 
 
 def test_connection_blocked_is_logged_once_per_change_not_per_connection(caplog):
-    blocking = publisher._Blocking()
-    with caplog.at_level(logging.WARNING, logger=publisher.__name__):
+    blocking = producer._Blocking()
+    with caplog.at_level(logging.WARNING, logger=producer.__name__):
         blocking.blocked("low on memory")
         blocking.blocked("low on memory")  # a second connection of the same process
         assert "low on memory" in blocking.describe()
@@ -185,7 +187,7 @@ def test_under_a_memory_alarm_the_publisher_gives_up_at_its_deadline_and_says_wh
     alarm = alarmed_node._ctl("set_vm_memory_high_watermark", "0.0000001")
     assert alarm is not None and alarm.returncode == 0, alarm
     try:
-        with caplog.at_level(logging.WARNING, logger=publisher.__name__), Publisher(app, confirm_timeout_s=3) as pub:
+        with caplog.at_level(logging.WARNING, logger=producer.__name__), Publisher(app, confirm_timeout_s=3) as pub:
             started = time.monotonic()
             with pytest.raises(BrokerError, match=r"did not confirm \d+ message\(s\) within 3 s; the broker has "
                                                   r"blocked publishing \(.*\); check RabbitMQ \(memory or disk alarms\)"):

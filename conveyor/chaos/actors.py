@@ -38,8 +38,8 @@ PARTITIONED_PID_FILE = "partitioned-worker.pid"
 class Publisher(threading.Thread):
     """Sends the plan at a steady rate through conveyor's publisher (conveyor/seam/publisher.py),
     confirms collected asynchronously. A task counts as confirmed only once the broker confirmed it;
-    one it refused, or one unconfirmed when the connection broke (a broker restart), is sent, not
-    confirmed. After a break the publisher connects again and goes on with the rest of the plan."""
+    one it refused is sent, not confirmed. After a break (a broker restart) the publisher connects
+    again, sends once more what the broker had not confirmed, and goes on with the rest of the plan."""
 
     IN_FLIGHT = 200  # unconfirmed tasks at most before the thread waits for confirms
 
@@ -60,29 +60,39 @@ class Publisher(threading.Thread):
                     next_at = max(next_at, time.monotonic()) + 1 / self.rate_per_s
                 if self.stop.is_set():
                     break
-                task_id = str(uuid.uuid4())
                 self.sent += 1
-                try:
-                    # ignore_result: the ledger is the record here, not the backend.
-                    pub.publish(lambda _producer, task_id=task_id, item=item: (
-                        pub.send_task(item.task, item.kwargs, task_id=task_id, ignore_result=True), item))
-                    self._settle(*pub.flush(in_flight=self.IN_FLIGHT))
-                except BrokerError as exc:
-                    self._reconnect(pub, index, exc)
+                self._send(pub, index, [(str(uuid.uuid4()), item)])
             while self.connected:  # what is still unconfirmed, after a break too
                 try:
                     self._settle(*pub.flush())
                     break
                 except BrokerError as exc:
-                    self._reconnect(pub, self.sent - 1, exc)
+                    self._send(pub, self.sent - 1, self._reconnect(pub, self.sent - 1, exc, []))
         log.info("The publisher sent %d task(s); the broker confirmed %d.", self.sent, len(self.confirmed))
+
+    def _send(self, pub: SeamPublisher, index: int, jobs: list[tuple[str, Planned]]) -> None:
+        """Publish `jobs` (task id, item); after a broken connection, those it left unconfirmed go
+        again with the same ids, as a send retried until confirmed would (the ledger counts a task
+        that runs twice as duplicated)."""
+        while jobs and self.connected:
+            task_id, item = jobs.pop(0)
+            try:
+                # ignore_result: the ledger is the record here, not the backend.
+                pub.publish(lambda _producer, task_id=task_id, item=item: (
+                    pub.send_task(item.task, item.kwargs, task_id=task_id, ignore_result=True), item))
+                self._settle(*pub.flush(in_flight=self.IN_FLIGHT))
+            except BrokerError as exc:
+                jobs[:0] = self._reconnect(pub, index, exc, [(task_id, item)])
 
     def _settle(self, confirmed: list[tuple[str, Planned]], refused: list[tuple[str, Planned]]) -> None:
         self.confirmed.update(confirmed)
         for task_id, _item in refused:
             log.warning("The broker refused task %s; it counts as sent, not confirmed.", task_id)
 
-    def _reconnect(self, pub: SeamPublisher, index: int, exc: BaseException) -> None:
+    def _reconnect(self, pub: SeamPublisher, index: int, exc: BaseException,
+                   current: list[tuple[str, Planned]]) -> list[tuple[str, Planned]]:
+        """Connect again; return what must be sent again: the unconfirmed jobs, and `current` unless
+        the broker settled it."""
         log.warning("Publishing stopped at task %d of %d (%s); connecting again.", index + 1, len(self.planned), exc)
         try:
             confirmed, refused, unknown = pub.reconnect()
@@ -90,11 +100,13 @@ class Publisher(threading.Thread):
             log.error("Could not connect to the broker again (%s); the rest of the plan is not sent.", lost)
             self.connected = False
             self.stop.set()
-            return
+            return []
         self._settle(confirmed, refused)
-        if unknown:
-            log.warning("%d task(s) were not confirmed before the connection broke; they count as sent, not confirmed.",
-                        len(unknown))
+        settled = {task_id for task_id, _ in confirmed + refused + unknown}
+        again = unknown + [job for job in current if job[0] not in settled]
+        if again:
+            log.warning("Sending %d task(s) again that the broker had not confirmed when the connection broke.", len(again))
+        return again
 
 
 class Killer(threading.Thread):

@@ -12,7 +12,7 @@ from celery.utils.saferepr import saferepr
 from conveyor.settings import environment
 from conveyor.tasks import deadletter
 from conveyor.lifecycle import ledger
-from conveyor.seam import publisher, rpc_backend
+from conveyor.seam import producer, rpc_backend
 from conveyor.tasks import simulated
 from conveyor.lifecycle import records, signals as record_signals
 from conveyor.settings.config import Config, load_config
@@ -26,7 +26,7 @@ def create_app(config: Config | None = None, settings: environment.BrokerSetting
     settings = settings or environment.resolve()
     # Every producer Celery makes is conveyor's: task messages mandatory, confirms awaited with a deadline.
     app = Celery("conveyor", broker=settings.broker_url, backend=settings.result_backend, set_as_current=True,
-                 amqp="conveyor.seam.publisher:AMQP")
+                 amqp="conveyor.seam.producer:AMQP")
     if settings.result_backend.startswith("rpc://"):
         app.backend_cls = rpc_backend.RPCBackend  # the same backend, minus a round trip per task sent
     elif settings.result_backend.startswith("file://"):
@@ -35,7 +35,7 @@ def create_app(config: Config | None = None, settings: environment.BrokerSetting
     if not settings.embedded:
         # Every publish waits for the broker's confirm: a task is never reported sent unless it is stored.
         transport_options["confirm_publish"] = True
-        transport_options.update(publisher.blocking_options())  # connection.blocked/unblocked, logged
+        transport_options.update(producer.blocking_options())  # connection.blocked/unblocked, logged
     app.conf.update(
         task_queues=work_queues(config.queue_type),
         task_routes=routes(),

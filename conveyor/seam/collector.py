@@ -39,7 +39,7 @@ from celery.backends.rpc import RPCBackend
 from celery.result import AsyncResult
 from kombu import Consumer
 
-from conveyor.seam import publisher
+from conveyor.seam import producer
 
 OnResult = Callable[[str, str, Any], None]
 
@@ -155,7 +155,7 @@ Collector = ReplyQueue | Pushed | Polled
 
 def collector_for(app: Celery, on_result: OnResult, connection: Any) -> Collector:
     """The way to collect `app`'s results; `connection` is the publisher's (rpc:// shares it)."""
-    fast = publisher.fast_paths(app)
+    fast = producer.fast_paths(app)
     if fast and isinstance(app.backend, RPCBackend) and connection.transport.driver_type == "amqp":
         return ReplyQueue(app, on_result, connection)
     if isinstance(app.backend, AsyncBackendMixin):

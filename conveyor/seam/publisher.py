@@ -1,219 +1,57 @@
-"""The one publisher: every task conveyor sends (dispatch.py, the load tester, chaos, retries,
-dead-letters) goes out through this module, routed or refused, confirmed or reported, never waited
-on without a deadline.
-
-Two ways, one set of rules:
-
-- `ConfirmingProducer` (the class Celery publishes with, installed as `AMQP.Producer`): one message,
-  its confirm awaited for at most `confirm_timeout_s`. A task message is published `mandatory`, so
-  a message no queue takes (a work or dead-letter queue deleted) is returned by the broker and the
-  publish raises PublishRefused instead of being confirmed and dropped. Used by workers (retries,
-  dead-letters, a chain's next stage) and by any `app.send_task`.
-- `Publisher`: many messages on one channel, confirms collected as they come (RabbitMQ's "handling
-  publisher confirms asynchronously"): the next batch goes out while the broker confirms the last
-  one. A message counts as sent only once confirmed; a nack or a return counts as refused.
+"""The one publisher of many messages: dispatch.py, the load tester and chaos send every task
+through `Publisher`, on one channel, confirms collected as they come (RabbitMQ's "handling
+publisher confirms asynchronously"): the next batch goes out while the broker confirms the last
+one. A message counts as sent only once confirmed; a nack or a return (task messages are
+`mandatory`) counts as refused; every wait, the writes and closing included, has a deadline.
+Single publishes (retries, dead-letters) follow the same rules in conveyor/seam/producer.py.
 
 Uses of Celery/kombu/py-amqp internals (checked against celery 5.7.0, kombu 5.7.0, amqp 5.4.2):
 
-- `celery.app.amqp.AMQP.Producer` and `.producer_pool` (its `_producer_pool`), through
-  `Celery(amqp=...)`: every producer Celery makes (its producer pool, send_task, Task.retry, the
-  worker's publishes) is a ConfirmingProducer, from a `kombu.pools.ProducerPool` of our own.
-  Replaces: Celery has no setting for `mandatory` or for a confirm deadline on its own publishes,
-  and its pool is kombu's global one of plain Producers.
-- `kombu.Producer.publish` extended: `mandatory` set for task messages, `timeout`/`confirm_timeout`
-  filled in, returns collected through `on_return` (py-amqp's `channel.events["basic_return"]`).
-  Replaces: py-amqp raising out of a frame handler, which leaves the returned message's confirm
-  unread and pairs every later confirm with the wrong message.
-- py-amqp `channel.events["basic_ack"]`/`["basic_nack"]`: confirms read as they arrive. Replaces:
-  `basic_publish_confirm`, a round trip per message.
-- py-amqp's `transport._write` swapped while a Publisher's channel publishes (fast path; the
-  channel's `basic_publish` wrapped to do it): the frames of a batch gathered into a few large
-  writes. Replaces: a sendall per frame (15 % of the sender's time).
+- py-amqp `channel.events["basic_ack"]`/`["basic_nack"]`/`["basic_return"]`: confirms and returns
+  read as they arrive. Replaces: `basic_publish_confirm`, a round trip per message.
+- py-amqp's `transport._write` swapped while the channel publishes (fast path; the channel's
+  `basic_publish` wrapped to do it): the frames of a batch gathered into a few large writes.
+  Replaces: a sendall per frame (15 % of the sender's time).
 - `frames.write_publish` (fast path): basic.publish frames written straight to the frame writer.
   Replaces: `channel.basic_publish`'s per-message argument encoding and socket poll.
 - `Publisher.send_task` (fast path) re-implements `app.send_task` with `app.amqp.as_task_v2` and
   the publish signals: routing, the rpc:// reply queue's declaration (`RPCBackend.binding`) and the
   arguments' repr done once per run. Only without task-sent events.
-- `amqp.Connection(on_blocked=..., on_unblocked=...)`, passed through the transport options (and
-  set on a Publisher's own connection): `connection.blocked`/`unblocked` logged once per change.
+- py-amqp `Connection.on_blocked`/`on_unblocked` and `transport.having_timeout`, the connection's
+  `write_timeout` (SO_SNDTIMEO) and kombu's `Connection.collect`: a blocked connection noticed, a
+  write or a close that the broker does not read given up, the connection dropped.
 
 Every fast path is off with `tuning.fast_paths: false`: then every message goes through kombu's
-public Producer.publish (still counted, still confirmed asynchronously by the Publisher).
+public Producer.publish (still counted, still confirmed asynchronously).
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from functools import cached_property
 from typing import Any
 
 from celery import Celery
-from celery.app.amqp import AMQP as CeleryAMQP
 from celery.backends.rpc import RPCBackend
 from celery.signals import after_task_publish, before_task_publish
 from celery.utils.nodenames import anon_nodename
-from kombu import Producer
-from kombu.pools import ProducerPool
 from kombu.exceptions import OperationalError
 from kombu.serialization import dumps
 from kombu.utils.uuid import uuid
 
-from conveyor.errors import BrokerError, PublishInterrupted, PublishRefused
+from conveyor.errors import BrokerError, PublishInterrupted
 from conveyor.seam import frames
+from conveyor.seam.producer import ALARM_HINT, BLOCKING, fast_paths, producer_class
+from conveyor.seam.producer import confirm_timeout_s as app_confirm_timeout_s
+from conveyor.seam.producer import identity as message_identity
 
 log = logging.getLogger(__name__)
 
-CONFIRM_TIMEOUT_S = 30.0  # without a config: the schema's default for confirm_timeout_s
 WRITE_BYTES = 64 * 1024  # gathered frames are written once they reach this size (about 90 task messages)
-ALARM_HINT = "check RabbitMQ (memory or disk alarms)"
 
-
-def _config(app: Celery) -> Any:
-    return getattr(app, "conveyor_config", None)
-
-
-def confirm_timeout_s(app: Celery) -> float:
-    config = _config(app)
-    return config.confirm_timeout_s if config is not None else CONFIRM_TIMEOUT_S
-
-
-def fast_paths(app: Celery) -> bool:
-    config = _config(app)
-    return config is None or config.tuning.fast_paths
-
-
-# --- connection.blocked ----------------------------------------------------------------------
-
-class _Blocking:
-    """Which of this process's connections the broker has blocked: logged when that goes from none
-    to some and back, not once per connection. The app's connections (a worker holds several) share
-    one key, since an alarm blocks them all; a Publisher's has its own, forgotten when it closes
-    (a closed connection is never told it is unblocked)."""
-
-    APP = "app"
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.keys: set[object] = set()
-        self.reason = ""
-
-    def blocked(self, reason: str = "", key: object = APP) -> None:
-        with self.lock:
-            first = not self.keys
-            self.keys.add(key)
-            self.reason = reason or "no reason given"
-        if first:
-            log.warning("The broker blocked publishing (%s): publishes wait for it to unblock, each for at most "
-                        "its confirm timeout; %s.", self.reason, ALARM_HINT)
-
-    def unblocked(self, key: object = APP, closed: bool = False) -> None:
-        with self.lock:
-            if key not in self.keys:
-                return
-            self.keys.discard(key)
-            last = not self.keys
-        if last and not closed:
-            log.warning("The broker unblocked publishing.")
-
-    def describe(self) -> str:
-        return f"; the broker has blocked publishing ({self.reason})" if self.keys else ""
-
-
-BLOCKING = _Blocking()
-
-
-def blocking_options() -> dict[str, Any]:
-    """Transport options that make every py-amqp connection report connection.blocked/unblocked."""
-    return {"on_blocked": BLOCKING.blocked, "on_unblocked": BLOCKING.unblocked}
-
-
-# --- one message at a time -------------------------------------------------------------------
-
-def _identity(headers: dict | None, properties: dict) -> str | None:
-    return (headers or {}).get("id") or properties.get("correlation_id") or properties.get("message_id")
-
-
-class ConfirmingProducer(Producer):
-    """kombu's Producer with conveyor's publishing rules (see the module's docstring).
-
-    `wrap`, when set (by a Publisher), is called as wrap(publish, body, **kwargs) instead of kombu's
-    publish, to count it; such a producer's channel awaits no confirm per message, and its returns
-    go to the Publisher's `on_return`.
-    """
-
-    confirm_timeout_s = CONFIRM_TIMEOUT_S
-
-    def __init__(self, channel: Any, *args: Any, wrap: Callable[..., Any] | None = None,
-                 on_return: Callable[..., None] | None = None, **kwargs: Any) -> None:
-        self.wrap = wrap
-        self.returned: list[tuple[Exception, str, str]] = []
-        # Registered on the channel at publish time rather than by kombu, which assumes every
-        # channel has py-amqp's `events` (the filesystem transport's has none, and returns nothing).
-        self.on_return_handler = on_return or self._record_return
-        super().__init__(channel, *args, **kwargs)
-
-    def _watch_returns(self) -> None:
-        events = getattr(self.channel, "events", None)
-        if events is not None and self.on_return_handler not in events["basic_return"]:
-            events["basic_return"].add(self.on_return_handler)
-
-    def _record_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
-        self.returned.append((exc, exchange, routing_key))
-
-    def publish(self, body: Any, *args: Any, **kwargs: Any) -> Any:
-        headers = kwargs.get("headers")
-        if kwargs.get("mandatory") is None:
-            # Task messages must reach a queue. Results must not be mandatory: a caller that left has
-            # deleted its reply queue, and that is no error of the worker's.
-            kwargs["mandatory"] = bool(headers and "task" in headers and "id" in headers)
-        if kwargs.get("confirm_timeout") is None:
-            kwargs["confirm_timeout"] = self.confirm_timeout_s
-        if kwargs.get("timeout") is None:  # the write too: a broker that stops reading blocks it
-            kwargs["timeout"] = self.confirm_timeout_s
-        self._watch_returns()
-        if self.wrap is not None:
-            return self.wrap(super().publish, body, **kwargs)
-        self.returned.clear()
-        result = super().publish(body, *args, **kwargs)
-        if self.returned:
-            # In confirm mode the broker sends basic.return before the confirm, so the return of this
-            # message has been read by the time its confirm was.
-            exc, exchange, routing_key = self.returned[-1]
-            self.returned.clear()
-            raise PublishRefused(
-                f"the broker returned task {_identity(headers, kwargs) or '?'} published to exchange {exchange!r} "
-                f"with routing key {routing_key!r}: no queue took it ({exc})")
-        return result
-
-
-def producer_class(app: Celery) -> type[ConfirmingProducer]:
-    """ConfirmingProducer with the app's confirm timeout."""
-    return type("ConfirmingProducer", (ConfirmingProducer,), {"confirm_timeout_s": confirm_timeout_s(app)})
-
-
-class AMQP(CeleryAMQP):
-    """Celery's AMQP with conveyor's producer: `Celery(amqp="conveyor.seam.publisher:AMQP")`."""
-
-    @cached_property
-    def Producer(self) -> type[ConfirmingProducer]:  # noqa: N802  (Celery's name)
-        return producer_class(self.app)  # on first use: the config is attached to the app by then
-
-    @property
-    def producer_pool(self) -> ProducerPool:
-        # Celery's takes kombu's global pool of plain Producers; this one makes ours.
-        if self._producer_pool is None:
-            self._producer_pool = ProducerPool(self.app.pool, limit=self.app.pool.limit, Producer=self.Producer)
-        return self._producer_pool
-
-    publisher_pool = producer_pool
-
-
-# --- many messages, confirms collected asynchronously ---------------------------------------
 
 def kwargs_repr(kwargs: dict[str, Any]) -> str:
     """What Celery's saferepr would show of a simulated task's arguments, payload abbreviated: the
@@ -233,7 +71,7 @@ class Publisher:
 
     def __init__(self, app: Celery, confirm_timeout_s: float | None = None, fast: bool | None = None) -> None:
         self.app = app
-        self.confirm_timeout_s = confirm_timeout_s or globals()["confirm_timeout_s"](app)
+        self.confirm_timeout_s = confirm_timeout_s or app_confirm_timeout_s(app)
         self.fast_paths = fast_paths(app) if fast is None else fast
         self.returned = 0  # messages the broker returned (no queue took them), over the publisher's life
         self.nacked = 0
@@ -345,9 +183,9 @@ class Publisher:
 
     def _publish_counted(self, publish: Callable[..., Any], body: Any, **kwargs: Any) -> Any:
         kwargs["retry"] = False  # kombu's retry would reconnect to a channel whose confirms we do not count
-        if kwargs.get("mandatory") and not _identity(kwargs.get("headers"), kwargs):
+        if kwargs.get("mandatory") and not message_identity(kwargs.get("headers"), kwargs):
             kwargs["message_id"] = uuid()  # how its return, if any, names it
-        return self._counted(_identity(kwargs.get("headers"), kwargs) if kwargs.get("mandatory") else None,
+        return self._counted(message_identity(kwargs.get("headers"), kwargs) if kwargs.get("mandatory") else None,
                              publish, body, **kwargs)
 
     def _counted(self, identity: str | None, publish: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -491,7 +329,7 @@ class Publisher:
     def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
         # basic.return comes before the returned message's confirm: marked here, refused when settled.
         self.returned += 1
-        identity = _identity(message.properties.get("application_headers"), message.properties)
+        identity = message_identity(message.properties.get("application_headers"), message.properties)
         tag = self._tag_of.get(identity) if identity else None
         if tag is None:
             log.error("The broker returned a message this publisher cannot name (routing key %r): %s.", routing_key, exc)

@@ -58,7 +58,7 @@ from kombu import Producer
 from kombu.pools import ProducerPool
 from kombu.serialization import dumps
 
-from conveyor.seam import frames, publisher
+from conveyor.seam import frames, producer
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class RPCBackend(CeleryRPCBackend):
 
     @cached_property
     def _fast(self) -> bool:
-        return publisher.fast_paths(self.app)
+        return producer.fast_paths(self.app)
 
     def on_task_call(self, producer, task_id) -> None:
         channel = producer.channel
@@ -166,7 +166,7 @@ class RPCBackend(CeleryRPCBackend):
         message = channel.prepare_message(body, 0, content_type, content_encoding, {},
                                           {"correlation_id": correlation_id, "delivery_mode": self.delivery_mode})
         if held.confirms:  # basic_publish waits for the confirm: for at most confirm_timeout_s
-            deadline_s = publisher.confirm_timeout_s(self.app)
+            deadline_s = producer.confirm_timeout_s(self.app)
             channel.basic_publish(message, exchange=self.exchange.name, routing_key=routing_key,
                                   timeout=deadline_s, confirm_timeout=deadline_s)
             return
