@@ -197,6 +197,16 @@ def test_under_a_memory_alarm_the_publisher_gives_up_at_its_deadline_and_says_wh
             waited = time.monotonic() - started
         assert 3 <= waited < 6
         assert [r.getMessage() for r in caplog.records if "blocked publishing" in r.getMessage()][:1], caplog.text
+        # More than the socket buffers hold: the write itself times out, rather than block for ever.
+        with Publisher(app, confirm_timeout_s=3) as pub:
+            big = {"duration_s": 0, "payload": "x" * 500_000}
+            started = time.monotonic()
+            with pytest.raises(BrokerError, match=r"writing to the broker timed out after 3 s: it is not reading"
+                                                  r".*check RabbitMQ \(memory or disk alarms\)"):
+                for _ in range(200):  # 100 MB at most; the first few MB fill the buffers
+                    pub.publish(lambda _producer: pub.send_task("task_a", big, "{...}"))
+                pub.flush()
+            assert time.monotonic() - started < 3 * 4
     finally:
         alarmed_node._ctl("set_vm_memory_high_watermark", "0.4")
     # Once the alarm clears, publishing works again: what the blocked publisher left unconfirmed is
