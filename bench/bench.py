@@ -12,6 +12,8 @@
 2. The seed workload (0.1 s / 0.2 s tasks, bench/seed.yml) against its ideal throughput.
 3. The same with 1, 2 and 4 replicas per service.
 4. The dispatcher's cost per task, and the p99 latency at half the no-op saturation rate.
+5. dispatch.py against the load tester, the same no-op tasks end to end on the same tuned stack,
+   in DISPATCH_PAIRS pairs one after the other: the ratio of their rates, median pair and range.
 
 Everything of ours runs in a private RabbitMQ virtual host with its own run directory, both removed
 afterwards. Results go to bench-results/bench-<time>.json.
@@ -33,6 +35,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -43,7 +47,7 @@ from conveyor.runtime.app import create_app  # noqa: E402
 from conveyor.settings.config import load_config  # noqa: E402
 from conveyor.errors import ConveyorError, StackError, UsageError  # noqa: E402
 from conveyor.loadtest.metrics import summarize  # noqa: E402
-from conveyor.loadtest.publisher import BatchPublisher  # noqa: E402
+from conveyor.seam.publisher import Publisher  # noqa: E402
 from conveyor.loadtest.runner import Options, Runner  # noqa: E402
 from conveyor.loadtest.scenario import Plan, Scenario  # noqa: E402
 from conveyor.stack.local import LocalStack  # noqa: E402
@@ -56,7 +60,8 @@ PEER_NAMES = {"raw-amqp": "raw AMQP floor (pika)", "celery-prefork-c2": "Celery,
 MANAGEMENT = "http://127.0.0.1:15672/api/"  # named in the error message when it does not answer
 DISPATCHER_RUNS = 5
 TARGETS = {"vs_dramatiq": 1.0, "vs_raw": 0.5, "seed_efficiency": 0.9, "scale_2x": 1.8,
-           "dispatcher_ms": 0.2, "p99_half_saturation_ms": 50.0}
+           "dispatcher_ms": 0.2, "p99_half_saturation_ms": 50.0, "dispatch_vs_load_tester": 0.8}
+DISPATCH_PAIRS = 3  # load tester, then dispatch.py, this many times on one stack
 
 
 def management(method: str, path: str, body: bytes | None = None) -> None:
@@ -164,7 +169,7 @@ def dispatcher_cost(config_file: Path, n: int) -> dict[str, Any]:
 
         deadletter.declare(app)
         kwargs = {"duration_s": 0}
-        with BatchPublisher(app) as pub:
+        with Publisher(app) as pub:
             def send(_producer: Any) -> str:
                 return pub.send_task("task_a", kwargs, repr(kwargs))
 
@@ -191,6 +196,33 @@ def dispatcher_cost(config_file: Path, n: int) -> dict[str, Any]:
         app.close()
     return {"async_confirm_ms": wall_ms, "async_confirm_cpu_ms": cpu_ms, "confirm_each_ms": each_ms, "tasks": n,
             "async_confirm_runs_ms": [wall for wall, _ in runs]}
+
+
+def dispatch_vs_load_tester(config_file: Path, n: int, pairs: int = DISPATCH_PAIRS) -> dict[str, Any]:
+    """n no-op tasks end to end, by the load tester (in process) and then by dispatch.py (its CLI,
+    `--json`: its own total_time_s), `pairs` times on one stack: each pair's ratio of the rates."""
+    scenario = one_type("task_a", 0.0)
+    config = yaml.safe_load(config_file.read_text())
+    config["tasks"] = [{"task": "task_a", "count": n, "params": {"duration_s": 0}}]
+    rows = []
+    with stack(config_file) as local, tempfile.TemporaryDirectory(prefix="conveyor-bench-dispatch-") as tmp:
+        dispatch_config = Path(tmp) / "dispatch.yml"
+        dispatch_config.write_text(yaml.safe_dump(config))
+        measure(local.app, scenario, {"task_a": min(500, n)}, 120)  # warm-up: connections, caches
+        for _ in range(pairs):
+            load_tester = measure(local.app, scenario, {"task_a": n}, 600)["throughput_per_s"]
+            proc = subprocess.run([sys.executable, str(ROOT / "dispatch.py"), "--config", str(dispatch_config),
+                                   "--json", "--timeout", "600"], capture_output=True, text=True, timeout=900)
+            if proc.returncode != 0:
+                raise ConveyorError(f"dispatch.py failed in the benchmark (exit {proc.returncode}): "
+                                    f"{proc.stderr.strip().splitlines()[-1:]}")
+            report = json.loads(proc.stdout)
+            dispatch = report["succeeded"] / report["total_time_s"]
+            rows.append({"dispatch_per_s": dispatch, "load_tester_per_s": load_tester, "ratio": dispatch / load_tester})
+            common.say(f"dispatch.py {dispatch:.0f}/s, load tester {load_tester:.0f}/s: {dispatch / load_tester:.2f}x.")
+    ordered = sorted(rows, key=lambda r: r["ratio"])
+    return {"tasks": n, "pairs": rows, **ordered[(len(ordered) - 1) // 2],
+            "low": ordered[0]["ratio"], "high": ordered[-1]["ratio"]}
 
 
 def seed_scaling(config_file: Path, seconds: float, replicas: list[int]) -> list[dict[str, Any]]:
@@ -276,7 +308,13 @@ def table(results: dict[str, Any]) -> str:
     rows.append((f"dispatcher per task, async confirms (load tester), median of {len(d['async_confirm_runs_ms'])}",
                  f"{d['async_confirm_ms']:.3f} ms", "<= 0.2 ms",
                  verdict(d["async_confirm_ms"], TARGETS["dispatcher_ms"], higher_is_better=False)))
-    rows.append(("dispatcher per task, a confirm each (dispatch.py)", f"{d['confirm_each_ms']:.3f} ms", "", ""))
+    rows.append(("dispatcher per task, a confirm each (app.send_task)", f"{d['confirm_each_ms']:.3f} ms", "", ""))
+    dv = results["dispatch_vs_load_tester"]
+    rows.append((f"dispatch.py vs the load tester, no-op end to end, median of {len(dv['pairs'])} pairs",
+                 f"{dv['ratio']:.2f}x ({dv['low']:.2f}-{dv['high']:.2f})", ">= 0.8x",
+                 verdict(dv["ratio"], TARGETS["dispatch_vs_load_tester"])))
+    rows.append(("  dispatch.py, load tester (median pair)",
+                 f"{dv['dispatch_per_s']:.0f}/s, {dv['load_tester_per_s']:.0f}/s", "", ""))
     h = results["half_saturation"]
     p99 = h["latency_s"]["p99"] * 1000
     rows.append((f"p99 latency at half saturation ({h['rate_per_s']:.0f}/s)", f"{p99:.1f} ms", "<= 50 ms",
@@ -323,6 +361,8 @@ def main() -> int:
             tuned = statistics.median(r["conveyor-tuned"] for r in results["rounds"])
             console.say("Dispatcher cost per task...")
             results["dispatcher"] = dispatcher_cost(ROOT / "bench" / "noop.yml", 5_000)
+            console.say("dispatch.py against the load tester, no-op tasks end to end...")
+            results["dispatch_vs_load_tester"] = dispatch_vs_load_tester(ROOT / "bench" / "noop.yml", 5_000)
             console.say("p99 latency at half the no-op saturation rate...")
             results["half_saturation"] = half_saturation(ROOT / "bench" / "noop.yml", tuned, args.half_saturation_s)
             console.say("Seed workload at 1, 2 and 4 replicas per service...")
@@ -336,6 +376,7 @@ def main() -> int:
         "seed_efficiency": seed[1]["efficiency"],
         "scale_2x": ratio(seed[2]["tasks_per_s"], seed[1]["tasks_per_s"]),
         "scale_4x": ratio(seed[4]["tasks_per_s"], seed[1]["tasks_per_s"]),
+        "dispatch_vs_load_tester": results["dispatch_vs_load_tester"]["ratio"],
     }
     results["duration_s"] = time.time() - started
     out = Path(args.out)

@@ -26,6 +26,14 @@ class BrokerError(ConveyorError):
     exit_code = 3
 
 
+class PublishRefused(BrokerError):
+    """The broker returned a message no queue took (a `mandatory` publish) or refused (nacked) it."""
+
+
+class PublishInterrupted(BrokerError):
+    """The connection a batch was published on broke: its unconfirmed messages are neither sent nor refused."""
+
+
 class StackError(ConveyorError):
     """Worker processes or containers could not be started, scaled or stopped."""
 

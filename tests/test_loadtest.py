@@ -20,8 +20,9 @@ from conveyor.tasks import deadletter
 from conveyor.runtime.app import create_app
 from conveyor.settings.config import load_config
 from conveyor.errors import ConfigError
-from conveyor.loadtest import publisher, report
-from conveyor.loadtest.publisher import BatchPublisher
+from conveyor.loadtest import report
+from conveyor.seam import publisher
+from conveyor.seam.publisher import Publisher
 from conveyor.loadtest.metrics import Record, RunStats, Stage, distribution, summarize, timeline
 from conveyor.stats import percentile_linear as percentile
 from conveyor.loadtest.scenario import Plan, Scenario, load_scenario
@@ -237,14 +238,16 @@ def empty_queues(broker_env, make_app):
     empty()
 
 
-# The lean tuning takes the fast paths: BatchPublisher.send_task (no task-sent event to send) and
+# The lean tuning takes the fast paths: Publisher.send_task (no task-sent event to send) and
 # results published without a confirm each; the default one goes through app.send_task.
 LEAN_TUNING = "tuning: {task_events: false, track_started: false, result_extended: false, result_confirms: false}\n"
+# The same without any of the seam's fast paths: kombu's public Producer.publish, Celery's result consumer.
+NO_FAST_PATHS = LEAN_TUNING.replace("}", ", fast_paths: false}")
 
 
 @pytest.mark.broker
 @pytest.mark.usefixtures("empty_queues")
-@pytest.mark.parametrize("tuning", ["", LEAN_TUNING], ids=["default", "lean"])
+@pytest.mark.parametrize("tuning", ["", LEAN_TUNING, NO_FAST_PATHS], ids=["default", "lean", "no-fast-paths"])
 def test_counts_add_up_on_a_run_with_injected_failures(broker_env, local_stack, tmp_path, tuning):
     config = write_config(tmp_path / "stack.yml", STACK_CONFIG + tuning)
     local_stack(config)
@@ -289,10 +292,10 @@ def test_with_every_worker_stopped_it_ends_at_its_timeout_and_says_so(broker_env
 @pytest.mark.broker
 @pytest.mark.usefixtures("empty_queues")
 def test_the_fast_send_path_publishes_the_message_send_task_would(broker_env, make_app, tmp_path):
-    """BatchPublisher.send_task skips per-message work but must not change the message a worker gets."""
+    """Publisher.send_task skips per-message work but must not change the message a worker gets."""
     app = make_app(write_config(tmp_path / "lean.yml", STACK_CONFIG + LEAN_TUNING))
     kwargs = {"duration_s": 0.5, "payload": "xyz"}
-    with BatchPublisher(app) as pub:
+    with Publisher(app) as pub:
         assert pub.fast
         slow = pub.publish(lambda producer: app.send_task("task_b", kwargs=kwargs, producer=producer, declare=[]).id)
         fast = pub.publish(lambda _producer: pub.send_task("task_b", kwargs, "{...}"))
@@ -317,7 +320,7 @@ def test_a_batch_goes_out_in_a_few_large_writes_in_publishing_order(broker_env, 
     app = make_app(write_config(tmp_path / "lean.yml", STACK_CONFIG + LEAN_TUNING))
     deadletter.declare(app)  # the work queues too
     kwargs = {"duration_s": 0}
-    with BatchPublisher(app) as pub:
+    with Publisher(app) as pub:
         write, writes = pub._transport.write, []
         pub._transport.write = lambda data: (writes.append(len(data)), write(data))
 
@@ -348,7 +351,7 @@ def test_confirms_are_collected_while_the_next_batch_goes_out(broker_env, make_a
     deadletter.declare(app)
     kwargs = {"duration_s": 0}
     ids, confirmed = [], []
-    with BatchPublisher(app) as pub:
+    with Publisher(app) as pub:
         for _ in range(6):
             ids += [pub.publish(lambda _producer: pub.send_task("task_b", kwargs, "{...}")) for _ in range(200)]
             got, refused = pub.flush(in_flight=200)
@@ -365,7 +368,7 @@ def test_confirms_are_collected_while_the_next_batch_goes_out(broker_env, make_a
 def test_what_the_broker_refuses_comes_back_refused_in_publishing_order(broker_env, make_app, tmp_path):
     app = make_app(write_config(tmp_path / "lean.yml", STACK_CONFIG + LEAN_TUNING))
     name = f"test-refusing-{uuid.uuid4().hex[:8]}"
-    with BatchPublisher(app) as pub:
+    with Publisher(app) as pub:
         # A queue that nacks every publish beyond its fifth message.
         pub.channel.queue_declare(queue=name, arguments={"x-max-length": 5, "x-overflow": "reject-publish"})
         try:

@@ -83,7 +83,7 @@ def test_a_dispatch_the_broker_never_confirms_fails_loudly_after_retrying(tmp_pa
     app = offline_app(config, tmp_path)
     started = time.monotonic()
     with pytest.raises(BrokerError, match=r"did not confirm task 1 of 20, even after retrying \(publish_retry_s: 2\) .* the 0 confirmed"):
-        dispatcher.send_all(app, config)
+        dispatcher.dispatch(app, config, timeout_s=5)
     assert time.monotonic() - started >= 2  # it retried with backoff before giving up
     app.close()
 

@@ -52,6 +52,20 @@ def work_queue(name: str, queue_type: str = "classic") -> Queue:
     )
 
 
+def delay_queue(name: str, ttl_s: int) -> Queue:
+    """Where a retry of a task from classic queue `name` waits `ttl_s` seconds (at most) before the
+    broker dead-letters it back to `name` (docs/reliability.md, "Retry countdowns"). Named by its
+    TTL, so that a changed retry policy declares new queues rather than clash with the old ones."""
+    return Queue(
+        f"{name}.retry.{ttl_s}s",
+        exchange=Exchange(name, type="direct", durable=True),
+        routing_key=f"{name}.retry.{ttl_s}s",
+        durable=True,
+        queue_arguments={"x-message-ttl": ttl_s * 1000, "x-dead-letter-exchange": name,
+                         "x-dead-letter-routing-key": name},
+    )
+
+
 def work_queues(config: Config) -> list[Queue]:
     """Every declarer (the app's task_queues, deadletter.declare, hence each worker) passes the
     config's queue_type: RabbitMQ refuses a declare whose arguments differ from the queue's."""

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from celery import Celery
+from kombu.exceptions import OperationalError
 
 from conveyor.settings import environment
 from conveyor.stack import control
 from conveyor.settings.config import Config
-from conveyor.errors import StackError
+from conveyor.errors import BrokerError, StackError
+from conveyor.seam.publisher import Publisher as SeamPublisher
 from conveyor.stack.base import Replica, Stack
 from conveyor.stack.local import is_ours, read_pidfile
 from conveyor.chaos.netns import Namespace
@@ -35,8 +37,12 @@ PARTITIONED_PID_FILE = "partitioned-worker.pid"
 
 
 class Publisher(threading.Thread):
-    """Sends the plan at a steady rate. A task counts as confirmed only when send_task returned, which
-    with publisher confirms means the broker has stored it; one that raised is sent, not confirmed."""
+    """Sends the plan at a steady rate through conveyor's publisher (conveyor/seam/publisher.py),
+    confirms collected asynchronously. A task counts as confirmed only once the broker confirmed it;
+    one it refused is sent, not confirmed. After a break (a broker restart) the publisher connects
+    again, sends once more what the broker had not confirmed, and goes on with the rest of the plan."""
+
+    IN_FLIGHT = 200  # unconfirmed tasks at most before the thread waits for confirms
 
     def __init__(self, app: Celery, planned: list[Planned], rate_per_s: float) -> None:
         super().__init__(name="chaos-publisher", daemon=True)
@@ -44,26 +50,64 @@ class Publisher(threading.Thread):
         self.sent = 0
         self.confirmed: dict[str, Planned] = {}
         self.stop = threading.Event()
+        self.connected = True
 
     def run(self) -> None:
         next_at = time.monotonic()
-        with self.app.producer_or_acquire() as producer:
+        with SeamPublisher(self.app) as pub:
             for index, item in enumerate(self.planned):
                 if self.rate_per_s:  # a steady pace that does not catch up in a burst after a stall
                     self.stop.wait(max(0.0, next_at - time.monotonic()))
                     next_at = max(next_at, time.monotonic()) + 1 / self.rate_per_s
                 if self.stop.is_set():
-                    return
-                task_id = str(uuid.uuid4())
+                    break
                 self.sent += 1
+                self._send(pub, index, [(str(uuid.uuid4()), item)])
+            while self.connected:  # what is still unconfirmed, after a break too
                 try:
-                    self.app.send_task(item.task, args=item.args, kwargs=item.kwargs, task_id=task_id, producer=producer,
-                                       ignore_result=True)  # the ledger is the record here, not the backend
-                except environment.PUBLISH_ERRORS as exc:
-                    log.warning("Task %d of %d was not confirmed by the broker: %s.", index + 1, len(self.planned), exc)
-                    continue
-                self.confirmed[task_id] = item
+                    self._settle(*pub.flush())
+                    break
+                except BrokerError as exc:
+                    self._send(pub, self.sent - 1, self._reconnect(pub, self.sent - 1, exc, []))
         log.info("The publisher sent %d task(s); the broker confirmed %d.", self.sent, len(self.confirmed))
+
+    def _send(self, pub: SeamPublisher, index: int, jobs: list[tuple[str, Planned]]) -> None:
+        """Publish `jobs` (task id, item); after a broken connection, those it left unconfirmed go
+        again with the same ids, as a send retried until confirmed would (the ledger counts a task
+        that runs twice as duplicated)."""
+        while jobs and self.connected:
+            task_id, item = jobs.pop(0)
+            try:
+                # ignore_result: the ledger is the record here, not the backend.
+                pub.publish(lambda _producer, task_id=task_id, item=item: (
+                    pub.send_task(item.task, item.kwargs, task_id=task_id, ignore_result=True), item))
+                self._settle(*pub.flush(in_flight=self.IN_FLIGHT))
+            except BrokerError as exc:
+                jobs[:0] = self._reconnect(pub, index, exc, [(task_id, item)])
+
+    def _settle(self, confirmed: list[tuple[str, Planned]], refused: list[tuple[str, Planned]]) -> None:
+        self.confirmed.update(confirmed)
+        for task_id, _item in refused:
+            log.warning("The broker refused task %s; it counts as sent, not confirmed.", task_id)
+
+    def _reconnect(self, pub: SeamPublisher, index: int, exc: BaseException,
+                   current: list[tuple[str, Planned]]) -> list[tuple[str, Planned]]:
+        """Connect again; return what must be sent again: the unconfirmed jobs, and `current` unless
+        the broker settled it."""
+        log.warning("Publishing stopped at task %d of %d (%s); connecting again.", index + 1, len(self.planned), exc)
+        try:
+            confirmed, refused, unknown = pub.reconnect()
+        except OperationalError as lost:  # the broker stayed away past publish_retry_s
+            log.error("Could not connect to the broker again (%s); the rest of the plan is not sent.", lost)
+            self.connected = False
+            self.stop.set()
+            return []
+        self._settle(confirmed, refused)
+        settled = {task_id for task_id, _ in confirmed + refused + unknown}
+        again = unknown + [job for job in current if job[0] not in settled]
+        if again:
+            log.warning("Sending %d task(s) again that the broker had not confirmed when the connection broke.", len(again))
+        return again
 
 
 class Killer(threading.Thread):

@@ -1,8 +1,10 @@
 """Sending the config's tasks and collecting what became of each one.
 
-All tasks are published first, over one producer, so they run concurrently on the workers; then
-the results are gathered as they arrive, with one overall deadline. A task still unfinished at the
-deadline is reported as such (never waited on forever).
+All tasks are published first, in batches on one channel with the broker's confirms collected
+asynchronously (conveyor/seam/publisher.py), so they run concurrently on the workers; results are
+taken in between batches and then until all are in, with one overall deadline
+(conveyor/seam/collector.py). A task still unfinished at the deadline is reported as such (never
+waited on forever).
 """
 
 from __future__ import annotations
@@ -10,25 +12,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from celery import Celery
-from celery.exceptions import TimeoutError as CeleryTimeout
-from celery.result import AsyncResult, ResultSet
 
-from conveyor.settings import environment
-from conveyor.tasks import deadletter
-from conveyor.settings.config import Config
-from conveyor.errors import BrokerError
-from conveyor.lifecycle import unique
 from conveyor.dispatch.arguments import entry_arguments
+from conveyor.errors import BrokerError, PublishInterrupted
+from conveyor.lifecycle import unique
+from conveyor.seam.collector import Collector, collector_for
+from conveyor.seam.publisher import Publisher, kwargs_repr
+from conveyor.settings import environment
+from conveyor.settings.config import Config
+from conveyor.settings.context import settings_of
+from conveyor.tasks import deadletter
 from conveyor.tasks.deadletter import DeadLettered
 from conveyor.tasks.states import TaskState
-from conveyor.settings.context import settings_of
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -98,63 +100,87 @@ class DispatchReport:
         }
 
 
-def send_all(app: Celery, config: Config) -> list[tuple[TaskOutcome, AsyncResult | None]]:
-    """Publish every task; each send returns only once the broker confirmed it. A broker that goes
-    away is retried for publish_retry_s (app.py); then this fails loudly, saying how many got through."""
-    sent: list[tuple[TaskOutcome, AsyncResult | None]] = []
-    try:
-        return _send_all(app, config, sent)
-    except environment.PUBLISH_ERRORS as exc:
-        total = sum(spec.count for spec in config.tasks)
-        raise BrokerError(
-            f"the broker at {settings_of(app).broker.safe_url} did not confirm task {len(sent) + 1} of {total}, "
-            f"even after retrying (publish_retry_s: {config.publish_retry_s:g}) ({type(exc).__name__}: {exc}); "
-            f"the {len(sent)} confirmed before it will run; check RabbitMQ, then dispatch the rest") from None
+BATCH = 500  # tasks published before the dispatcher takes in confirms and results; also the most left unconfirmed
 
 
-def _send_all(app: Celery, config: Config, sent: list) -> list[tuple[TaskOutcome, AsyncResult | None]]:
-    deadletter.declare(app)
-    with app.producer_or_acquire() as producer:
-        for entry, spec in enumerate(config.tasks):
-            queue = config.task_type(spec.task).queue
-            for index in range(spec.count):
-                args, kwargs = entry_arguments(config, entry, index)
-                if spec.unique_key:
-                    key = spec.unique_key.format(index=index)
-                    done = unique.send_unique(app, spec.task, key, args=args, kwargs=kwargs, producer=producer)
-                    if not done.sent:  # nothing was sent, so there is no result to wait for
-                        sent.append((TaskOutcome(spec.task, done.id, queue, state=TaskState.DUPLICATE, error=(
-                            f"not sent: task {done.id} with unique key {key!r} is still queued or running")), None))
-                        continue
-                    result = app.AsyncResult(done.id)
-                else:
-                    result = app.send_task(spec.task, args=args, kwargs=kwargs, producer=producer)
-                sent.append((TaskOutcome(spec.task, result.id, queue, sent_at=time.monotonic()), result))
-    log.info("Sent %d tasks.", len(sent))
-    return sent
+class _Sending:
+    """One dispatch's outcomes, by id as well, and how many tasks the broker has confirmed so far."""
+
+    def __init__(self, app: Celery, on_done: Callable[[TaskOutcome], None] | None) -> None:
+        self.app, self.on_done = app, on_done
+        self.outcomes: list[TaskOutcome] = []
+        self.by_id: dict[str, TaskOutcome] = {}
+        self.confirmed = 0
+        self.pending = 0  # sent, neither refused nor finished
+
+    def on_result(self, task_id: str, status: str, value: Any, meta: dict[str, Any] | None = None) -> None:
+        outcome = self.by_id.get(task_id)
+        if outcome is None or outcome.state != TaskState.PENDING:
+            return
+        fill_outcome(outcome, {**(meta or {}), "status": status, "result": value})
+        self.pending -= 1
+        if self.on_done:
+            self.on_done(outcome)
+
+    def settle(self, confirmed: list[Any], refused: list[Any]) -> None:
+        self.confirmed += len(confirmed)
+        if not refused:
+            return
+        unique_ids = [r.id for r in refused if isinstance(r, unique.Dispatched)]
+        for task_id in (getattr(r, "id", r) for r in refused):
+            outcome = self.by_id.pop(task_id, None)  # no result will come: the broker never stored it
+            if outcome is not None and outcome.state == TaskState.PENDING:
+                self.pending -= 1
+                outcome.state = TaskState.REFUSED
+                outcome.error = "refused by the broker (nacked, or returned: no queue took it); not sent"
+        if unique_ids:
+            unique.release_refused(self.app, unique_ids)
+        log.error("The broker refused %d task(s): they were not sent.", len(refused))
 
 
-def collect(app: Celery, sent: list[tuple[TaskOutcome, AsyncResult | None]], timeout_s: float,
-            on_done: Callable[[TaskOutcome], None] | None = None) -> None:
-    """Fill in each outcome as its result arrives, until all are in or the deadline passes."""
-    by_id = {outcome.id: outcome for outcome, result in sent if result is not None}
-    pending = ResultSet([result for _, result in sent if result is not None], app=app)
-    if not pending.results:  # every task was a unique key's duplicate: nothing to wait for
-        return
-    try:
-        for task_id, meta in app.backend.iter_native(pending, timeout=timeout_s, interval=0.05):
-            outcome = by_id.get(task_id)
-            if outcome is None or outcome.state != TaskState.PENDING:
-                continue
-            fill_outcome(outcome, meta)
-            if on_done:
-                on_done(outcome)
-    except CeleryTimeout:
-        unfinished = sum(o.state == TaskState.PENDING for o in by_id.values())
-        log.warning("%d task(s) had not finished when the %.0f s timeout ran out.", unfinished, timeout_s)
-    for outcome in by_id.values():
-        if outcome.state == TaskState.PENDING:
-            outcome.error = f"no result within {timeout_s:g} s"
+def send_all(pub: Publisher, collector: Collector, config: Config, sending: _Sending) -> None:
+    """Publish every task through `pub`, taking in confirms (and the results already back) after each
+    batch. A task counts as sent once the broker confirmed it; one it refused (nacked, or returned
+    because no queue took it) is REFUSED and waited on no more."""
+    app = sending.app
+    for entry, spec in enumerate(config.tasks):
+        queue = config.task_type(spec.task).queue
+        for index in range(spec.count):
+            args, kwargs = entry_arguments(config, entry, index)
+            if spec.unique_key:
+                key = spec.unique_key.format(index=index)
+                done = pub.publish(lambda producer: unique.send_unique(
+                    app, spec.task, key, args=args, kwargs=kwargs, producer=producer, declare=[]))
+                if not done.sent:  # nothing was sent, so there is no result to wait for
+                    sending.outcomes.append(TaskOutcome(spec.task, done.id, queue, state=TaskState.DUPLICATE, error=(
+                        f"not sent: task {done.id} with unique key {key!r} is still queued or running")))
+                    continue
+                task_id = done.id
+            elif args:  # positional arguments (a user task's): Celery's own send, on the publisher's channel
+                task_id = pub.publish(lambda producer: app.send_task(
+                    spec.task, args=args, kwargs=kwargs, producer=producer, declare=[], retry=False).id)
+            else:
+                task_id = pub.publish(lambda _producer: pub.send_task(spec.task, kwargs, kwargs_repr(kwargs)))
+            outcome = TaskOutcome(spec.task, task_id, queue, sent_at=time.monotonic())
+            sending.outcomes.append(outcome)
+            sending.by_id[task_id] = outcome
+            sending.pending += 1
+            collector.watch(task_id)
+            if len(sending.outcomes) % BATCH == 0:
+                sending.settle(*pub.flush(in_flight=BATCH))
+                collector.wait(0)
+    sending.settle(*pub.flush())
+    log.info("Sent %d tasks; the broker confirmed %d.", len(sending.outcomes), sending.confirmed)
+
+
+def collect(collector: Collector, sending: _Sending, deadline: float) -> None:
+    """Wait for the results still to come, until all are in or the deadline passes."""
+    while sending.pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            log.warning("%d task(s) had not finished when the timeout ran out.", sending.pending)
+            return
+        collector.wait(min(left, 1.0))
 
 
 def fill_outcome(outcome: TaskOutcome, meta: dict[str, Any]) -> None:
@@ -202,11 +228,29 @@ def app_exception(raw: dict[str, Any]) -> BaseException:
 
 def dispatch(app: Celery, config: Config, timeout_s: float,
              on_done: Callable[[TaskOutcome], None] | None = None) -> DispatchReport:
+    """Send every task and collect every result on one connection (conveyor/seam: the publisher and
+    the collector the load tester uses too), results waited on for at most `timeout_s`. A broker
+    that cannot be reached is retried for publish_retry_s; then this fails loudly, saying how many
+    tasks got through."""
     started = time.monotonic()
-    sent = send_all(app, config)
-    collect(app, sent, timeout_s, on_done)
+    sending = _Sending(app, on_done)
+    total = sum(spec.count for spec in config.tasks)
+    try:
+        deadletter.declare(app)
+        with Publisher(app) as pub, closing(collector_for(app, sending.on_result, pub.connection)) as collector:
+            send_all(pub, collector, config, sending)
+            collect(collector, sending, time.monotonic() + timeout_s)
+    except (*environment.PUBLISH_ERRORS, PublishInterrupted) as exc:
+        raise BrokerError(
+            f"the broker at {settings_of(app).broker.safe_url} did not confirm task {sending.confirmed + 1} of {total}, "
+            f"even after retrying (publish_retry_s: {config.publish_retry_s:g}) ({type(exc).__name__}: {exc}); "
+            f"the {sending.confirmed} confirmed before it will run; check RabbitMQ, then dispatch the rest") from None
+    for outcome in sending.by_id.values():
+        if outcome.state == TaskState.PENDING:
+            outcome.error = f"no result within {timeout_s:g} s"
     return DispatchReport(
         config=config.model_dump(mode="json"),
-        tasks=[outcome for outcome, _ in sent],
+        tasks=sending.outcomes,
         total_time_s=time.monotonic() - started,
     )
+

@@ -46,3 +46,11 @@ def send_unique(app: Celery, name: str, unique_key: str, args: Any = None, kwarg
         store.transition(task_id, TaskState.FAILED, detail="could not be published", error=f"{type(exc).__name__}: {exc}")
         raise
     return Dispatched(task_id, True)
+
+
+def release_refused(app: Celery, task_ids: list[str]) -> None:
+    """Tasks whose claim succeeded but whose publish the broker refused (nacked or returned, found
+    only when its confirms came in): mark them failed, or their keys would stay taken."""
+    store = stores.require_store(app)
+    for task_id in task_ids:
+        store.transition(task_id, TaskState.REFUSED, detail="refused by the broker", error="the broker nacked or returned it")

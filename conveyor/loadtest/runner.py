@@ -23,9 +23,9 @@ from celery import Celery, chain
 from conveyor.tasks import deadletter
 from conveyor.dispatch.dispatcher import TaskOutcome, fill_outcome
 from conveyor.loadtest.metrics import Record, RunStats, Stage
+from conveyor.seam.collector import IDLE_WAIT_S, collector_for
+from conveyor.seam.publisher import Publisher, kwargs_repr
 from conveyor.tasks.states import TaskState
-from conveyor.loadtest.publisher import BatchPublisher
-from conveyor.loadtest.results import IDLE_WAIT_S, watcher_for
 from conveyor.loadtest.scenario import Job, Plan, Scenario
 
 log = logging.getLogger(__name__)
@@ -82,20 +82,18 @@ class Runner:
         self._recent: deque[float] = deque()
 
     # --- sending ---------------------------------------------------------------------------
-    def _send(self, job: Job, pub: BatchPublisher) -> Record:
+    def _send(self, job: Job, pub: Publisher) -> Record:
         record = Record(job.index, job.type, time.time(), [])
-        if len(job.steps) == 1 and pub.fast and not job.steps[0][2]:
+        if len(job.steps) == 1 and not job.steps[0][2]:
             name, kwargs, _ = job.steps[0]
-            ids = [pub.send_task(name, kwargs, _kwargsrepr(kwargs))]
-        elif len(job.steps) == 1:
-            # declare=[]: the queues were declared once before the run; by default Celery re-declares
-            # the task's queue on every send (kombu's cache check alone cost ~12 % of a send, profiled).
+            ids = [pub.send_task(name, kwargs, kwargs_repr(kwargs))]
+        elif len(job.steps) == 1:  # positional arguments (a user task's): Celery's own send on the publisher's channel
             name, kwargs, args = job.steps[0]
-            ids = [self.app.send_task(name, args=args, kwargs=kwargs, producer=pub.producer, declare=[]).id]
+            ids = [self.app.send_task(name, args=args, kwargs=kwargs, producer=pub.producer, declare=[], retry=False).id]
         else:
             # A Celery chain: each stage's result becomes the next stage's first argument.
             stages = chain(*(self.app.signature(name, args=args, kwargs=kwargs) for name, kwargs, args in job.steps))
-            last = stages.apply_async(producer=pub.producer, declare=[])
+            last = pub.send_signature(stages)
             ids = []
             while last is not None:
                 ids.append(last.id)
@@ -141,7 +139,7 @@ class Runner:
         paused_s = send_s = send_cpu_s = 0.0
         depth_checked, headroom = 0.0, 0
         last_tick = 0.0
-        with BatchPublisher(self.app) as pub, closing(watcher_for(self.app, self._on_result, pub.connection)) as watcher:
+        with Publisher(self.app) as pub, closing(collector_for(self.app, self._on_result, pub.connection)) as watcher:
             self.watcher = watcher
             # For the report; load_test.py's stack session has already told the user at the start.
             idle = [q for q in self.scenario.queues if pub.consumers(q) == 0]
@@ -231,7 +229,3 @@ class Runner:
         return Progress(now - start, self.plan.total, len(self.records), self._done, self._failed,
                         len(self.records) - self._done, len(self._recent) / span, paused)
 
-
-def _kwargsrepr(kwargs: dict[str, Any]) -> str:
-    """What Celery's saferepr would show of a load-test task's arguments, payload abbreviated."""
-    return repr({k: f"<{len(v)} characters>" if k == "payload" else v for k, v in kwargs.items()})

@@ -10,7 +10,7 @@ from celery.signals import celeryd_after_setup, worker_ready
 from conveyor.settings import environment
 from conveyor.tasks import deadletter
 from conveyor.lifecycle import ledger
-from conveyor.seam import inbound, rpc_backend, trace
+from conveyor.seam import inbound, producer, rpc_backend, trace
 from conveyor.seam.consumer import body_limit
 from conveyor.tasks import registry
 from conveyor.lifecycle import signals as record_signals, stores
@@ -25,7 +25,9 @@ def create_app(config: Config | None = None, settings: environment.BrokerSetting
                choice: object = None) -> Celery:
     config = config or load_config()
     settings = settings or environment.resolve()
-    app = Celery("conveyor", broker=settings.broker_url, backend=settings.result_backend, set_as_current=True)
+    # Every producer Celery makes is conveyor's: task messages mandatory, confirms awaited with a deadline.
+    app = Celery("conveyor", broker=settings.broker_url, backend=settings.result_backend, set_as_current=True,
+                 amqp="conveyor.seam.producer:AMQP")
     if settings.result_backend.startswith("rpc://"):
         app.backend_cls = rpc_backend.RPCBackend  # the same backend, minus a round trip per task sent
     elif settings.result_backend.startswith("file://"):
@@ -34,6 +36,7 @@ def create_app(config: Config | None = None, settings: environment.BrokerSetting
     if not settings.embedded:
         # Every publish waits for the broker's confirm: a task is never reported sent unless it is stored.
         transport_options["confirm_publish"] = True
+        transport_options.update(producer.blocking_options())  # connection.blocked/unblocked, logged
     app.conf.update(
         task_queues=work_queues(config),
         task_routes=routes(config),

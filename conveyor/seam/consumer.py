@@ -116,15 +116,27 @@ class Consumer(CeleryConsumer):
         # Not `expiration` (the copy would expire in the dead-letter queue) nor `user_id` (the broker
         # refuses one that is not the publishing connection's user).
         properties = {k: v for k in KEPT_PROPERTIES if (v := message.properties.get(k)) is not None}
-        try:
+
+        def publish() -> None:
+            # mandatory: a dead-letter queue that was deleted returns the copy rather than drop it;
+            # the confirm is awaited for at most confirm_timeout_s (conveyor/seam/publisher.py).
             with self.app.producer_or_acquire() as producer:
                 producer.publish(
                     getattr(message, "received_body", message.body), exchange=dlx, routing_key=DEAD_LETTER_QUEUE, declare=[dead_letter_queue],
                     content_type=message.content_type or "application/octet-stream",
                     content_encoding=message.content_encoding or "binary",
-                    headers=headers, delivery_mode="persistent",
+                    headers=headers, delivery_mode="persistent", mandatory=True,
                     retry=True, retry_policy=self.app.conf.task_publish_retry_policy, **properties,
                 )
+
+        try:
+            deadletter.publish_routed(self.app, publish)
+        except deadletter.UNROUTED as exc:
+            # Rejecting to the DLX would drop it too: it stays unacknowledged, and the broker delivers
+            # it again when this connection closes.
+            log.error("Could not route a message from %s to the dead-letter queue (%s: %s); it stays "
+                      "unacknowledged.", _queue_of(message), type(exc).__name__, exc)
+            return
         except Exception as exc:  # whatever went wrong, the broker's own dead-lettering still works
             log.error("Could not publish a message from %s to the dead-letter queue (%s: %s); rejecting it "
                       "to the queue's dead-letter exchange instead.", _queue_of(message), type(exc).__name__, exc)

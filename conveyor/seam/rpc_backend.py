@@ -13,6 +13,23 @@ Results go out on connections that wait for the broker's confirm of every publis
 its late ack. With `result_confirms: false` they go out without confirms instead; the dead-letter
 publishes keep theirs (conveyor/tasks/deadletter.py uses the app's pool).
 
+With `tuning.fast_paths: false`, none of this: Celery's own meta, a declaration per task sent,
+and every result through a pooled producer and kombu's public Producer.publish.
+
+Uses of Celery/kombu/py-amqp internals (checked against celery 5.7.0, kombu 5.7.0, amqp 5.4.2):
+
+- `celery.backends.rpc.RPCBackend` subclassed: `on_task_call` (the reply queue declared once per
+  channel), `_to_result` (the meta without its two costly steps; a conformance test compares it with
+  Celery's), `store_result` (this thread's held producer). Replaces: a queue.declare round trip per
+  task sent, and a pool checkout plus kombu's retry wrapper per result.
+- py-amqp's `channel.prepare_message`/`basic_publish(..., confirm_timeout=)` on the held producer,
+  and `frames.write_publish` without result confirms. Replaces: kombu's Producer.publish per result.
+- `kombu.pools.ProducerPool` for results without confirms. Replaces: the app's pool, whose
+  connections confirm every publish.
+
+A confirm is awaited for at most `confirm_timeout_s` (a broker under an alarm stops confirming);
+a publish that times out goes the retrying way below, on a new connection.
+
 Each worker thread keeps a producer of its own and publishes a result straight on its channel.
 Celery checks a producer out of a pool and publishes through kombu's retrying wrapper for every
 result: 37 % of a solo worker's samples went to storing a no-op result, the pool checkout 8 % and
@@ -41,7 +58,7 @@ from kombu import Producer
 from kombu.pools import ProducerPool
 from kombu.serialization import dumps
 
-from conveyor.seam import frames
+from conveyor.seam import frames, producer
 from conveyor.settings.context import maybe_settings_of
 from conveyor.seam.runtime_meta import RuntimeMeta, add_runtime
 
@@ -67,9 +84,13 @@ class RPCBackend(RuntimeMeta, CeleryRPCBackend):
         self._unconfirmed: ProducerPool | None = None
         self._held = threading.local()  # .producer: a _Held
 
+    @cached_property
+    def _fast(self) -> bool:
+        return producer.fast_paths(self.app)
+
     def on_task_call(self, producer, task_id) -> None:
         channel = producer.channel
-        if channel not in self._declared_on:
+        if not self._fast or channel not in self._declared_on:
             super().on_task_call(producer, task_id)
             self._declared_on.add(channel)
 
@@ -82,7 +103,7 @@ class RPCBackend(RuntimeMeta, CeleryRPCBackend):
         # no-op worker's CPU, profiled): the search through the config's namespaces behind
         # find_value_for_key("extended", "result"), read once here, and app.now()'s conversions
         # (the same instant, in the same zone). Extended results and other states go Celery's way.
-        if self._extended or state not in self.READY_STATES:
+        if not self._fast or self._extended or state not in self.READY_STATES:
             return super()._to_result(task_id, state, result, traceback, request)
         meta = {"status": state, "result": self.encode_result(result, state), "traceback": traceback,
                 "children": self.current_task_children(request),
@@ -112,24 +133,28 @@ class RPCBackend(RuntimeMeta, CeleryRPCBackend):
         return self._unconfirmed
 
     def store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
-        # Celery's own, on this thread's producer; through the pool and kombu's retries if that fails.
+        # Celery's own, on this thread's producer; through the pool and kombu's retries if that fails
+        # (or always, with tuning.fast_paths off).
         routing_key, correlation_id = self.destination_for(task_id, request)
         if not routing_key:
             return None
         meta = self._to_result(task_id, state, result, traceback, request)
-        # Encoded first, so that a result that cannot be encoded fails as in Celery (EncodeError).
-        content_type, content_encoding, body = dumps(meta, serializer=self.serializer)
-        try:
-            self._publish_held(body, content_type, content_encoding, routing_key, correlation_id)
-        except Exception as exc:  # noqa: BLE001  (whatever broke, the retrying path below decides)
-            log.info("Publishing the result of task %s failed (%r); publishing it again with retries.", task_id, exc)
-            self._drop_held()
-            with self._producers().acquire(block=True) as producer:
-                producer.publish(
-                    meta, exchange=self.exchange, routing_key=routing_key, correlation_id=correlation_id,
-                    serializer=self.serializer, retry=True, retry_policy=self.retry_policy,
-                    declare=self.on_reply_declare(task_id), delivery_mode=self.delivery_mode,
-                )
+        if self._fast:
+            # Encoded first, so that a result that cannot be encoded fails as in Celery (EncodeError).
+            content_type, content_encoding, body = dumps(meta, serializer=self.serializer)
+            try:
+                self._publish_held(body, content_type, content_encoding, routing_key, correlation_id)
+                return result
+            except Exception as exc:  # noqa: BLE001  (whatever broke, the retrying path below decides)
+                log.info("Publishing the result of task %s failed (%r); publishing it again with retries.", task_id, exc)
+                self._drop_held()
+        # Celery's way (and without the fast paths, the only one): a pooled producer, kombu's retries.
+        with self._producers().acquire(block=True) as producer:
+            producer.publish(
+                meta, exchange=self.exchange, routing_key=routing_key, correlation_id=correlation_id,
+                serializer=self.serializer, retry=True, retry_policy=self.retry_policy,
+                declare=self.on_reply_declare(task_id), delivery_mode=self.delivery_mode,
+            )
         return result
 
     def _publish_held(self, body: bytes, content_type: str, content_encoding: str, routing_key: str,
@@ -142,8 +167,10 @@ class RPCBackend(RuntimeMeta, CeleryRPCBackend):
         # As kombu's Producer.publish builds it: no headers, priority 0, these two properties.
         message = channel.prepare_message(body, 0, content_type, content_encoding, {},
                                           {"correlation_id": correlation_id, "delivery_mode": self.delivery_mode})
-        if held.confirms:  # basic_publish waits for the confirm
-            channel.basic_publish(message, exchange=self.exchange.name, routing_key=routing_key)
+        if held.confirms:  # basic_publish waits for the confirm: for at most confirm_timeout_s
+            deadline_s = producer.confirm_timeout_s(self.app)
+            channel.basic_publish(message, exchange=self.exchange.name, routing_key=routing_key,
+                                  timeout=deadline_s, confirm_timeout=deadline_s)
             return
         now = time.monotonic()
         if now >= held.next_poll:

@@ -26,7 +26,7 @@ from kombu.exceptions import OperationalError
 from kombu.utils.functional import fxrange
 from kombu.utils.url import maybe_sanitize_url
 
-from conveyor.errors import BrokerError
+from conveyor.errors import BrokerError, PublishRefused
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +167,9 @@ def _explain(settings: BrokerSettings, exc: Exception) -> str:
 
 
 # What a publish raises once its retries are spent (kombu wraps connection errors in OperationalError),
-# or at once when the broker refuses the message (a nack under publisher confirms).
-PUBLISH_ERRORS = (OperationalError, MessageNacked)
+# or at once when the broker refuses the message (a nack under publisher confirms, or a return of a
+# `mandatory` task message no queue took: conveyor/seam/publisher.py).
+PUBLISH_ERRORS = (OperationalError, MessageNacked, PublishRefused)
 
 
 def publish_retry_policy(total_s: float, start_s: float = 0.2, step_s: float = 0.4, most_s: float = 2.0) -> dict:

@@ -19,7 +19,10 @@ def service_of(node: str) -> str:
 
 def ping(app: Celery, timeout_s: float = 1.0, destination: list[str] | None = None) -> list[str]:
     """Node names of every worker (or of those in `destination`) that answered a ping within the timeout."""
-    replies = app.control.ping(destination=destination, timeout=timeout_s) or []
+    # A connection of its own: a pooled one may be a dead socket after a broker restart, and Celery's
+    # broadcast does not reconnect.
+    with app.connection_for_write() as connection:
+        replies = app.control.ping(destination=destination, timeout=timeout_s, connection=connection) or []
     return sorted(node for reply in replies for node in reply)
 
 

@@ -6,6 +6,11 @@ messages arrive here. A task that exhausted its retries, though, should say *why
 after how many attempts, so the worker publishes it to the same exchange itself, as a complete
 Celery message (so it can be requeued as-is) with `x-exception` and `x-attempts` headers, under
 publisher confirms, before the original delivery is acknowledged.
+
+Every dead-letter publish is `mandatory` (conveyor/seam/publisher.py): if `dead_letter` has been
+deleted, the broker returns the message instead of confirming and dropping it, and the original is
+never acknowledged away. The queue is then declared again and the publish made once more
+(`publish_routed`); only if that is refused too does the caller keep the original (requeue it).
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from amqp.exceptions import NotFound
 from celery import Celery, Task
 
 from conveyor.amqp.topology import DEAD_LETTER_QUEUE, dead_letter_queue, dlx, work_queues
 from conveyor.settings.context import settings_of
+from conveyor.errors import PublishRefused
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +52,31 @@ def declare(app: Celery) -> None:
             queue(channel).declare()
 
 
+# What a dead-letter publish raises when its route is gone: a return (no queue bound), or the
+# channel error for a missing exchange.
+UNROUTED = (PublishRefused, NotFound)
+
+
+def publish_routed(app: Celery, publish: Callable[[], Any]) -> Any:
+    """Run `publish` (a dead-letter publish); if the broker could not route it (the dead-letter queue
+    or exchange deleted), declare them again and publish once more. A second failure raises."""
+    try:
+        return publish()
+    except UNROUTED as exc:
+        log.error("The broker could not route a dead-letter publish (%s); declaring %s again and publishing "
+                  "once more.", exc, DEAD_LETTER_QUEUE)
+        with app.connection_for_write() as conn:
+            dead_letter_queue(conn.default_channel).declare()
+        return publish()
+
+
 def publish(task: Task, exc: BaseException) -> dict[str, Any]:
     """Send the current request of `task` to the dead-letter queue with its reason."""
     req = task.request
     attempts = (req.retries or 0) + 1
     headers = reason_headers(type(exc).__name__, str(exc), (req.delivery_info or {}).get("routing_key"),
                              req.hostname, attempts)
-    task.app.send_task(
+    publish_routed(task.app, lambda: task.app.send_task(
         task.name,
         args=req.args,
         kwargs=req.kwargs,
@@ -60,7 +85,8 @@ def publish(task: Task, exc: BaseException) -> dict[str, Any]:
         queue=dead_letter_queue,
         headers=headers,
         declare=[dead_letter_queue],
-    )
+        mandatory=True,
+    ))
     log.warning("Task %s[%s] failed for good after %d attempts and was dead-lettered: %s",
                 task.name, req.id, attempts, headers["x-exception"])
     return headers

@@ -67,6 +67,12 @@ class DeadLetteringTask(LifecycleTask):
                 raise
             try:
                 headers = deadletter.publish(self, exc)
+            except deadletter.UNROUTED as publish_error:
+                # The dead-letter queue is gone even after declaring it again: rejecting to the DLX
+                # would drop the task, so it goes back to its queue (and is run again) instead.
+                log.error("Could not route task %s[%s] to the dead-letter queue (%s); requeueing it.",
+                          self.name, self.request.id, publish_error)
+                raise Reject(f"dead-letter publish not routed: {publish_error}", requeue=True) from exc
             except Exception as publish_error:
                 # Could not publish with the reason: let RabbitMQ dead-letter the original message
                 # through the queue's DLX instead (x-death only), rather than acknowledge it away.

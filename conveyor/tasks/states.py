@@ -17,6 +17,7 @@ class TaskState(StrEnum):
     DEAD_LETTERED = "DEAD_LETTERED"  # failed for good and kept, with its reason, in the dead-letter queue
     REVOKED = "REVOKED"
     DUPLICATE = "DUPLICATE"  # not sent: a task with the same unique key is queued or running
+    REFUSED = "REFUSED"  # not sent: the broker nacked the task or returned it (no queue took it)
 
     @property
     def label(self) -> str:
@@ -35,4 +36,5 @@ class TaskState(StrEnum):
 ACTIVE = (TaskState.QUEUED, TaskState.RUNNING, TaskState.RETRYING)
 # The two ends every task is promised: anything else at the end of a run is a task lost or stuck.
 FINAL = (TaskState.SUCCEEDED, TaskState.DEAD_LETTERED)
-RECORD_STATES = (*ACTIVE, TaskState.SUCCEEDED, TaskState.FAILED, TaskState.DEAD_LETTERED, TaskState.REVOKED)
+RECORD_STATES = (*ACTIVE, TaskState.SUCCEEDED, TaskState.FAILED, TaskState.DEAD_LETTERED, TaskState.REVOKED,
+                 TaskState.REFUSED)

@@ -1,20 +1,28 @@
-"""Collecting results: each task's final state, handed to a callback as (task id, status, value).
+"""The one result collector, for dispatch.py and the load tester: each task's final state, handed to a
+callback as (task id, status, value), with a deadline on every wait.
 
-Three ways, by result backend:
+Three ways, by result backend (`collector_for` picks one):
 
-- rpc:// (`ReplyQueue`): the load tester reads its reply queue itself. Celery's own result consumer
+- rpc:// (`ReplyQueue`): the caller reads its reply queue itself. Celery's own result consumer
   (`AsyncResult.then`) runs a promise chain, a state-change handler and a `sleep(0)` per message:
   profiled, that was a third of the caller's CPU at saturation, and the caller shares the machine's
   cores with the workers and the broker. Every result of ours comes to that queue (the rpc backend
   sends each one to the `reply_to` of its task message, chained stages included), so nothing needs
   registering per task.
-- redis:// (`Pushed`): Celery's result consumer, through `AsyncResult.then`.
+- redis:// (`Pushed`): Celery's result consumer, through `AsyncResult.then`; also rpc:// with
+  `tuning.fast_paths: false`.
 - anything else, e.g. the embedded file backend (`Polled`): the state of each pending task is read
   in turn.
 
 Values are as the backend stores them: a failure's value is its exception in serialized form
 (`exc_type`, `exc_message`) for `ReplyQueue`, an exception instance for the others;
-`conveyor.dispatch.fill_outcome` reads both.
+`conveyor.dispatch.dispatcher.fill_outcome` reads both.
+
+Uses of Celery/kombu internals (checked against celery 5.7.0, kombu 5.7.0): `ReplyQueue` consumes
+the rpc backend's own reply queue (`RPCBackend.binding`) with a kombu Consumer of its own, in place
+of Celery's result consumer (`AsyncResult.then`, `ResultSet.iter_native`), and reads the result
+meta as the backend publishes it (`status`, `result`, `task_id`). `Pushed` drives
+`app.backend.result_consumer.drain_events` with a timeout.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ from celery.backends.asynchronous import AsyncBackendMixin
 from celery.backends.rpc import RPCBackend
 from celery.result import AsyncResult
 from kombu import Consumer
-from conveyor.settings.context import settings_of
+
+from conveyor.seam import producer
 
 # (task id, status, result, the result's whole metadata: worker, retries, runtime_s of a user task)
 OnResult = Callable[[str, str, Any, dict[str, Any]], None]
@@ -105,7 +114,10 @@ class Pushed:
             got = self.delivered != before
             left = deadline - time.monotonic()
             seen = self.delivered
-            consumer.drain_events(timeout=0.001 if got or left <= 0 else left)
+            try:
+                consumer.drain_events(timeout=0.001 if got or left <= 0 else left)
+            except socket.timeout:  # the rpc:// consumer raises, where the redis one returns
+                return
             if self.delivered == seen and (got or left <= 0):
                 return  # the redis consumer returns, rather than raise, when nothing came
 
@@ -139,9 +151,13 @@ class Polled:
         pass
 
 
-def watcher_for(app: Celery, on_result: OnResult, connection: Any) -> ReplyQueue | Pushed | Polled:
+Collector = ReplyQueue | Pushed | Polled
+
+
+def collector_for(app: Celery, on_result: OnResult, connection: Any) -> Collector:
     """The way to collect `app`'s results; `connection` is the publisher's (rpc:// shares it)."""
-    if isinstance(app.backend, RPCBackend) and not settings_of(app).broker.embedded:
+    fast = producer.fast_paths(app)
+    if fast and isinstance(app.backend, RPCBackend) and connection.transport.driver_type == "amqp":
         return ReplyQueue(app, on_result, connection)
     if isinstance(app.backend, AsyncBackendMixin):
         return Pushed(app, on_result)
