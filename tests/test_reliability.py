@@ -32,7 +32,7 @@ from conveyor.chaos.netns import Namespace
 from conveyor.settings.config import load_config
 from conveyor.errors import BrokerError, ConfigError, UsageError
 from conveyor.tasks.deadletter import DeadLettered
-from conveyor.amqp.topology import QUORUM_DELIVERY_LIMIT, work_queues
+from conveyor.amqp.topology import QUORUM_DELIVERY_LIMIT, work_queue, work_queues
 from conveyor.stack.control import service_of
 from conveyor.tasks.states import TaskState
 
@@ -254,7 +254,7 @@ def test_a_message_returned_past_the_delivery_limit_is_dead_lettered(quorum_vhos
     dead-lettered by the broker instead of being delivered again."""
     app = make_app(write_config(tmp_path / "q.yml", SHIPPED + "queue_type: quorum\n"))
     deadletter.declare(app)
-    [queue_a] = [q for q in work_queues("quorum") if q.name == "queue_a"]
+    queue_a = work_queue("queue_a", "quorum")
     with app.connection_for_write() as conn:
         producer = conn.Producer()
         producer.publish({"poison": True}, exchange=queue_a.exchange, routing_key="queue_a", serializer="json")
