@@ -38,8 +38,10 @@ load-test: install ## Load-test the stack: make load-test TASKS=1000 (jobs in al
 bench: install ## Benchmark vs the peers in ../shared/bench and the targets (BENCH_TASKS=10000, BENCH_ROUNDS=3, about 6 min); JSON in bench-results/.
 	$(PY) bench/bench.py --tasks "$(BENCH_TASKS)" --rounds "$(BENCH_ROUNDS)"
 
-test: install ## Run the unit and integration tests.
+test: install ## Check the layers (import-linter), run the unit and integration tests, then the end-to-end ones again with every fast path off.
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
+	CONVEYOR_FAST_PATHS=off $(PY) -m pytest -m e2e
 
 fuzz: install ## Fuzz the workers' intake: FUZZ_MESSAGES=1000 mutated messages per pool (3 pools); the seed is printed (replay: FUZZ_SEED=N).
 	@seed="$(FUZZ_SEED)"; [ -n "$$seed" ] || seed=$$(od -An -N4 -tu4 /dev/urandom | tr -d ' '); \

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from helpers import run_cli
+
+pytestmark = pytest.mark.e2e
 
 
 def test_dispatch_on_the_embedded_broker(embedded_env, run_dir):

@@ -18,7 +18,7 @@ from conveyor.tasks.deadletter import DeadLettered
 from conveyor.stack.control import service_of
 from helpers.events import EventLog
 
-pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("broker_env")]
+pytestmark = [pytest.mark.broker, pytest.mark.e2e, pytest.mark.usefixtures("broker_env")]
 
 CONFIG = """\
 name: integration

@@ -245,6 +245,7 @@ LEAN_TUNING = "tuning: {task_events: false, track_started: false, result_extende
 NO_FAST_PATHS = LEAN_TUNING.replace("}", ", fast_paths: false}")
 
 
+@pytest.mark.e2e
 @pytest.mark.broker
 @pytest.mark.usefixtures("empty_queues")
 @pytest.mark.parametrize("tuning", ["", LEAN_TUNING, NO_FAST_PATHS], ids=["default", "lean", "no-fast-paths"])
@@ -462,6 +463,7 @@ def test_a_result_goes_out_as_celery_would_send_it_and_survives_a_broken_connect
     assert [m.properties["correlation_id"] for m in got] == ["t1", "t2", "t3"]
 
 
+@pytest.mark.e2e
 @pytest.mark.broker
 @pytest.mark.usefixtures("empty_queues")
 def test_tasks_n_sends_n_jobs_in_all_and_tasks_per_type_n_of_each(broker_env, local_stack, tmp_path):

@@ -10,7 +10,7 @@ from conveyor.amqp.topology import delay_queue
 from conveyor.tasks import retry
 from conveyor.settings.context import settings_of
 
-pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("broker_env")]
+pytestmark = [pytest.mark.broker, pytest.mark.e2e, pytest.mark.usefixtures("broker_env")]
 
 CONFIG = """\
 name: retry-delay

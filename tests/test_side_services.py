@@ -265,7 +265,7 @@ def test_a_hung_management_api_is_asked_once_then_skipped(broker_env, make_app, 
 
     hung = HungServer()
     try:
-        monkeypatch.setenv(queues.MANAGEMENT_URL_ENV, f"http://127.0.0.1:{hung.port}")
+        monkeypatch.setenv(environment.MANAGEMENT_URL_ENV, f"http://127.0.0.1:{hung.port}")
         monkeypatch.setattr(queues, "_breakers", {})
         app = make_app()
         caplog.set_level(logging.INFO)

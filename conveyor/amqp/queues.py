@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,10 +21,10 @@ from kombu.utils.url import url_to_parts
 from conveyor.settings.context import settings_of
 
 from conveyor.breaker import Breaker
+from conveyor.settings import environment
 
 log = logging.getLogger(__name__)
 
-MANAGEMENT_URL_ENV = "RABBITMQ_MANAGEMENT_URL"
 
 
 @dataclass
@@ -63,7 +62,7 @@ def stats(app: Celery, names: list[str]) -> list[QueueStats]:
 def management_base(broker_url: str) -> str:
     """The management API's root (no credentials, no /api): RABBITMQ_MANAGEMENT_URL, else port 15672 of the broker's host."""
     host = url_to_parts(broker_url)[1]
-    return (os.environ.get(MANAGEMENT_URL_ENV) or f"http://{host or '127.0.0.1'}:15672").rstrip("/")
+    return (environment.management_url() or f"http://{host or '127.0.0.1'}:15672").rstrip("/")
 
 
 _breakers: dict[float, Breaker] = {}

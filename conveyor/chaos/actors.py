@@ -156,8 +156,8 @@ class PartitionedWorker:
     def __init__(self, app: Celery, config: Config, namespace: Namespace, node: BrokerNode, home: Path) -> None:
         self.app, self.service = app, config.services[0]
         self.node = f"{self.service.name}-partitioned@{socket.gethostname()}"
-        env = {**os.environ, "BROKER_URL": node.url(namespace.host_ip), "CONVEYOR_CONFIG": str(config.source),
-               "PYTHONUNBUFFERED": "1"}
+        env = environment.inherited({"BROKER_URL": node.url(namespace.host_ip), environment.CONFIG_ENV: str(config.source),
+                                     "PYTHONUNBUFFERED": "1"})
         argv = namespace.command([sys.executable, "-m", "conveyor.stack.launcher", "--service", self.service.name,
                                   "--node", self.node])
         with open(home / "partitioned-worker.log", "ab") as out:

@@ -26,6 +26,7 @@ from typing import Self
 
 from conveyor.errors import BrokerError
 from conveyor.stack.local import alive
+from conveyor.settings import environment
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,7 @@ class BrokerNode(Owned):
         return self.home / "node.pid"
 
     def _env(self) -> dict[str, str]:
-        return {
-            **os.environ,
+        return environment.inherited({
             "RABBITMQ_NODENAME": self.name,
             "RABBITMQ_DIST_PORT": str(self.dist_port),
             "RABBITMQ_CONFIG_FILE": str(self.home / "rabbitmq.conf"),
@@ -115,7 +115,7 @@ class BrokerNode(Owned):
             # Erlang distribution and its port mapper on loopback only.
             "ERL_EPMD_ADDRESS": "127.0.0.1",
             "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
-        }
+        })
 
     def _ctl(self, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess | None:
         return _run(["rabbitmqctl", "-n", self.name, *args], self._env(), timeout_s)
@@ -193,7 +193,7 @@ def remove_leftover(home: Path) -> None:
     """Stop the node (by its name, as the run would have; killed if it will not) and delete its directory."""
     try:
         name = (home / "nodename").read_text().strip()
-        _run(["rabbitmqctl", "-n", name, "stop"], {**os.environ, "RABBITMQ_CONF_ENV_FILE": str(home / "rabbitmq-env.conf")}, 60)
+        _run(["rabbitmqctl", "-n", name, "stop"], environment.inherited({"RABBITMQ_CONF_ENV_FILE": str(home / "rabbitmq-env.conf")}), 60)
         pid = int((home / "node.pid").read_text())
         if f"RABBITMQ_NODENAME={name}".encode() in Path(f"/proc/{pid}/environ").read_bytes():
             os.kill(pid, signal.SIGKILL)

@@ -36,6 +36,7 @@ from celery.signals import task_postrun, task_prerun
 from conveyor.lifecycle import sqlite
 from conveyor.tasks.deadletter import DeadLettered
 from conveyor.tasks.states import FINAL, TaskState
+from conveyor.settings.environment import PROCESS_ENV
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ _path: Path | None = None
 _local = threading.local()  # a connection per thread, opened in the process that uses it (never across a fork)
 
 
-def attach_from_env(env: Mapping[str, str] = os.environ) -> None:
+def attach_from_env(env: Mapping[str, str] = PROCESS_ENV) -> None:
     if env.get(LEDGER_ENV):
         attach(Path(env[LEDGER_ENV]))
 

@@ -6,7 +6,7 @@ accept_content=["json"], vanishes without a trace. Unknown tasks and malformed t
 rejects, which the queue's DLX turns into a dead letter that says only "rejected".
 
 Here each of those is published to the dead-letter exchange with `x-exception` saying why (the same
-headers as a task that failed for good, deadletter.reason_headers), under publisher confirms, and
+headers as a task that failed for good, amqp/dead_letters.reason_headers), under publisher confirms, and
 only then acknowledged. So is every message the intake refuses (conveyor/seam/intake.py: a header or
 property of the wrong type, a body over limits.max_payload_bytes once inflated, too deep, of the
 wrong shape), before Celery reads any of it, with `x-invalid-field` and `x-invalid-rule` besides. The
@@ -30,7 +30,7 @@ from vine import promise
 from conveyor.amqp.topology import DEAD_LETTER_QUEUE, dead_letter_queue, dlx
 from conveyor.seam import intake
 from conveyor.seam.inbound import Rejected
-from conveyor.tasks import deadletter
+from conveyor.amqp import dead_letters
 from conveyor.settings.context import settings_of
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class Consumer(CeleryConsumer):
         """Publish a copy of `message`, its body and headers as received, to the dead-letter queue
         with the reason; then ack it."""
         headers = {**(message.headers or {}),
-                   **deadletter.reason_headers(kind, reason, _queue_of(message), self.hostname)}
+                   **dead_letters.reason_headers(kind, reason, _queue_of(message), self.hostname)}
         if rejected is not None:
             headers.update({"x-invalid-field": rejected.field, "x-invalid-rule": rejected.rule})
         # Not `expiration` (the copy would expire in the dead-letter queue) nor `user_id` (the broker
@@ -130,8 +130,8 @@ class Consumer(CeleryConsumer):
                 )
 
         try:
-            deadletter.publish_routed(self.app, publish)
-        except deadletter.UNROUTED as exc:
+            dead_letters.publish_routed(self.app, publish)
+        except dead_letters.UNROUTED as exc:
             # Rejecting to the DLX would drop it too: it stays unacknowledged, and the broker delivers
             # it again when this connection closes.
             log.error("Could not route a message from %s to the dead-letter queue (%s: %s); it stays "

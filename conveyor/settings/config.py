@@ -16,11 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from conveyor.errors import ConfigError, UsageError
 from conveyor.settings import callables
+from conveyor.settings.environment import CONFIG_ENV
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "test-config.yml"
-CONFIG_ENV = "CONVEYOR_CONFIG"
 CODE_DIR_ENV = "CONVEYOR_CODE_DIR"  # where code_dir is mounted inside a worker container
 
 

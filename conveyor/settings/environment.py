@@ -209,6 +209,7 @@ NODE_FILE_ENV = "CONVEYOR_NODE_FILE"  # where a replica writes its node name, fo
 WORKER_SERVICE_ENV = "WORKER_SERVICE"  # the service a containerised replica serves
 WORKER_LOGLEVEL_ENV = "WORKER_LOGLEVEL"  # a worker's log level (INFO by default)
 CONFIG_ENV = "CONVEYOR_CONFIG"  # the config file (conveyor/settings/config.py reads it)
+MANAGEMENT_URL_ENV = "RABBITMQ_MANAGEMENT_URL"  # the management API's root, if not port 15672 of the broker's host
 
 
 def inherited(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -238,3 +239,7 @@ def flower_address() -> str | None:
 
 def flower_port() -> str | None:
     return os.environ.get("FLOWER_PORT") or None  # `make flower`'s port (5555 by default)
+
+
+def management_url() -> str | None:
+    return os.environ.get(MANAGEMENT_URL_ENV) or None

@@ -16,18 +16,15 @@ never acknowledged away. The queue is then declared again and the publish made o
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
-from amqp.exceptions import NotFound
 from celery import Celery, Task
 
 from conveyor.amqp.topology import DEAD_LETTER_QUEUE, dead_letter_queue, dlx, work_queues
 from conveyor.settings.context import settings_of
-from conveyor.errors import PublishRefused
+from conveyor.amqp.dead_letters import publish_routed, reason_headers
 
 log = logging.getLogger(__name__)
 
@@ -54,22 +51,6 @@ def declare(app: Celery) -> None:
 
 # What a dead-letter publish raises when its route is gone: a return (no queue bound), or the
 # channel error for a missing exchange.
-UNROUTED = (PublishRefused, NotFound)
-
-
-def publish_routed(app: Celery, publish: Callable[[], Any]) -> Any:
-    """Run `publish` (a dead-letter publish); if the broker could not route it (the dead-letter queue
-    or exchange deleted), declare them again and publish once more. A second failure raises."""
-    try:
-        return publish()
-    except UNROUTED as exc:
-        log.error("The broker could not route a dead-letter publish (%s); declaring %s again and publishing "
-                  "once more.", exc, DEAD_LETTER_QUEUE)
-        with app.connection_for_write() as conn:
-            dead_letter_queue(conn.default_channel).declare()
-        return publish()
-
-
 def publish(task: Task, exc: BaseException) -> dict[str, Any]:
     """Send the current request of `task` to the dead-letter queue with its reason."""
     req = task.request
@@ -89,27 +70,6 @@ def publish(task: Task, exc: BaseException) -> dict[str, Any]:
     ))
     log.warning("Task %s[%s] failed for good after %d attempts and was dead-lettered: %s",
                 task.name, req.id, attempts, headers["x-exception"])
-    return headers
-
-
-_DELAY_BITS = re.compile(r"^(?:[01]\.)+")
-
-
-def reason_headers(kind: str, reason: str, routing_key: str | None, worker: str | None,
-                   attempts: int | None = None) -> dict[str, Any]:
-    """The headers that say why a message is dead-lettered: by a task that failed for good (above),
-    or by the worker's consumer for a message it cannot run at all (conveyor/seam/consumer.py)."""
-    headers: dict[str, Any] = {
-        "x-exception": f"{kind}: {reason}"[:2000],
-        "x-exception-type": kind,
-        # A retry delayed through Celery's native delayed delivery (quorum queues) arrives with
-        # the delay bits in front of the queue's routing key.
-        "x-original-queue": _DELAY_BITS.sub("", routing_key or ""),
-        "x-worker": worker or "",
-        "x-dead-lettered-at": datetime.now(timezone.utc).isoformat(),
-    }
-    if attempts is not None:
-        headers["x-attempts"] = attempts
     return headers
 
 

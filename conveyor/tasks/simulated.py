@@ -20,6 +20,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 
+from conveyor.amqp import dead_letters
 from conveyor.tasks import deadletter
 from conveyor.tasks.deadletter import DeadLettered
 from conveyor.tasks import retry
@@ -67,7 +68,7 @@ class DeadLetteringTask(LifecycleTask):
                 raise
             try:
                 headers = deadletter.publish(self, exc)
-            except deadletter.UNROUTED as publish_error:
+            except dead_letters.UNROUTED as publish_error:
                 # The dead-letter queue is gone even after declaring it again: rejecting to the DLX
                 # would drop the task, so it goes back to its queue (and is run again) instead.
                 log.error("Could not route task %s[%s] to the dead-letter queue (%s); requeueing it.",
