@@ -80,7 +80,7 @@ class Publisher(threading.Thread):
             try:
                 # ignore_result: the ledger is the record here, not the backend.
                 pub.publish(lambda _producer, task_id=task_id, item=item: (
-                    pub.send_task(item.task, item.kwargs, task_id=task_id, ignore_result=True), item))
+                    pub.send_task(item.task, item.kwargs, task_id=task_id, ignore_result=True, args=item.args), item))
                 self._settle(*pub.flush(in_flight=self.IN_FLIGHT))
             except BrokerError as exc:
                 jobs[:0] = self._reconnect(pub, index, exc, [(task_id, item)])

@@ -156,11 +156,8 @@ def send_all(pub: Publisher, collector: Collector, config: Config, sending: _Sen
                         f"not sent: task {done.id} with unique key {key!r} is still queued or running")))
                     continue
                 task_id = done.id
-            elif args:  # positional arguments (a user task's): Celery's own send, on the publisher's channel
-                task_id = pub.publish(lambda producer: app.send_task(
-                    spec.task, args=args, kwargs=kwargs, producer=producer, declare=[], retry=False).id)
             else:
-                task_id = pub.publish(lambda _producer: pub.send_task(spec.task, kwargs, kwargs_repr(kwargs)))
+                task_id = pub.publish(lambda _producer: pub.send_task(spec.task, kwargs, kwargs_repr(kwargs), args=args))
             outcome = TaskOutcome(spec.task, task_id, queue, sent_at=time.monotonic())
             sending.outcomes.append(outcome)
             sending.by_id[task_id] = outcome

@@ -84,12 +84,9 @@ class Runner:
     # --- sending ---------------------------------------------------------------------------
     def _send(self, job: Job, pub: Publisher) -> Record:
         record = Record(job.index, job.type, time.time(), [])
-        if len(job.steps) == 1 and not job.steps[0][2]:
-            name, kwargs, _ = job.steps[0]
-            ids = [pub.send_task(name, kwargs, kwargs_repr(kwargs))]
-        elif len(job.steps) == 1:  # positional arguments (a user task's): Celery's own send on the publisher's channel
+        if len(job.steps) == 1:
             name, kwargs, args = job.steps[0]
-            ids = [self.app.send_task(name, args=args, kwargs=kwargs, producer=pub.producer, declare=[], retry=False).id]
+            ids = [pub.send_task(name, kwargs, kwargs_repr(kwargs), args=tuple(args or ()))]
         else:
             # A Celery chain: each stage's result becomes the next stage's first argument.
             stages = chain(*(self.app.signature(name, args=args, kwargs=kwargs) for name, kwargs, args in job.steps))

@@ -17,8 +17,12 @@ Uses of Celery/kombu/py-amqp internals (checked against celery 5.7.0, kombu 5.7.
   filled in, returns collected on py-amqp's `channel.events["basic_return"]`. Replaces: py-amqp
   raising out of a frame handler, which leaves the returned message's confirm unread and pairs every
   later confirm with the wrong message.
-- `amqp.Connection(on_blocked=..., on_unblocked=...)`, passed through the transport options (and
-  set on a Publisher's own connection): `connection.blocked`/`unblocked` logged once per change.
+- `amqp.Connection(on_blocked=..., on_unblocked=...)`, given by a subclass of kombu's py-amqp
+  transport (`kombu.transport.pyamqp.Transport.Connection`, the class it instantiates; the app's
+  `broker_transport` names the subclass), and set on a Publisher's own connection:
+  `connection.blocked`/`unblocked` logged once per change. Not through the transport options:
+  those are part of the worker's `stats` reply (`celery inspect stats`, Flower), which must stay
+  JSON.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from celery import Celery
 from celery.app.amqp import AMQP as CeleryAMQP
 from kombu import Producer
 from kombu.pools import ProducerPool
+from kombu.transport import pyamqp
 
 from conveyor.errors import PublishRefused
 from conveyor.settings.context import maybe_settings_of
@@ -95,9 +100,36 @@ class _Blocking:
 BLOCKING = _Blocking()
 
 
-def blocking_options() -> dict[str, Any]:
-    """Transport options that make every py-amqp connection report connection.blocked/unblocked."""
-    return {"on_blocked": BLOCKING.blocked, "on_unblocked": BLOCKING.unblocked}
+class _ReportingConnection(pyamqp.Connection):
+    """py-amqp's connection as kombu's transport makes it, reporting connection.blocked/unblocked."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("on_blocked", BLOCKING.blocked)
+        kwargs.setdefault("on_unblocked", BLOCKING.unblocked)
+        super().__init__(*args, **kwargs)
+
+
+class Transport(pyamqp.Transport):
+    """kombu's py-amqp transport, whose connections report connection.blocked/unblocked."""
+
+    Connection = _ReportingConnection
+
+
+class SSLTransport(pyamqp.SSLTransport):
+    """The same, over TLS (amqps://)."""
+
+    Connection = _ReportingConnection
+
+
+def transport_for(broker_url: str) -> str | None:
+    """The app's broker_transport for a broker URL: ours for py-amqp's schemes, None (kombu's
+    choice by scheme) for any other."""
+    scheme = broker_url.partition("://")[0].lower()
+    if scheme in ("amqp", "pyamqp"):
+        return f"{__name__}:Transport"
+    if scheme == "amqps":
+        return f"{__name__}:SSLTransport"
+    return None
 
 # --- one message at a time -------------------------------------------------------------------
 

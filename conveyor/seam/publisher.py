@@ -39,6 +39,7 @@ from celery.backends.rpc import RPCBackend
 from celery.signals import after_task_publish, before_task_publish
 from celery.utils.nodenames import anon_nodename
 from kombu.exceptions import OperationalError
+from celery.utils.saferepr import saferepr
 from kombu.serialization import dumps
 from kombu.utils.uuid import uuid
 
@@ -213,7 +214,7 @@ class Publisher:
         self._frames_size += len(frame)
 
     def send_task(self, name: str, kwargs: dict[str, Any], kwargsrepr: str | None = None,
-                  task_id: str | None = None, ignore_result: bool | None = None) -> str:
+                  task_id: str | None = None, ignore_result: bool | None = None, args: tuple[Any, ...] = ()) -> str:
         """Publish one task, as `app.send_task` would; return its id.
 
         Fast path (see `self.fast`): the message is Celery's own (protocol 2, built by
@@ -224,13 +225,13 @@ class Publisher:
         Producer: retries and reconnects are of no use on a channel whose confirms we count.
         """
         if not self.fast:
-            return self.app.send_task(name, kwargs=kwargs, task_id=task_id, producer=self.producer, declare=[],
-                                      ignore_result=ignore_result).id
+            return self.app.send_task(name, args=args, kwargs=kwargs, task_id=task_id, producer=self.producer,
+                                      declare=[], ignore_result=ignore_result).id
         exchange, routing_key, delivery_mode, publish_args = self._route(name)
         task_id = task_id or uuid()
         headers, properties, body, _ = self.app.amqp.as_task_v2(
-            task_id, name, (), kwargs, reply_to=self._reply_to, origin=self._origin,
-            argsrepr="()", kwargsrepr=kwargsrepr, ignore_result=ignore_result)  # None, as send_task leaves it
+            task_id, name, tuple(args), kwargs, reply_to=self._reply_to, origin=self._origin,
+            argsrepr=saferepr(tuple(args)) if args else "()", kwargsrepr=kwargsrepr, ignore_result=ignore_result)  # None, as send_task leaves it
         if before_task_publish.receivers:
             before_task_publish.send(sender=name, body=body, exchange=exchange, routing_key=routing_key,
                                      declare=[], headers=headers, properties=properties, retry_policy=None)
