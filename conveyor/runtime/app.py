@@ -36,6 +36,7 @@ def create_app(config: Config | None = None, settings: environment.BrokerSetting
     if not settings.embedded:
         # Every publish waits for the broker's confirm: a task is never reported sent unless it is stored.
         transport_options["confirm_publish"] = True
+        producer.install_transport()  # connection.blocked/unblocked logged (conveyor/seam/producer.py)
     app.conf.update(
         task_queues=work_queues(config),
         task_routes=routes(config),
@@ -51,7 +52,6 @@ def create_app(config: Config | None = None, settings: environment.BrokerSetting
         worker_prefetch_multiplier=1,
         broker_transport_options=transport_options,
         # connection.blocked/unblocked logged (conveyor/seam/producer.py); the embedded broker has neither.
-        broker_transport=producer.transport_for(settings.broker_url),
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,
         # Delivery under faults (docs/reliability.md): a publish rides out a broker restart before it

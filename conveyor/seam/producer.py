@@ -18,8 +18,9 @@ Uses of Celery/kombu/py-amqp internals (checked against celery 5.7.0, kombu 5.7.
   raising out of a frame handler, which leaves the returned message's confirm unread and pairs every
   later confirm with the wrong message.
 - `amqp.Connection(on_blocked=..., on_unblocked=...)`, given by a subclass of kombu's py-amqp
-  transport (`kombu.transport.pyamqp.Transport.Connection`, the class it instantiates; the app's
-  `broker_transport` names the subclass), and set on a Publisher's own connection:
+  transport (`kombu.transport.pyamqp.Transport.Connection`, the class it instantiates), put in
+  kombu's `TRANSPORT_ALIASES` for amqp/pyamqp/amqps (and out of its `_transport_cache`), and set
+  on a Publisher's own connection:
   `connection.blocked`/`unblocked` logged once per change. Not through the transport options:
   those are part of the worker's `stats` reply (`celery inspect stats`, Flower), which must stay
   JSON.
@@ -37,6 +38,7 @@ from celery import Celery
 from celery.app.amqp import AMQP as CeleryAMQP
 from kombu import Producer
 from kombu.pools import ProducerPool
+from kombu import transport as kombu_transport
 from kombu.transport import pyamqp
 
 from conveyor.errors import PublishRefused
@@ -121,15 +123,14 @@ class SSLTransport(pyamqp.SSLTransport):
     Connection = _ReportingConnection
 
 
-def transport_for(broker_url: str) -> str | None:
-    """The app's broker_transport for a broker URL: ours for py-amqp's schemes, None (kombu's
-    choice by scheme) for any other."""
-    scheme = broker_url.partition("://")[0].lower()
-    if scheme in ("amqp", "pyamqp"):
-        return f"{__name__}:Transport"
-    if scheme == "amqps":
-        return f"{__name__}:SSLTransport"
-    return None
+def install_transport() -> None:
+    """Make kombu's py-amqp schemes (amqp://, pyamqp://, amqps://) use the transports above, in this
+    process. Through kombu's alias table rather than the app's broker_transport: a connection then
+    still says `amqp` (its URI, its info(): what Celery logs and Flower parses to find the
+    management API)."""
+    for alias, cls in (("amqp", Transport), ("pyamqp", Transport), ("amqps", SSLTransport)):
+        kombu_transport.TRANSPORT_ALIASES[alias] = f"{__name__}:{cls.__name__}"
+        kombu_transport._transport_cache.pop(alias, None)  # resolved before: resolve it again
 
 # --- one message at a time -------------------------------------------------------------------
 
