@@ -80,7 +80,7 @@ def run_dlq(app, args) -> int:
     if args.command == "list":
         found = deadletter.browse(app)
         if args.json:
-            print(json.dumps([{k: v for k, v in asdict(d).items() if k != "body"} for d in found], indent=2, default=str))
+            print(json.dumps([{k: v for k, v in asdict(d).items() if k not in ("body", "raw")} for d in found], indent=2, default=str))
         else:
             print(render.letters(found))
     elif args.command == "requeue":

@@ -4,8 +4,11 @@
     running         task_prerun, in the pool process about to run the task
     retrying        LifecycleTask.retry, in the pool process, *before* the retry is published
     succeeded       task_success, in the pool process
-    failed          task_failure, in the pool process (or the worker's main process on a hard timeout)
+    failed          task_failure, in the pool process
     dead_lettered   before_task_publish of the dead-letter publish, before the message reaches the DLQ
+                    (from the pool process, or the worker's main process for a hard timeout or a lost
+                    process, conveyor/tasks/lost.py); task_failure of a Reject without requeue; or
+                    dead_lettered() for a message the worker's consumer dead-letters unrun
     revoked         task_revoked, in the worker's main process; `tasks revoke` marks it first
 
 Every transition is written before the message that could cause the next one exists, so a record
@@ -19,10 +22,11 @@ from __future__ import annotations
 import functools
 import logging
 from collections import deque
+from datetime import datetime, timezone
 from typing import Any
 
 from celery import Task, current_app
-from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import before_task_publish, task_failure, task_prerun, task_revoked, task_success
 
 from conveyor.errors import RecordStoreError
@@ -36,6 +40,19 @@ _hard_timeouts: deque[str] = deque(maxlen=1000)  # in the worker's main process,
 
 UNIQUE_HEADER = "x-unique-key"
 REQUEUED_HEADER = "x-requeued-from"
+FIRST_FAILED_HEADER = "x-first-failed-at"
+# Headers of ours that a retry and a dead letter carry on: Celery rebuilds a retried message from
+# the request, which keeps no custom header (Context.headers is empty in a worker).
+CARRIED_HEADERS = (UNIQUE_HEADER, REQUEUED_HEADER, FIRST_FAILED_HEADER)
+
+
+def carried_headers(request: Any, failed: bool = False) -> dict[str, Any]:
+    """The CARRIED_HEADERS of a request (a message's headers are attributes of its Context); with
+    `failed`, for the message that follows a failed attempt, the time of the first failure."""
+    headers = {name: value for name in CARRIED_HEADERS if (value := getattr(request, name, None)) is not None}
+    if failed:
+        headers.setdefault(FIRST_FAILED_HEADER, datetime.now(timezone.utc).isoformat())
+    return headers
 
 
 def _best_effort(receiver):
@@ -98,6 +115,12 @@ def _published(sender: str | None = None, headers: dict | None = None, routing_k
                      started_at=None, finished_at=None, error=None)
 
 
+def dead_lettered(headers: dict[str, Any]) -> None:
+    """Record a dead letter published without Celery's before_task_publish: the worker's consumer
+    copies a message it cannot run to the dead-letter queue itself (conveyor/seam/consumer.py)."""
+    _published(headers=headers, routing_key=DEAD_LETTER_QUEUE)
+
+
 @_best_effort
 def _started(sender: Task | None = None, task_id: str | None = None, **_: Any) -> None:
     store = records.store_for(sender.app)
@@ -140,11 +163,15 @@ def _succeeded(sender: Task | None = None, **_: Any) -> None:
 @_best_effort
 def _failed(sender: Task | None = None, task_id: str | None = None, exception: BaseException | None = None,
             **_: Any) -> None:
-    from conveyor.tasks.simulated import DeadLettered  # conveyor.tasks imports this package
+    from conveyor.tasks.deadletter import DeadLettered  # conveyor.tasks imports this package
 
     store = records.store_for(sender.app)
     if store is None or isinstance(exception, DeadLettered):
         return  # dead-lettered: recorded when it was published to the dead-letter queue
+    if isinstance(exception, Reject):  # Celery sends task_failure only for a reject without requeue
+        store.transition(task_id, DEAD_LETTERED, detail=f"rejected to the dead-letter exchange: {exception.reason}",
+                         error=describe_error(exception), finished_at=now())
+        return
     if isinstance(exception, TimeLimitExceeded):
         # Celery sends task_failure twice for a hard timeout (from Request.on_timeout, and from
         # on_failure once the pool reports the killed process): record it once.

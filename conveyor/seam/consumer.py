@@ -48,7 +48,7 @@ class Consumer(CeleryConsumer):
             if size > limit + ENVELOPE_BYTES:
                 self.dead_letter(message, "PayloadTooLarge",
                                  f"the message body is {size} bytes, over limits.max_payload_bytes ({limit}) "
-                                 f"plus {ENVELOPE_BYTES} for the envelope")
+                                 f"plus {ENVELOPE_BYTES} for the envelope; its body was not kept", keep_body=False)
                 return
             try:
                 handle(message)
@@ -81,8 +81,10 @@ class Consumer(CeleryConsumer):
         _dead_letter_on_reject(self, message, type(exc).__name__, str(exc))
         super().on_invalid_task(body, message, exc)
 
-    def dead_letter(self, message: Message, kind: str, reason: str) -> None:
-        """Publish a copy of `message`, byte for byte, to the dead-letter queue with the reason; then ack it."""
+    def dead_letter(self, message: Message, kind: str, reason: str, keep_body: bool = True) -> None:
+        """Publish a copy of `message`, byte for byte (or, over the payload limit, its headers only, so that
+        the dead-letter queue never stores what the limit refuses), to the dead-letter queue with the
+        reason; then ack it, and end its record and result as dead-lettered."""
         headers = {**(message.headers or {}),
                    **deadletter.reason_headers(kind, reason, _queue_of(message), self.hostname)}
         properties = {k: v for k in ("correlation_id", "reply_to", "priority")
@@ -90,7 +92,8 @@ class Consumer(CeleryConsumer):
         try:
             with self.app.producer_or_acquire() as producer:
                 producer.publish(
-                    message.body, exchange=dlx, routing_key=DEAD_LETTER_QUEUE, declare=[dead_letter_queue],
+                    message.body if keep_body else b"", exchange=dlx, routing_key=DEAD_LETTER_QUEUE,
+                    declare=[dead_letter_queue(self.app.conveyor_config)],
                     content_type=message.content_type or "application/octet-stream",
                     content_encoding=message.content_encoding or "binary",
                     headers=headers, delivery_mode="persistent",
@@ -105,6 +108,7 @@ class Consumer(CeleryConsumer):
                 log.error("Could not reject it either (%s); the broker will deliver it again.", lost)
             return
         message.ack_log_error(log, self.connection_errors)
+        deadletter.settle_unrun(self.app, headers, message.properties or {})
         log.error("Dead-lettered a message from %s: %s.", _queue_of(message), headers["x-exception"])
 
 

@@ -115,6 +115,18 @@ class Limits(Strict):
                                    description="largest payload a dispatcher sends and a worker accepts")
 
 
+class DeadLetterBounds(Strict):
+    """RabbitMQ's length limits on the `dead_letter` queue (conveyor/amqp/topology.py). A full queue
+    refuses new dead letters rather than drop old ones: nothing is lost, and the refusal is an error
+    in the worker's log while `make monitor` warns from 80 % full. Changing a bound of an existing
+    queue needs the queue deleted (drained) first: RabbitMQ refuses a declare with other arguments."""
+
+    max_length: int = Field(100_000, ge=1, le=100_000_000, description="messages the dead-letter queue holds at most")
+    max_length_bytes: int = Field(1024 ** 3, ge=1024, le=1024 ** 4, description="bytes of message bodies it holds at most")
+    overflow: Literal["reject-publish"] = Field("reject-publish", description=(
+        "what a full queue does: refuse the new message (the only overflow mode that drops nothing)"))
+
+
 class Monitoring(Strict):
     """`make monitor` (conveyor/monitor/): sample the broker and the workers every collect_interval_s,
     write the buffered samples every emit_interval_s. Reference: docs/monitoring.md."""
@@ -161,6 +173,7 @@ class Config(Strict):
     # Delivery guarantees (docs/reliability.md). Quorum queues are replicated and also survive a node's
     # disk; changing the type of an existing queue needs the queue deleted first (RabbitMQ refuses).
     queue_type: Literal["classic", "quorum"] = "classic"
+    dead_letter: DeadLetterBounds = DeadLetterBounds()
     heartbeat_s: float = Field(30.0, ge=0, le=3600, description="worker-broker heartbeat; a silent peer is dropped after about twice this; 0: off")
     publish_retry_s: float = Field(30.0, ge=0, le=3600, description="how long a publish retries a broker that is away before it fails")
     monitoring: Monitoring = Monitoring()

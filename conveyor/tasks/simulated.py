@@ -18,6 +18,7 @@ from celery.exceptions import Ignore, Reject, Retry
 
 from conveyor.tasks import deadletter
 from conveyor.tasks import retry
+from conveyor.tasks.deadletter import DeadLettered
 from conveyor.settings.config import RetryPolicy, TimeLimit
 from conveyor.lifecycle.task import LifecycleTask
 from conveyor.amqp.topology import TASKS, TaskType
@@ -33,17 +34,6 @@ class InvalidTaskArguments(ValueError):
     """The task was called with arguments no retry can fix."""
 
 
-class DeadLettered(Exception):
-    """The final result of a task that failed for good: it is now in the dead-letter queue."""
-
-    def __init__(self, reason: str, attempts: int, queue: str = "") -> None:
-        super().__init__(reason, attempts, queue)
-        self.reason, self.attempts, self.queue = reason, attempts, queue
-
-    def __str__(self) -> str:
-        return f"dead-lettered after {self.attempts} attempt(s): {self.reason}"
-
-
 class DeadLetteringTask(LifecycleTask):
     """Sends a task that failed for good to the dead-letter queue, then records DeadLettered as its result.
 
@@ -54,6 +44,8 @@ class DeadLetteringTask(LifecycleTask):
     """
 
     abstract = True
+    Request = "conveyor.tasks.lost:DeadLetteringRequest"  # the attempts the pool loses end the same way
+    full_pause_s: float = 5.0  # how long a worker waits before it tries a full dead-letter queue again
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -66,6 +58,15 @@ class DeadLetteringTask(LifecycleTask):
             try:
                 headers = deadletter.publish(self, exc)
             except Exception as publish_error:
+                if deadletter.refused(publish_error):
+                    # The dead-letter queue is full (reject-publish): keep the task in its queue, loudly,
+                    # and come back to it after a pause rather than spin on it.
+                    log.error("The dead-letter queue refused task %s[%s]: it is full (dead_letter.max_length or "
+                              "max_length_bytes). The task stays in %s and is tried again; make room with "
+                              "`python -m conveyor dlq requeue|purge`.", self.name, self.request.id,
+                              (self.request.delivery_info or {}).get("routing_key"))
+                    time.sleep(self.full_pause_s)
+                    raise Reject("the dead-letter queue is full", requeue=True) from exc
                 # Could not publish with the reason: let RabbitMQ dead-letter the original message
                 # through the queue's DLX instead (x-death only), rather than acknowledge it away.
                 log.error("Could not publish task %s[%s] to the dead-letter queue (%s); rejecting it to the DLX.",
