@@ -151,6 +151,15 @@ def record_retry(task: Task, exc: BaseException | None, when: Any, soft: float |
 
 
 @_best_effort
+def record_kept(app: Any, task_id: str, detail: str) -> None:
+    """The dead-letter queue refused a task (full): its record, written dead_lettered just before
+    the publish, says instead that it stays in its queue to be tried again."""
+    store = records.store_for(app)
+    if store is not None:
+        store.transition(task_id, RETRYING, detail=detail, finished_at=None)
+
+
+@_best_effort
 def _succeeded(sender: Task | None = None, **_: Any) -> None:
     store = records.store_for(sender.app)
     if store is None or sender.request.called_directly:

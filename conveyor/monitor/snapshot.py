@@ -23,6 +23,8 @@ from conveyor.monitor.accounting import Accounting
 
 log = logging.getLogger(__name__)
 
+DEAD_LETTER_WARN_RATIO = 0.8  # of dead_letter.max_length: past it the snapshot warns, before the queue refuses
+
 
 def sample_broker(stack: Stack, ping_timeout_s: float = 1.0) -> dict[str, Any]:
     """Services and queues as `make status` reports them, plus each queue's publish and deliver rates."""
@@ -33,7 +35,20 @@ def sample_broker(stack: Stack, ping_timeout_s: float = 1.0) -> dict[str, Any]:
         publish, deliver = rates.get(queue["name"], (None, None))
         queue["publish_rate_per_s"], queue["deliver_rate_per_s"] = publish, deliver
     found["sampled_at"] = sampled_at
+    found["dead_letter_max_length"] = stack.app.conveyor_config.dead_letter.max_length
     return found
+
+
+def warnings(broker: dict[str, Any]) -> list[str]:
+    """What an operator must act on before it does harm: a dead-letter queue nearly full (full, it
+    refuses new dead letters and workers keep retrying the tasks, conveyor/amqp/topology.py)."""
+    limit = broker.get("dead_letter_max_length")
+    for queue in broker["queues"]:
+        held = (queue["messages_ready"] or 0) + (queue["messages_unacked"] or 0)
+        if queue["name"] == DEAD_LETTER_QUEUE and limit and held >= DEAD_LETTER_WARN_RATIO * limit:
+            return [f"the dead-letter queue is {100 * held / limit:.0f} % full ({held:,} of dead_letter.max_length "
+                    f"{limit:,}); full, it refuses new dead letters: requeue or purge it (python -m conveyor dlq)"]
+    return []
 
 
 def message_rates(app: Celery) -> dict[str, tuple[float | None, float | None]]:
@@ -82,6 +97,7 @@ def compose(broker: dict[str, Any], accounting: Accounting, now: float | None = 
         "sampled_at": round(broker["sampled_at"], 3),
         "backend": broker["backend"],
         "error": error,
+        "warnings": warnings(broker),
         "queues": queue_rows,
         "services": services,
         "workers": workers,

@@ -53,10 +53,15 @@ class DeadLettered(Exception):
         return f"dead-lettered after {self.attempts} attempt(s): {self.reason}"
 
 
-def refused(exc: BaseException) -> bool:
+def refused(exc: BaseException | None) -> bool:
     """Whether a publish failed because the broker refused the message: for the dead-letter queue,
-    that it is full (its overflow is reject-publish)."""
-    return isinstance(exc, MessageNacked)
+    that it is full (its overflow is reject-publish). Celery raises the nack as the cause of an
+    OperationalError."""
+    while exc is not None:
+        if isinstance(exc, MessageNacked):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def declare(app: Celery) -> None:

@@ -29,8 +29,10 @@ from celery.signals import task_retry
 from celery.utils.saferepr import saferepr
 from celery.worker import state as worker_state
 
+from conveyor.lifecycle import signals as record_signals
 from conveyor.lifecycle.task import LifecycleRequest
 from conveyor.tasks import deadletter, retry
+from conveyor.tasks.simulated import KEPT_DETAIL
 
 log = logging.getLogger(__name__)
 
@@ -117,4 +119,6 @@ class DeadLetteringRequest(LifecycleRequest):
                   self.name, self.id, type(publish_error).__name__, publish_error,
                   "the dead-letter queue is full, so the message goes back to its queue" if full
                   else "rejecting the message to its queue's dead-letter exchange")
+        if full:
+            record_signals.record_kept(self.task.app, self.id, KEPT_DETAIL)
         self.reject(requeue=full)

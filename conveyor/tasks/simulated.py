@@ -20,6 +20,7 @@ from conveyor.tasks import deadletter
 from conveyor.tasks import retry
 from conveyor.tasks.deadletter import DeadLettered
 from conveyor.settings.config import RetryPolicy, TimeLimit
+from conveyor.lifecycle import signals as record_signals
 from conveyor.lifecycle.task import LifecycleTask
 from conveyor.amqp.topology import TASKS, TaskType
 
@@ -32,6 +33,9 @@ class SimulatedFailure(retry.TransientTaskError):
 
 class InvalidTaskArguments(ValueError):
     """The task was called with arguments no retry can fix."""
+
+
+KEPT_DETAIL = "the dead-letter queue is full and refused it: it stays in its queue and is tried again"
 
 
 class DeadLetteringTask(LifecycleTask):
@@ -65,6 +69,7 @@ class DeadLetteringTask(LifecycleTask):
                               "max_length_bytes). The task stays in %s and is tried again; make room with "
                               "`python -m conveyor dlq requeue|purge`.", self.name, self.request.id,
                               (self.request.delivery_info or {}).get("routing_key"))
+                    record_signals.record_kept(self.app, self.request.id, KEPT_DETAIL)
                     time.sleep(self.full_pause_s)
                     raise Reject("the dead-letter queue is full", requeue=True) from exc
                 # Could not publish with the reason: let RabbitMQ dead-letter the original message
