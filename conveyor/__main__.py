@@ -7,8 +7,8 @@
     python -m conveyor dlq requeue ID [ID ...] | --all
     python -m conveyor dlq purge --yes
 
-Records live where RECORDS_URL says (default: Redis on 127.0.0.1:6379 if it answers, else
-<run dir>/records.sqlite3); the broker is BROKER_URL's, as for every other command.
+Records live where RECORDS_URL says (default: <run dir>/records.sqlite3, this user's only); the
+broker is BROKER_URL's, as for every other command.
 """
 
 from __future__ import annotations

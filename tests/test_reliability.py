@@ -199,26 +199,6 @@ def test_a_partitioned_worker_s_tasks_are_delivered_to_the_others(tmp_path, monk
     assert not run.node_home.exists()
 
 
-def test_sweep_removes_only_what_runs_that_are_gone_left_behind(tmp_path):
-    from conveyor.chaos.node import DIR_PREFIX
-    from conveyor.chaos.sweep import sweep
-
-    gone = subprocess.Popen(["true"])
-    gone.wait()  # a pid that no longer runs
-    dead_node = Path(tempfile.mkdtemp(prefix=DIR_PREFIX))
-    live_node = Path(tempfile.mkdtemp(prefix=DIR_PREFIX))
-    try:
-        (dead_node / "owner").write_text(f"{gone.pid}\n")
-        (dead_node / "nodename").write_text("conveyor-chaos-test-gone@localhost\n")  # no such node is running
-        (live_node / "owner").write_text(f"{os.getpid()}\n")
-        removed = sweep(tmp_path / "runs")
-        assert f"broker node directory {dead_node}" in removed and not dead_node.exists()
-        assert live_node.exists() and not any(str(live_node) in line for line in removed)
-    finally:
-        shutil.rmtree(dead_node, ignore_errors=True)
-        shutil.rmtree(live_node, ignore_errors=True)
-
-
 @pytest.fixture
 def quorum_vhost(monkeypatch, tmp_path):
     """A vhost of the test's own: the session vhost has classic queues of the same names, and RabbitMQ

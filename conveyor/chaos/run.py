@@ -130,7 +130,8 @@ class ChaosRun:
         self.namespace_name: str | None = None
 
     def run(self) -> ChaosReport:
-        self.home.mkdir(parents=True, exist_ok=True)
+        environment.private_dir(self.home.parent)  # the sweep acts only on 0700 directories of ours
+        environment.private_dir(self.home)
         (self.home / "owner").write_text(f"{os.getpid()}\n")  # for sweep(): is the run that made it alive?
         started = time.monotonic()
         with ExitStack() as cleanup:
@@ -141,7 +142,7 @@ class ChaosRun:
             node = None
             if not self.broker_url:
                 listen = ("127.0.0.1", namespace.host_ip) if namespace else ("127.0.0.1",)
-                node = cleanup.enter_context(BrokerNode(listen, keep_logs=self.home / "broker-log"))
+                node = cleanup.enter_context(BrokerNode(listen, keep_logs=self.home / "broker-log", registry=self.home))
                 self.node_home = node.home
             cleanup.enter_context(common.environ({
                 "BROKER_URL": self.broker_url or node.url(),

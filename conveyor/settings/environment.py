@@ -4,9 +4,12 @@ BROKER_URL set: use it, and fail loudly when it does not answer (never fall back
 BROKER_URL unset: RabbitMQ on 127.0.0.1:5672 if something listens there, otherwise the embedded
 broker: kombu's filesystem transport and Celery's file result backend inside the run directory.
 RECORDS_URL (redis://..., sqlite:///FILE or `off`) likewise names where task records live; unset:
-the run directory's SQLite file with the embedded broker, else Redis on 127.0.0.1:6379 if something
-listens there, else that SQLite file (see conveyor/lifecycle/store.py and docs/tasks.md).
-Workers started by a stack are handed the resolved URLs, so they never decide differently.
+the run directory's SQLite file, readable by this user only. Never a network store found by
+probing: whoever can write to a record store can revoke tasks and hold unique keys, and a Redis
+that merely listens on 127.0.0.1:6379 may be anyone's, without a password (docs/reliability.md,
+trust boundary). Workers started by a stack are handed the resolved URLs, so they never decide
+differently. The run directory is created readable by this user only (0700): it holds the
+embedded broker's messages, the records and the logs.
 """
 
 from __future__ import annotations
@@ -32,13 +35,23 @@ DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
 EMBEDDED_URL = "filesystem://localhost/"  # the host means nothing to this transport, but kombu warns without one
 RUN_DIR_ENV = "CONVEYOR_RUN_DIR"
 RECORDS_URL_ENV = "RECORDS_URL"
-DEFAULT_REDIS = ("127.0.0.1", 6379)
+DEFAULT_REDIS = ("127.0.0.1", 6379)  # the tests' shared Redis; never picked without RECORDS_URL
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_dir(env: Mapping[str, str] = os.environ) -> Path:
     """Where pid files, logs and the embedded broker live."""
     return Path(env.get(RUN_DIR_ENV) or PROJECT_ROOT / ".run").resolve()
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a directory only this user can enter (0700), created so if missing (with its missing
+    parents), tightened if it is ours and looser; another user's is left as it is."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_uid == os.geteuid() and info.st_mode & 0o077:
+        path.chmod(0o700)
+    return path
 
 
 @dataclass(frozen=True)
@@ -76,7 +89,7 @@ def resolve(env: Mapping[str, str] = os.environ, probe: tuple[str, int] = ("127.
     embedded = url.startswith("filesystem:")
     if embedded:
         url = EMBEDDED_URL
-    root = run_dir(env)
+    root = private_dir(run_dir(env))
     options: dict = {}
     if embedded:
         folder = root / "broker"
@@ -95,13 +108,12 @@ def resolve(env: Mapping[str, str] = os.environ, probe: tuple[str, int] = ("127.
 
 
 def records_url(env: Mapping[str, str], embedded: bool, root: Path) -> str:
-    """Where task records live. Redis is shared by workers on every host and in containers; the
-    SQLite file only by processes on this machine, hence Redis first whenever it answers."""
+    """Where task records live: RECORDS_URL, else the run directory's SQLite file (0600), shared by
+    the processes of this user on this machine. Redis, shared by workers on every host and in
+    containers, only when RECORDS_URL names it (with its password: redis://:PASSWORD@HOST)."""
     url = env.get(RECORDS_URL_ENV, "").strip()
     if url:
         return url
-    if not embedded and _listening(*DEFAULT_REDIS):
-        return f"redis://{DEFAULT_REDIS[0]}:{DEFAULT_REDIS[1]}/0"
     return f"sqlite:///{root / 'records.sqlite3'}"
 
 

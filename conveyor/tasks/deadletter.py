@@ -89,7 +89,15 @@ def publish(task: Task, exc: BaseException) -> dict[str, Any]:
                **reason_headers(type(exc).__name__, describe(exc), (req.delivery_info or {}).get("routing_key"),
                                 req.hostname, attempts)}
     queue = dead_letter_queue(task.app.conveyor_config)
-    task.signature_from_request(req, queue=queue, headers=headers, declare=[queue]).apply_async()
+    options = dict(task.signature_from_request(req, queue=queue, declare=[queue]).options)
+    # The expiry travels as the header Celery reads, not as Celery's AMQP expiration it would also
+    # set: a dead letter must not expire in the queue (it has no dead-letter exchange of its own).
+    if options.pop("expires", None) is not None:
+        headers["expires"] = req.expires
+    options["headers"] = {**(options.get("headers") or {}), **headers}
+    # app.send_task, not the signature's apply_async: that checks the arguments against the task's
+    # signature, and a task called with wrong ones must be dead-lettered all the same.
+    task.app.send_task(task.name, req.args, req.kwargs, add_to_parent=False, **options)
     log.warning("Task %s[%s] failed for good after %d attempts and was dead-lettered: %s",
                 task.name, req.id, attempts, headers["x-exception"])
     return headers
