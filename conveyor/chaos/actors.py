@@ -12,15 +12,23 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from celery import Celery
+from amqp.exceptions import MessageNacked
+from celery import Celery, chain
+from kombu.exceptions import OperationalError
 
+from conveyor.amqp.topology import TASKS
+from conveyor.chaos import malformed
+from conveyor.tasks import deadletter
+from conveyor.loadtest.publisher import BatchPublisher
 from conveyor.settings import environment
 from conveyor.stack import control
 from conveyor.settings.config import Config
-from conveyor.errors import StackError
+from conveyor.errors import BrokerError, StackError
 from conveyor.stack.local import LocalStack, is_ours, read_pidfile
 from conveyor.chaos.netns import Namespace
 from conveyor.chaos.node import BrokerNode
@@ -33,50 +41,137 @@ log = logging.getLogger(__name__)
 PARTITIONED_PID_FILE = "partitioned-worker.pid"
 
 
-class Publisher(threading.Thread):
-    """Sends the plan at a steady rate. A task counts as confirmed only when send_task returned, which
-    with publisher confirms means the broker has stored it; one that raised is sent, not confirmed."""
+@dataclass(frozen=True)
+class Sent:
+    """A planned task the broker confirmed, under these ids: one, or a pipeline's stages in order."""
 
-    def __init__(self, app: Celery, planned: list[Planned], rate_per_s: float) -> None:
-        super().__init__(name="chaos-publisher", daemon=True)
-        self.app, self.planned, self.rate_per_s = app, planned, rate_per_s
-        self.sent = 0
-        self.confirmed: dict[str, Planned] = {}
-        self.stop = threading.Event()
+    item: Planned
+    ids: tuple[str, ...]
+
+
+class Actor(threading.Thread):
+    """A thread of the run whose failure fails the run: whatever it raises is kept in `error`."""
+
+    error: BaseException | None = None
 
     def run(self) -> None:
+        try:
+            self.act()
+        except BaseException as exc:  # noqa: BLE001  (kept for the verdict, not swallowed: the run fails)
+            self.error = exc
+            log.exception("The chaos %s failed; the run fails.", self.name)
+
+    def act(self) -> None:
+        raise NotImplementedError
+
+
+class Publisher(Actor):
+    """Sends the plan at a steady rate through the load tester's BatchPublisher: one channel,
+    confirms collected as they come, a bound on the unconfirmed (conveyor/loadtest/publisher.py).
+    Single tasks take its fast path (its own send_task), pipelines are Celery chains applied on its
+    producer, malformed messages go out with plain kombu under per-message confirms. A task counts
+    as confirmed only when the broker confirmed it; one it refused (nacked) is listed as refused.
+    When the connection breaks (the broker restarts), whatever was not confirmed on it is sent
+    again, under new ids, on a new one: every planned task is confirmed or refused in the end."""
+
+    def __init__(self, app: Celery, planned: list[Planned], rate_per_s: float, in_flight: int = 100) -> None:
+        super().__init__(name="publisher", daemon=True)
+        self.app, self.planned, self.rate_per_s, self.in_flight = app, planned, rate_per_s, in_flight
+        self.sent = 0  # publishes, resends after a broken connection included
+        self.resent = 0
+        self.confirmed: dict[str, Sent] = {}  # by the id whose end in the ledger ends it (a pipeline's last stage)
+        self.refused: list[str] = []
+        self.stop = threading.Event()
+        with app.connection_for_write() as probe:
+            self._broken = (*probe.connection_errors, *probe.channel_errors, OperationalError, BrokerError)
+
+    def act(self) -> None:
+        pending = deque(self.planned)
         next_at = time.monotonic()
-        with self.app.producer_or_acquire() as producer:
-            for index, item in enumerate(self.planned):
-                if self.rate_per_s:  # a steady pace that does not catch up in a burst after a stall
-                    self.stop.wait(max(0.0, next_at - time.monotonic()))
-                    next_at = max(next_at, time.monotonic()) + 1 / self.rate_per_s
-                if self.stop.is_set():
-                    return
-                task_id = str(uuid.uuid4())
-                self.sent += 1
+        with self.app.connection_for_write() as conn:  # the malformed messages' own, confirmed per message
+            odd = conn.Producer(auto_declare=False)
+            while pending and not self.stop.is_set():
+                unsettled: dict[str, Sent] = {}
                 try:
-                    self.app.send_task(item.task, kwargs=item.kwargs, task_id=task_id, producer=producer,
-                                       ignore_result=True)  # the ledger is the record here, not the backend
-                except environment.PUBLISH_ERRORS as exc:
-                    log.warning("Task %d of %d was not confirmed by the broker: %s.", index + 1, len(self.planned), exc)
-                    continue
-                self.confirmed[task_id] = item
-        log.info("The publisher sent %d task(s); the broker confirmed %d.", self.sent, len(self.confirmed))
+                    with BatchPublisher(self.app) as pub:
+                        while pending and not self.stop.is_set():
+                            if self.rate_per_s:  # a steady pace that does not catch up in a burst after a stall
+                                self.stop.wait(max(0.0, next_at - time.monotonic()))
+                                next_at = max(next_at, time.monotonic()) + 1 / self.rate_per_s
+                            item = pending.popleft()
+                            self.sent += 1
+                            if item.kind == "malformed":
+                                self._send_malformed(odd, item, pending)
+                                continue
+                            sent = self._send(pub, item)
+                            unsettled[sent.ids[-1]] = sent
+                            self._settle(unsettled, *pub.flush(in_flight=self.in_flight))
+                        self._settle(unsettled, *pub.flush())
+                except self._broken as exc:
+                    # What the broken connection had not confirmed may or may not be stored: sent again.
+                    log.warning("The publisher's connection broke (%s: %s); sending its %d unconfirmed task(s) "
+                                "again on a new one.", type(exc).__name__, exc, len(unsettled))
+                    self.resent += len(unsettled)
+                    pending.extendleft(reversed([s.item for s in unsettled.values()]))
+                    self.stop.wait(1.0)
+        log.info("The publisher sent %d task(s); the broker confirmed %d and refused %d.", self.sent,
+                 len(self.confirmed), len(self.refused))
+
+    def _send(self, pub: BatchPublisher, item: Planned) -> Sent:
+        ids: list[str] = []
+
+        def send(producer: Any) -> str:
+            if len(item.stages) == 1 and pub.fast:
+                name, kwargs = item.stages[0]
+                ids.append(pub.send_task(name, kwargs, repr(kwargs)))
+                return ids[-1]
+            # retry=False: a broken connection must surface here, not be mended under the batch's channel.
+            stages = chain(*(self.app.signature(name, kwargs=kwargs) for name, kwargs in item.stages))
+            result = stages.apply_async(producer=producer, declare=[], retry=False)
+            while result is not None:  # a chain's result knows its parents: the earlier stages, frozen with ids
+                ids.insert(0, result.id)
+                result = result.parent
+            return ids[-1]
+
+        pub.publish(send)
+        return Sent(item, tuple(ids))
+
+    def _settle(self, unsettled: dict[str, Sent], confirmed: list[str], refused: list[str]) -> None:
+        for key in confirmed:
+            self.confirmed[key] = unsettled.pop(key)
+        for key in refused:
+            unsettled.pop(key)
+            self.refused.append(key)
+
+    def _send_malformed(self, producer: Any, item: Planned, pending: deque[Planned]) -> None:
+        task_id = str(uuid.uuid4())
+        queue = TASKS[item.stages[0][0]].queue
+        try:
+            malformed.publish(producer, queue, item.flaw, task_id, item.stages[0][0], self.app.conf.task_publish_retry_policy)
+        except (MessageNacked, *self._broken) as exc:
+            if deadletter.refused(exc):
+                self.refused.append(task_id)
+                return
+            # Its retries spent while the broker was away: sent again later.
+            log.warning("A malformed message was not confirmed (%s: %s); sending it again.", type(exc).__name__, exc)
+            self.resent += 1
+            pending.append(item)
+        else:
+            self.confirmed[task_id] = Sent(item, (task_id,))
 
 
-class Killer(threading.Thread):
+class Killer(Actor):
     """Every `every_s`, SIGKILL one running replica (its whole process group, as the OOM killer or a
     lost machine would) and start it again at once, as a supervisor's restart policy does."""
 
     def __init__(self, stack: LocalStack, replicas: int, every_s: float, seed: int) -> None:
-        super().__init__(name="chaos-killer", daemon=True)
+        super().__init__(name="killer", daemon=True)
         self.stack, self.replicas, self.every_s = stack, replicas, every_s
         self.rng = random.Random(seed)
         self.kills = 0
         self.stop = threading.Event()
 
-    def run(self) -> None:
+    def act(self) -> None:
         next_at = time.monotonic() + self.every_s
         while not self.stop.wait(max(0.0, next_at - time.monotonic())):
             next_at += self.every_s  # on a fixed schedule, however long a restart took
