@@ -189,3 +189,29 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
 
 def queue_depth(app, name: str) -> int:
     return queues.stats(app, [name])[0].messages_ready or 0
+
+
+@contextmanager
+def private_vhost(prefix: str) -> Iterator[str]:
+    """A virtual host of the caller's own (yielded as its broker URL), deleted afterwards: for queues
+    declared with other arguments than the session vhost's, which RabbitMQ would refuse there."""
+    vhost = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    try:
+        _management("PUT", f"vhosts/{vhost}")
+        _management("PUT", f"permissions/{vhost}/guest", b'{"configure":".*","write":".*","read":".*"}')
+    except (OSError, urllib.error.URLError):
+        unavailable("the RabbitMQ management API")
+    try:
+        yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    finally:
+        _management("DELETE", f"vhosts/{vhost}")
+
+
+def settled(store, task_id: str, status: str, timeout_s: float = 20):
+    """The task's record, once it reaches `status` (the result can arrive a moment before the record)."""
+    return wait_for(lambda: (r := store.get(task_id)) is not None and r.status == status and r, timeout_s,
+                    f"task {task_id} to be recorded {status}")
+
+
+def statuses(record) -> list[str]:
+    return [e.status for e in record.history]

@@ -10,15 +10,15 @@ import json
 import uuid
 
 import pytest
-from celery.exceptions import TaskRevokedError, TimeLimitExceeded
+from celery.exceptions import TaskRevokedError
 
-from conftest import module_stack, queue_depth, run_cli, wait_for, write_config
+from conftest import module_stack, queue_depth, run_cli, settled, statuses, wait_for, write_config
 from conveyor.tasks import deadletter
 from conveyor.amqp import queues
 from conveyor.settings.config import TaskSpec
 from conveyor.dispatch.dispatcher import DUPLICATE, dispatch
 from conveyor.lifecycle import records
-from conveyor.lifecycle.records import DEAD_LETTERED, FAILED, QUEUED, RETRYING, REVOKED, RUNNING, SUCCEEDED
+from conveyor.lifecycle.records import DEAD_LETTERED, QUEUED, RETRYING, REVOKED, RUNNING, SUCCEEDED
 from conveyor.lifecycle.unique import Dispatched, send_unique
 from conveyor.tasks.simulated import DeadLettered
 from conveyor.stack.control import service_of
@@ -52,16 +52,6 @@ def stack(rabbitmq_url, tmp_path_factory):
 @pytest.fixture
 def store(stack):
     return records.require_store(stack.app)
-
-
-def settled(store, task_id: str, status: str, timeout_s: float = 20) -> records.Record:
-    """The record, once it reaches `status` (the result can arrive a moment before the record)."""
-    return wait_for(lambda: (r := store.get(task_id)) is not None and r.status == status and r, timeout_s,
-                    f"task {task_id} to be recorded {status}")
-
-
-def statuses(record: records.Record) -> list[str]:
-    return [e.status for e in record.history]
 
 
 def tasks_cli(*args: str):

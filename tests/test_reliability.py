@@ -7,10 +7,8 @@ own (conveyor/chaos/node.py), never the shared one. The big runs are `make chaos
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -20,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, _management, run_cli, unavailable, write_config
+from conftest import ROOT, _management, private_vhost, run_cli, unavailable, write_config
 from conveyor.settings import environment
 from conveyor.tasks import deadletter
 from conveyor.dispatch import dispatcher
@@ -203,17 +201,11 @@ def test_a_partitioned_worker_s_tasks_are_delivered_to_the_others(tmp_path, monk
 def quorum_vhost(monkeypatch, tmp_path):
     """A vhost of the test's own: the session vhost has classic queues of the same names, and RabbitMQ
     refuses to declare a queue again as another type. Requested before local_stack, so torn down after."""
-    vhost = f"conveyor-quorum-{uuid.uuid4().hex[:8]}"
-    try:
-        _management("PUT", f"vhosts/{vhost}")
-        _management("PUT", f"permissions/{vhost}/guest", b'{"configure":".*","write":".*","read":".*"}')
-    except (OSError, urllib.error.URLError):
-        unavailable("the RabbitMQ management API")
-    monkeypatch.setenv("BROKER_URL", f"amqp://guest:guest@127.0.0.1:5672/{vhost}")
-    monkeypatch.setenv(environment.RUN_DIR_ENV, str(tmp_path / "run"))
-    monkeypatch.delenv("RESULT_BACKEND", raising=False)
-    yield vhost
-    _management("DELETE", f"vhosts/{vhost}")
+    with private_vhost("conveyor-quorum") as url:
+        monkeypatch.setenv("BROKER_URL", url)
+        monkeypatch.setenv(environment.RUN_DIR_ENV, str(tmp_path / "run"))
+        monkeypatch.delenv("RESULT_BACKEND", raising=False)
+        yield url.rsplit("/", 1)[1]
 
 
 @pytest.mark.broker

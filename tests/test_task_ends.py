@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import urllib.error
 import uuid
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 from celery import chain
 from kombu.exceptions import OperationalError
 
-from conftest import _management, module_stack, queue_depth, run_cli, unavailable, wait_for, write_config
+from conftest import module_stack, private_vhost, queue_depth, run_cli, settled, statuses, wait_for, write_config
 from conveyor.amqp import queues
 from conveyor.lifecycle import commands, records
 from conveyor.lifecycle.records import DEAD_LETTERED, FAILED, QUEUED, RETRYING, REVOKED, RUNNING, SUCCEEDED
@@ -46,35 +45,18 @@ stop_grace_s: 10
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    vhost = f"conveyor-ends-{uuid.uuid4().hex[:8]}"
-    try:
-        _management("PUT", f"vhosts/{vhost}")
-        _management("PUT", f"permissions/{vhost}/guest", b'{"configure":".*","write":".*","read":".*"}')
-    except (OSError, urllib.error.URLError):
-        unavailable("RabbitMQ and its management API")
+def stack(rabbitmq_url, tmp_path_factory):
     home = tmp_path_factory.mktemp("ends")
     config_file = write_config(home / "ends.yml", CONFIG)
-    try:
-        with module_stack(f"amqp://guest:guest@127.0.0.1:5672/{vhost}", home / "run", config_file,
-                          CONVEYOR_CONFIG=str(config_file), RECORDS_URL=f"sqlite:///{home / 'records.sqlite3'}") as workers:
-            yield workers
-    finally:
-        _management("DELETE", f"vhosts/{vhost}")
+    with private_vhost("conveyor-ends") as url, module_stack(
+            url, home / "run", config_file, CONVEYOR_CONFIG=str(config_file),
+            RECORDS_URL=f"sqlite:///{home / 'records.sqlite3'}") as workers:
+        yield workers
 
 
 @pytest.fixture
 def store(stack):
     return records.require_store(stack.app)
-
-
-def settled(store, task_id: str, status: str, timeout_s: float = 30) -> records.Record:
-    return wait_for(lambda: (r := store.get(task_id)) is not None and r.status == status and r, timeout_s,
-                    f"task {task_id} to be recorded {status}")
-
-
-def statuses(record: records.Record) -> list[str]:
-    return [e.status for e in record.history]
 
 
 def take_letter(app, task_id: str) -> deadletter.DeadLetter:

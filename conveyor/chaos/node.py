@@ -238,9 +238,9 @@ def _kill_tree(pid: int) -> None:
     """SIGKILL `pid` and everything below it. Not killpg: run as root, the RabbitMQ scripts switch user
     with `su`, which puts the Erlang VM in a session (and process group) of its own."""
     children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for proc_stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+            children.setdefault(int(proc_stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(proc_stat.parent.name))
         except (OSError, IndexError, ValueError):
             continue
     tree, todo = [pid], [pid]

@@ -247,9 +247,9 @@ class ChaosRun:
             if self.faults.broker_restarts:
                 # A replica that reconnected late may have found its queue drained and finished
                 # nothing since: asking every replica to answer is what tells it reconnected.
-                # The app's pooled connections (the ping's) still point at the node before the restart.
-                app.pool.force_close_all(close_pool=False)
-                answering = control.wait_responding(app, stack.desired(), RECONNECT_WAIT_S)
+                # On a connection of its own: the app's pooled ones were opened to the node before the restart.
+                with app.connection_for_write() as conn:
+                    answering = control.wait_responding(app, stack.desired(), RECONNECT_WAIT_S, connection=conn)
                 self.faults.answering_after_restart = sum(answering.values())
             stack.down()  # warm shutdown: whatever runs now finishes and is in the ledger
             if outsider:

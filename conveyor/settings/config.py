@@ -56,7 +56,8 @@ class TaskSpec(Strict):
 class TimeLimit(Strict):
     """Celery's per-task time limits. At soft_s the task gets SoftTimeLimitExceeded and is retried
     (with the retry policy) under limits retry_factor times longer; at hard_s the worker kills the
-    pool process and the task is recorded failed. Enforced by the prefork pool only."""
+    pool process and the task is retried the same way; past its retries, either is dead-lettered.
+    Enforced by the prefork pool only."""
 
     soft_s: float | None = Field(None, gt=0, le=24 * 3600)
     hard_s: float | None = Field(None, gt=0, le=24 * 3600)

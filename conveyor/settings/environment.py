@@ -77,7 +77,9 @@ class BrokerSettings:
 
     def describe(self) -> str:
         if self.embedded:
-            return f"Using the embedded filesystem broker in {self.transport_options['data_folder_in']}."
+            return (f"Using the embedded filesystem broker in {self.transport_options['data_folder_in']}: "
+                    "at-least-once on this machine only, without publisher confirms, broker dead-lettering "
+                    "or queue limits (README).")
         return f"Using the broker at {self.safe_url}."
 
 
