@@ -222,6 +222,10 @@ def test_quorum_queues_run_retry_and_dead_letter(quorum_vhost, local_stack, tmp_
     info = _management_get(f"queues/{quorum_vhost}/queue_a")
     assert info["type"] == "quorum" and info["durable"]
     assert info["arguments"]["x-dead-letter-strategy"] == "at-least-once"
+    # The dead-letter queue follows queue_type, replicated like the work queues, and bounded.
+    dead = _management_get(f"queues/{quorum_vhost}/dead_letter")
+    assert dead["type"] == "quorum" and dead["arguments"] == {
+        "x-queue-type": "quorum", "x-max-length": 100_000, "x-max-length-bytes": 1024 ** 3, "x-overflow": "reject-publish"}
 
 
 def _management_get(path: str) -> dict:

@@ -92,6 +92,7 @@ class Publisher(Actor):
             odd = conn.Producer(auto_declare=False)
             while pending and not self.stop.is_set():
                 unsettled: dict[str, Sent] = {}
+                item: Planned | None = None  # popped, and not yet among the unsettled
                 try:
                     with BatchPublisher(self.app) as pub:
                         while pending and not self.stop.is_set():
@@ -102,17 +103,20 @@ class Publisher(Actor):
                             self.sent += 1
                             if item.kind == "malformed":
                                 self._send_malformed(odd, item, pending)
+                                item = None
                                 continue
                             sent = self._send(pub, item)
                             unsettled[sent.ids[-1]] = sent
+                            item = None
                             self._settle(unsettled, *pub.flush(in_flight=self.in_flight))
                         self._settle(unsettled, *pub.flush())
                 except self._broken as exc:
                     # What the broken connection had not confirmed may or may not be stored: sent again.
                     log.warning("The publisher's connection broke (%s: %s); sending its %d unconfirmed task(s) "
-                                "again on a new one.", type(exc).__name__, exc, len(unsettled))
-                    self.resent += len(unsettled)
-                    pending.extendleft(reversed([s.item for s in unsettled.values()]))
+                                "again on a new one.", type(exc).__name__, exc, len(unsettled) + bool(item))
+                    again = [s.item for s in unsettled.values()] + ([item] if item else [])
+                    self.resent += len(again)
+                    pending.extendleft(reversed(again))
                     self.stop.wait(1.0)
         log.info("The publisher sent %d task(s); the broker confirmed %d and refused %d.", self.sent,
                  len(self.confirmed), len(self.refused))
