@@ -161,6 +161,9 @@ def test_dlq_requeue_runs_a_dead_lettered_task_once_with_fresh_retries(stack, st
         record = settled(store, result.id, SUCCEEDED)
         wait_for(lambda: len(log.of(result.id, "task-succeeded")) == 1, 10, "the task-succeeded event")
     assert len(log.of(result.id, "task-started")) == 3
+    # Sent again as Celery's send_task would announce it: monitors count the requeue as a new send.
+    sent = log.of(result.id, "task-sent")[-1]
+    assert (sent["queue"], sent["retries"], sent["name"]) == ("queue_a", 0, "task_a")
     assert statuses(record)[-4:] == [DEAD_LETTERED, QUEUED, RUNNING, SUCCEEDED]
     assert record.history[-3].detail == ("requeued from dead_letter to queue_a: revocation cleared, retries reset to 0, "
                                          "the task type's time limits")

@@ -240,11 +240,19 @@ def restore(app: Celery, letter: DeadLetter) -> str:
     properties = dict(letter.properties)
     content_type = properties.pop("content_type", None) or "application/json"
     content_encoding = properties.pop("content_encoding", None) or "utf-8"
+    headers = restored_headers(letter.headers)
     with app.producer_or_acquire() as producer:
         producer.publish(letter.raw, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue],
-                         headers=restored_headers(letter.headers), content_type=content_type,
-                         content_encoding=content_encoding, delivery_mode="persistent", retry=True,
-                         retry_policy=app.conf.task_publish_retry_policy, **properties)
+                         headers=headers, content_type=content_type, content_encoding=content_encoding,
+                         delivery_mode="persistent", retry=True, retry_policy=app.conf.task_publish_retry_policy,
+                         **properties)
+        if app.conf.task_send_sent_event:  # as Celery's send_task would: monitors count it as sent again
+            sent = {"uuid": headers.get("id"), "root_id": headers.get("root_id"), "parent_id": headers.get("parent_id"),
+                    "name": headers.get("task"), "args": headers.get("argsrepr"), "kwargs": headers.get("kwargsrepr"),
+                    "retries": 0, "eta": headers.get("eta"), "expires": headers.get("expires"),
+                    "queue": queue.name, "exchange": queue.exchange.name, "routing_key": queue.routing_key}
+            with app.events.default_dispatcher() as dispatcher:
+                dispatcher.publish("task-sent", sent, producer, retry=True, retry_policy=app.conf.task_publish_retry_policy)
     return queue.name
 
 
