@@ -19,64 +19,29 @@ messages go back to the queue (acks_late), and the next delivery is the same att
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from billiard.einfo import ExceptionWithTraceback
-from billiard.exceptions import WorkerLostError
 from celery.app.task import Context
 from celery.exceptions import TimeLimitExceeded
 from celery.signals import task_retry
 from celery.utils.saferepr import saferepr
-from celery.worker import state as worker_state
 
 from conveyor.lifecycle import signals as record_signals
 from conveyor.lifecycle.task import LifecycleRequest
+from conveyor.seam.lost_attempts import LostAttemptRequest
 from conveyor.tasks import deadletter, retry
 from conveyor.tasks.simulated import KEPT_DETAIL
 
 log = logging.getLogger(__name__)
 
 
-class DeadLetteringRequest(LifecycleRequest):
-    """The worker's request for dead-lettering tasks: the lost attempts above end once, here."""
+class DeadLetteringRequest(LostAttemptRequest, LifecycleRequest):
+    """The worker's request for dead-lettering tasks: conveyor/seam/lost_attempts.py finds the lost
+    attempts, once each; here they end as described above."""
 
-    _attempt_ended = False
-
-    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
-        exc = exc_info.exception
-        if isinstance(exc, ExceptionWithTraceback):
-            exc = exc.exc
-        if isinstance(exc, (SystemExit, KeyboardInterrupt)) and not (self._already_cancelled or self._already_revoked):
-            exc_info = self._worker_lost_info(exc)  # as Celery does: the pool process is gone
-            exc = exc_info.exception.exc if isinstance(exc_info.exception, ExceptionWithTraceback) else exc_info.exception
-        if self._ours(exc) and not (isinstance(exc, WorkerLostError) and self._success_was_stored()):
-            worker_state.task_ready(self)
-            self._end(exc, exc_info.traceback)
-            return
-        super().on_failure(exc_info, send_failed_event, return_ok)
-
-    def on_timeout(self, soft: bool, timeout: float) -> None:
-        # The pool reports a hard timeout twice: as the job's failure (on_failure, above), then here.
-        if soft or not self._ours(TimeLimitExceeded(timeout)):
-            super().on_timeout(soft, timeout)
-            return
-        worker_state.task_ready(self)
-        self._end(TimeLimitExceeded(timeout), None)
-
-    def _ours(self, exc: BaseException) -> bool:
-        # During a cold shutdown Celery's own handling stands: the broker gets the message back.
-        return (isinstance(exc, (TimeLimitExceeded, WorkerLostError)) and self.task.acks_late
-                and not worker_state.should_terminate)
-
-    def _end(self, exc: BaseException, traceback: str | None) -> None:
-        if self._attempt_ended:
-            return
-        self._attempt_ended = True
-        log.error("Task %s[%s] was lost on attempt %d: %s.", self.name, self.id, (self._context.retries or 0) + 1,
+    def end_lost_attempt(self, exc: BaseException, context: Context, traceback: str | None) -> None:
+        log.error("Task %s[%s] was lost on attempt %d: %s.", self.name, self.id, (context.retries or 0) + 1,
                   deadletter.describe(exc) if isinstance(exc, TimeLimitExceeded) else exc)
         task = self.task
-        # The request as the pool process would have seen it, for Task.retry and the dead-letter publish.
-        context = Context(vars(self._context), args=self.args, kwargs=self.kwargs, called_directly=False)
         task.request_stack.push(context)
         try:
             if task.max_retries is None or (context.retries or 0) < task.max_retries:
