@@ -91,7 +91,11 @@ def resolve(env: Mapping[str, str] = os.environ, probe: tuple[str, int] = ("127.
     embedded = url.startswith("filesystem:")
     if embedded:
         url = EMBEDDED_URL
-    root = private_dir(run_dir(env))
+    root = run_dir(env)
+    try:
+        private_dir(root)  # before anything (a log, a pid file, a record) is written in it
+    except OSError as exc:  # a read-only image, say: whatever needs it fails there, with its own error
+        log.debug("Could not create the run directory %s: %s", root, exc)
     options: dict = {}
     if embedded:
         folder = root / "broker"
