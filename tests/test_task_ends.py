@@ -15,10 +15,16 @@ from pathlib import Path
 
 import pytest
 from celery import chain
+from kombu import Queue
 from kombu.exceptions import OperationalError
 
-from conftest import module_stack, private_vhost, queue_depth, run_cli, settled, statuses, wait_for, write_config
+from conftest import ROOT, module_stack, private_vhost, queue_depth, run_cli, settled, statuses, wait_for, write_config
 from conveyor.amqp import queues
+from conveyor.cli import common
+from conveyor.errors import BrokerError
+from conveyor.runtime.app import create_app
+from conveyor.settings import environment
+from conveyor.settings.config import load_config
 from conveyor.lifecycle import commands, records
 from conveyor.lifecycle.records import DEAD_LETTERED, FAILED, QUEUED, RETRYING, REVOKED, RUNNING, SUCCEEDED
 from conveyor.lifecycle.unique import send_unique
@@ -268,3 +274,24 @@ def test_a_full_dead_letter_queue_refuses_loudly_and_loses_nothing(stack, store)
 
 def _management_queue(app) -> dict:
     return queues.management_request(app.conveyor_broker.broker_url, "queues/{vhost}/dead_letter")
+
+
+def test_upgrading_from_an_unbounded_dead_letter_queue_is_one_clear_error_and_it_stays_readable(tmp_path):
+    with private_vhost("conveyor-upgrade") as url:
+        env = {"BROKER_URL": url, "CONVEYOR_RUN_DIR": str(tmp_path / "run"), "RECORDS_URL": "off"}
+        with common.environ(env):
+            app = create_app(load_config(ROOT / "test-config.yml"), environment.resolve())
+            try:
+                with app.connection_for_write() as conn:  # as earlier versions declared it, with a letter in it
+                    old = Queue(deadletter.DEAD_LETTER_QUEUE, exchange=deadletter.dlx, routing_key="dead_letter", durable=True)
+                    conn.Producer().publish({"x": 1}, exchange=deadletter.dlx, routing_key="dead_letter", declare=[old],
+                                            headers={"id": "old-letter", "x-exception": "Old: kept"})
+                with pytest.raises(BrokerError, match=r"^queue 'dead_letter' exists on the broker with other arguments"):
+                    deadletter.declare(app)
+                assert [(d.task_id, d.reason) for d in deadletter.browse(app)] == [("old-letter", "Old: kept")]
+            finally:
+                app.close()
+        proc = run_cli("dispatch.py", "--timeout", "5", env=env)
+        assert proc.returncode == 3 and "Traceback" not in proc.stderr
+        assert "error: queue 'dead_letter' exists on the broker with other arguments" in proc.stderr
+        assert "rabbitmqctl delete_queue dead_letter" in proc.stderr
