@@ -71,7 +71,7 @@ build: install ## Build the worker image (Docker).
 monitor: install ## Live dashboard of queues, workers and task types; Prometheus metrics on 127.0.0.1:9808.
 	$(PY) monitor.py
 
-chaos: install ## Fault injection: 10000 tasks (CHAOS_TASKS), 10 % failing, replicas SIGKILLed, a broker restart; exit 0 only if none is lost (CHAOS_ARGS=--partition).
+chaos: install ## Fault injection: 10000 tasks (CHAOS_TASKS) incl. pipelines and malformed messages, 10 % failing, replicas SIGKILLed, a broker restart; exit 0 only if all are confirmed and none is lost (CHAOS_ARGS=--partition).
 	$(PY) chaos.py --tasks "$(CHAOS_TASKS)" $(CHAOS_ARGS)
 
 clean: ## Stop our workers and remove what the project created here (.run, caches); never a global prune.
