@@ -21,7 +21,7 @@ from conveyor.errors import BrokerError, DispatchTimeout, UsageError
 from conveyor.loadtest import live, report
 from conveyor.loadtest.metrics import summarize
 from conveyor.loadtest.runner import Options, Runner
-from conveyor.loadtest.scenario import Plan, load_scenario
+from conveyor.loadtest.scenario import Plan, check_limits, load_scenario
 from conveyor.stack.session import stack_session
 
 DEFAULT_SCENARIO = Path(__file__).resolve().parent / "scenarios" / "seed.yml"
@@ -63,6 +63,7 @@ def main() -> int:
     plan = Plan(scenario, None) if args.duration else Plan.per_type(scenario, args.tasks or 20)
     app = common.open_app(args.config)
     config = app.conveyor_config
+    check_limits(scenario, config.limits.max_payload_bytes, str(config.source))
     options = Options(timeout_s=args.timeout, duration_s=args.duration, rate_per_s=args.rate,
                       concurrency=args.concurrency, max_queue_depth=args.max_depth, batch_size=args.batch)
     with app.connection_for_write() as conn:

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from conveyor.errors import UsageError
 from conveyor.settings.config import Strict, read_yaml, validate
 from conveyor.amqp.topology import TASKS
 
@@ -100,6 +101,16 @@ class Scenario(Strict):
     @property
     def queues(self) -> list[str]:
         return list(dict.fromkeys(step.queue for entry in self.mix for step in entry.steps))
+
+
+def check_limits(scenario: Scenario, max_payload_bytes: int, source: str) -> None:
+    """Refuse, before anything is sent, a payload the workers would refuse: checked here, it is never
+    stored in a queue at all (the config's limits.max_payload_bytes, as the dispatcher checks it)."""
+    for entry in scenario.mix:
+        for step in entry.steps:
+            if step.payload_bytes > max_payload_bytes:
+                raise UsageError(f"task type {entry.label!r}: payload_bytes {step.payload_bytes} is over "
+                                 f"limits.max_payload_bytes ({max_payload_bytes}) of {source}; workers would refuse it")
 
 
 def load_scenario(path: str | os.PathLike[str]) -> Scenario:
