@@ -74,9 +74,12 @@ class Publisher(Actor):
     When the connection breaks (the broker restarts), whatever was not confirmed on it is sent
     again, under new ids, on a new one: every planned task is confirmed or refused in the end."""
 
-    def __init__(self, app: Celery, planned: list[Planned], rate_per_s: float, in_flight: int = 100) -> None:
+    def __init__(self, app: Celery, planned: list[Planned], rate_per_s: float, in_flight: int | None = None) -> None:
         super().__init__(name="publisher", daemon=True)
-        self.app, self.planned, self.rate_per_s, self.in_flight = app, planned, rate_per_s, in_flight
+        self.app, self.planned, self.rate_per_s = app, planned, rate_per_s
+        # At most a second's sends unconfirmed (100 at most): the run times its faults by the confirmed
+        # count, which must not lag far behind what was sent.
+        self.in_flight = in_flight or (min(100, max(1, int(rate_per_s))) if rate_per_s else 100)
         self.sent = 0  # publishes, resends after a broken connection included
         self.resent = 0
         self.confirmed: dict[str, Sent] = {}  # by the id whose end in the ledger ends it (a pipeline's last stage)
