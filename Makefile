@@ -83,7 +83,7 @@ monitor: install ## Live dashboard of queues, workers and task types; Prometheus
 flower: install ## Flower on http://127.0.0.1:5555 for the same broker and config, its Broker tab on the management API.
 	$(PY) -m conveyor.cli.flower
 
-chaos: install ## Fault injection: 10000 tasks (CHAOS_TASKS), 10 % failing, replicas SIGKILLed, a broker restart; exit 0 only if none is lost (CHAOS_ARGS=--partition).
+chaos: install ## Fault injection: 10000 tasks (CHAOS_TASKS) incl. pipelines and malformed messages, 10 % failing, replicas SIGKILLed, a broker restart; exit 0 only if all are confirmed and none is lost (CHAOS_ARGS=--partition).
 	$(PY) chaos.py --tasks "$(CHAOS_TASKS)" $(CHAOS_ARGS)
 
 clean: ## Stop our workers and remove what the project created here (.run, caches); never a global prune.

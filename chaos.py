@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Fault injection: send many tasks while workers are SIGKILLed and the broker restarts; count what was lost.
 
-    python chaos.py [--tasks N] [--fail-rate F] [--replicas R] [--kill-every-s S] [--no-broker-restart]
+    python chaos.py [--tasks N] [--fail-rate F] [--pipeline-rate P] [--malformed-rate M] [--replicas R] [--kill-every-s S] [--no-broker-restart]
                     [--partition [--partition-s S]] [--rate-per-s R] [--duration-s D] [--seed N] [--json]
 
 The run starts a RabbitMQ node and workers of its own and leaves their files in .run/chaos/<time>/
 (the ledger, the worker logs, report.json). It prints sent, confirmed, succeeded, dead-lettered,
-lost and duplicated; exit status 0 only when nothing confirmed was lost. See docs/reliability.md.
+lost and duplicated; exit status 0 only when nothing confirmed was lost, every planned task was
+confirmed (or refused by the broker), everything ended as planned and no part of the run failed.
+See docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=DEFAULTS.tasks, help=f"tasks to send (default {DEFAULTS.tasks})")
     parser.add_argument("--fail-rate", type=float, default=DEFAULTS.fail_rate,
                         help=f"share of tasks that fail every attempt and so end dead-lettered (default {DEFAULTS.fail_rate:g})")
+    parser.add_argument("--pipeline-rate", type=float, default=DEFAULTS.pipeline_rate,
+                        help=f"share of tasks sent as three-stage pipelines (default {DEFAULTS.pipeline_rate:g})")
+    parser.add_argument("--malformed-rate", type=float, default=DEFAULTS.malformed_rate,
+                        help=f"share sent as messages no worker can run (default {DEFAULTS.malformed_rate:g})")
     parser.add_argument("--replicas", type=int, default=DEFAULTS.replicas, help=f"replicas per service (default {DEFAULTS.replicas})")
     parser.add_argument("--kill-every-s", type=float, default=DEFAULTS.kill_every_s,
                         help=f"SIGKILL a random replica this often; 0: never (default {DEFAULTS.kill_every_s:g})")
@@ -63,7 +69,8 @@ def main() -> int:
     # A SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C: the run stops its node, workers and namespace.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     options = ChaosOptions(
-        tasks=args.tasks, fail_rate=args.fail_rate, replicas=args.replicas, kill_every_s=args.kill_every_s,
+        tasks=args.tasks, fail_rate=args.fail_rate, pipeline_rate=args.pipeline_rate,
+        malformed_rate=args.malformed_rate, replicas=args.replicas, kill_every_s=args.kill_every_s,
         broker_restart=not args.no_broker_restart, partition=args.partition, partition_s=args.partition_s,
         partition_subnet=args.partition_subnet, rate_per_s=args.rate_per_s, duration_s=args.duration_s,
         seed=args.seed, timeout_s=args.timeout_s,

@@ -21,7 +21,7 @@ from conveyor.errors import BrokerError, DispatchTimeout, UsageError
 from conveyor.loadtest import live, report
 from conveyor.loadtest.metrics import summarize
 from conveyor.loadtest.runner import Options, Runner
-from conveyor.loadtest.scenario import Plan, load_scenario
+from conveyor.loadtest.scenario import Plan, check_limits, load_scenario
 from conveyor.settings.config import load_config
 from conveyor.stack.session import stack_session
 from conveyor.settings.context import settings_of
@@ -67,6 +67,7 @@ def main() -> int:
     check(args)
     config = load_config(args.config)
     scenario = load_scenario(args.scenario, config)
+    check_limits(scenario, config)
     app = open_app(config, starts_stack=args.start_stack)
     if args.duration:
         plan = Plan(scenario, None)

@@ -7,8 +7,8 @@
     python -m conveyor dlq requeue ID [ID ...] | --all
     python -m conveyor dlq purge --yes
 
-Records live where RECORDS_URL says (default: Redis on 127.0.0.1:6379 if it answers, else
-<run dir>/records.sqlite3); the broker is BROKER_URL's, as for every other command.
+Records live where RECORDS_URL says (default: <run dir>/records.sqlite3, this user's only); the
+broker is BROKER_URL's, as for every other command.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def run_dlq(app, args) -> int:
     if args.command == "list":
         found = deadletter.browse(app)
         if args.json:
-            print(json.dumps([{k: v for k, v in asdict(d).items() if k != "body"} for d in found], indent=2, default=str))
+            print(json.dumps([{k: v for k, v in asdict(d).items() if k not in ("body", "raw")} for d in found], indent=2, default=str))
         else:
             print(render.letters(found))
     elif args.command == "requeue":

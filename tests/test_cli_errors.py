@@ -62,3 +62,12 @@ def test_wrong_broker_credentials(rabbitmq_url, tmp_path):
 
 def test_nonpositive_timeout(offline_env):
     one_line_error(run_cli("dispatch.py", "--timeout", "0", env=offline_env), "--timeout must be more than 0")
+
+
+def test_a_load_test_payload_over_the_limit_is_refused_before_anything_is_sent(tmp_path):
+    scenario = tmp_path / "big.yml"
+    scenario.write_text("name: big\nmix:\n  - {task: task_a, payload_bytes: 2000000}\n")
+    proc = run_cli("load_test.py", "--scenario", str(scenario), "--tasks", "1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: task type 'task_a': payload_bytes 2000000 is over limits.max_payload_bytes (1048576) of ")

@@ -70,3 +70,17 @@ def test_malformed_yaml(tmp_path):
 
 def test_top_level_must_be_a_mapping(tmp_path):
     assert error_of(write(tmp_path, "- a\n- b\n")).endswith(":1: expected a mapping of settings at the top level")
+
+
+def test_the_dead_letter_bounds_are_checked_with_file_line_and_field(tmp_path):
+    from conveyor.errors import ConfigError
+    from conveyor.settings.config import load_config
+
+    base = (ROOT / "test-config.yml").read_text()
+    config = tmp_path / "c.yml"
+    config.write_text(base + "dead_letter: {max_length: 10, overflow: drop-head}\n")
+    with pytest.raises(ConfigError, match=r"c\.yml:\d+: dead_letter\.overflow: Input should be 'reject-publish'"):
+        load_config(config)
+    config.write_text(base + "dead_letter: {max_length: 0}\n")
+    with pytest.raises(ConfigError, match=r"dead_letter\.max_length: Input should be greater than or equal to 1"):
+        load_config(config)

@@ -10,14 +10,14 @@ import json
 import uuid
 
 import pytest
-from celery.exceptions import TaskRevokedError, TimeLimitExceeded
+from celery.exceptions import TaskRevokedError
 
-from helpers import module_stack, queue_depth, run_cli, wait_for, write_config
+from helpers import module_stack, queue_depth, run_cli, settled, statuses, wait_for, write_config
 from conveyor.tasks import deadletter
 from conveyor.amqp import queues
 from conveyor.settings.config import TaskSpec
 from conveyor.dispatch.dispatcher import dispatch
-from conveyor.lifecycle import records, stores
+from conveyor.lifecycle import stores
 from conveyor.tasks.states import TaskState
 from conveyor.lifecycle.unique import Dispatched, send_unique
 from conveyor.tasks.deadletter import DeadLettered
@@ -53,16 +53,6 @@ def stack(rabbitmq_url, tmp_path_factory):
 @pytest.fixture
 def store(stack):
     return stores.require_store(stack.app)
-
-
-def settled(store, task_id: str, status: str, timeout_s: float = 20) -> records.Record:
-    """The record, once it reaches `status` (the result can arrive a moment before the record)."""
-    return wait_for(lambda: (r := store.get(task_id)) is not None and r.status == status and r, timeout_s,
-                    f"task {task_id} to be recorded {status}")
-
-
-def statuses(record: records.Record) -> list[str]:
-    return [e.status for e in record.history]
 
 
 def tasks_cli(*args: str):
@@ -110,16 +100,23 @@ def test_a_timed_out_task_is_retried_under_a_longer_limit_and_succeeds(stack, st
     assert (record.soft_time_limit_s, record.time_limit_s) == (0.9, 4.5)
 
 
-def test_a_hard_timeout_is_recorded_failed_once_and_not_retried(stack, store):
+def test_a_hard_timeout_is_retried_under_a_longer_limit_then_dead_lettered(stack, store):
     app = stack.app
     # Long enough for the pool process to record its start before it is killed, even on a busy machine.
     result = app.send_task("task_a", kwargs={"duration_s": 10}, time_limit=2)
-    with pytest.raises(TimeLimitExceeded):
-        result.get(timeout=20)
-    record = settled(store, result.id, TaskState.FAILED)
-    assert statuses(record) == [TaskState.QUEUED, TaskState.RUNNING, TaskState.FAILED]
-    assert record.error == "TimeLimitExceeded: ran past its hard time limit of 2 s and was killed"
-    # Acknowledged, not requeued: nothing of it is left in the queue.
+    with pytest.raises(DeadLettered) as raised:
+        result.get(timeout=40)
+    assert raised.value.attempts == 2
+    record = settled(store, result.id, TaskState.DEAD_LETTERED)
+    assert statuses(record) == [TaskState.QUEUED, TaskState.RUNNING, TaskState.RETRYING, TaskState.RUNNING, TaskState.DEAD_LETTERED]
+    retry = record.history[2].detail
+    assert retry.startswith("attempt 1 failed (TimeLimitExceeded: ran past its hard time limit of 2 s and was killed)")
+    assert retry.endswith("time limits: hard 3 s; the attempt timed out, so its retry gets limits 1.5x longer")
+    assert record.history[3].detail == "attempt 2 started; time limits: hard 3 s"
+    assert record.error == "TimeLimitExceeded: ran past its hard time limit of 3 s and was killed"
+    letter = wait_for(lambda: deadletter.sift(app, lambda d: d.task_id == result.id), 10, "its dead letter")[0]
+    assert (letter.attempts, letter.original_queue) == (2, "queue_a")
+    # Acknowledged once dead-lettered, not requeued: nothing of it is left in the queue.
     wait_for(lambda: queues.stats(app, ["queue_a"])[0].messages_unacked == 0, 15, "queue_a to have nothing unacked")
     assert queue_depth(app, "queue_a") == 0
 
@@ -165,8 +162,12 @@ def test_dlq_requeue_runs_a_dead_lettered_task_once_with_fresh_retries(stack, st
         record = settled(store, result.id, TaskState.SUCCEEDED)
         wait_for(lambda: len(log.of(result.id, "task-succeeded")) == 1, 10, "the task-succeeded event")
     assert len(log.of(result.id, "task-started")) == 3
+    # Sent again as Celery's send_task would announce it: monitors count the requeue as a new send.
+    sent = log.of(result.id, "task-sent")[-1]
+    assert (sent["queue"], sent["retries"], sent["name"]) == ("queue_a", 0, "task_a")
     assert statuses(record)[-4:] == [TaskState.DEAD_LETTERED, TaskState.QUEUED, TaskState.RUNNING, TaskState.SUCCEEDED]
-    assert record.history[-3].detail == "requeued from dead_letter; time limits: none"
+    assert record.history[-3].detail == ("requeued from dead_letter to queue_a: revocation cleared, retries reset to 0, "
+                                         "the task type's time limits")
     assert record.history[-2].attempt == 1 and record.attempts == 3
     # Once: no copy of it is left in the dead-letter queue or the work queue.
     assert result.id not in {d.task_id for d in deadletter.browse(app)}

@@ -163,8 +163,8 @@ def test_records_url_resolution(tmp_path):
     assert environment.records_url({"RECORDS_URL": "redis://elsewhere:6380/2"}, False, root) == "redis://elsewhere:6380/2"
     # The embedded broker keeps everything in the run directory, records too.
     assert environment.records_url({}, True, root) == f"sqlite:///{root / 'records.sqlite3'}"
-    expected = "redis://127.0.0.1:6379/0" if listening(environment.DEFAULT_REDIS) else f"sqlite:///{root / 'records.sqlite3'}"
-    assert environment.records_url({}, False, root) == expected
+    # Never a network store found by probing, even with a Redis listening on 127.0.0.1:6379.
+    assert environment.records_url({}, False, root) == f"sqlite:///{root / 'records.sqlite3'}"
     settings = environment.resolve({"BROKER_URL": "filesystem://", environment.RUN_DIR_ENV: str(root), "RECORDS_URL": "off"})
     assert settings.worker_env()["RECORDS_URL"] == "off"
 

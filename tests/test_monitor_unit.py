@@ -334,6 +334,22 @@ def test_dashboard_draws_the_snapshot_figures(snapshot_parts):
     assert rows["worker-a"][:5] == ["worker-a", "queue_a", "2/2", "2", "3"]
 
 
+def test_the_monitor_warns_once_the_dead_letter_queue_is_80_percent_full():
+    acc = Accounting(since=T0)
+
+    def snapshot_with(held: int) -> dict:
+        queues = [dict(q, messages_ready=held) if q["name"] == "dead_letter" else q for q in BROKER_SAMPLE["queues"]]
+        return compose({**BROKER_SAMPLE, "queues": queues, "dead_letter_max_messages": 1000}, acc, now=T0 + 10)
+
+    assert snapshot_with(799)["warnings"] == []
+    full = snapshot_with(800)
+    assert full["warnings"] == ["the dead-letter queue is 80 % full (800 of dead_letter.max_length 1,000); full, it "
+                                "refuses new dead letters: requeue or purge it (python -m conveyor dlq)"]
+    console = Console(record=True, width=200)
+    console.print(dashboard.render(full, "local stack"))
+    assert "warning: the dead-letter queue is 80 % full" in console.export_text()
+
+
 # --- configuration and command line ------------------------------------------------------------
 BASE = """\
 name: t

@@ -1,5 +1,5 @@
-"""A dead-letter message at the AMQP level: the headers that say why it is dead-lettered, and a
-publish that is routed or fails. Both the worker's consumer (conveyor/seam/consumer.py, for a
+"""A dead-letter message at the AMQP level: the headers that say why it is dead-lettered (and those
+of ours a retry and a dead letter carry on), and a publish that is routed or fails. Both the worker's consumer (conveyor/seam/consumer.py, for a
 message it cannot run) and a task that failed for good (conveyor/tasks/deadletter.py) use them.
 """
 
@@ -16,10 +16,27 @@ from celery import Celery
 
 from conveyor.amqp.topology import DEAD_LETTER_QUEUE, dead_letter_queue
 from conveyor.errors import PublishRefused
+from conveyor.settings.context import settings_of
 
 log = logging.getLogger(__name__)
 
 UNROUTED = (PublishRefused, NotFound)
+
+UNIQUE_HEADER = "x-unique-key"
+REQUEUED_HEADER = "x-requeued-from"
+FIRST_FAILED_HEADER = "x-first-failed-at"
+# Headers of ours that a retry and a dead letter carry on: Celery rebuilds a retried message from
+# the request, which keeps no custom header (Context.headers is empty in a worker).
+CARRIED_HEADERS = (UNIQUE_HEADER, REQUEUED_HEADER, FIRST_FAILED_HEADER)
+
+
+def carried_headers(request: Any, failed: bool = False) -> dict[str, Any]:
+    """The CARRIED_HEADERS of a request (a message's headers are attributes of its Context); with
+    `failed`, for the message that follows a failed attempt, the time of the first failure."""
+    headers = {name: value for name in CARRIED_HEADERS if (value := getattr(request, name, None)) is not None}
+    if failed:
+        headers.setdefault(FIRST_FAILED_HEADER, datetime.now(timezone.utc).isoformat())
+    return headers
 
 
 def publish_routed(app: Celery, publish: Callable[[], Any]) -> Any:
@@ -31,7 +48,7 @@ def publish_routed(app: Celery, publish: Callable[[], Any]) -> Any:
         log.error("The broker could not route a dead-letter publish (%s); declaring %s again and publishing "
                   "once more.", exc, DEAD_LETTER_QUEUE)
         with app.connection_for_write() as conn:
-            dead_letter_queue(conn.default_channel).declare()
+            dead_letter_queue(settings_of(app).config)(conn.default_channel).declare()
         return publish()
 
 

@@ -13,6 +13,7 @@ import logging
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from typing import Any
 from dataclasses import asdict, dataclass
 
@@ -59,11 +60,25 @@ def stats(app: Celery, names: list[str]) -> list[QueueStats]:
     return found
 
 
-def management_base(broker_url: str) -> str:
-    """The management API's root (no credentials, no /api): RABBITMQ_MANAGEMENT_URL, else port 15672 of the broker's host."""
-    host = url_to_parts(broker_url)[1]
-    return (environment.management_url() or f"http://{host or '127.0.0.1'}:15672").rstrip("/")
+def management_url(broker_url: str, env: Mapping[str, str] = environment.PROCESS_ENV) -> str:
+    """Where the management API is, hence where the broker's credentials go: RABBITMQ_MANAGEMENT_URL
+    if set (the operator's choice), else the broker's own host: over https (port 15671) for an amqps
+    broker, so that credentials the broker link encrypts never travel in clear; plain http (15672)
+    only where the broker link itself is plain amqp to that same host."""
+    explicit = env.get(environment.MANAGEMENT_URL_ENV, "").strip()
+    if explicit:
+        return explicit.rstrip("/")
+    scheme, host = url_to_parts(broker_url)[:2]
+    host = host or "127.0.0.1"
+    return f"https://{host}:15671" if scheme == "amqps" else f"http://{host}:15672"
 
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *_args: object, **_kwargs: object) -> None:
+        return None  # a redirect would carry the Authorization header to wherever it points
+
+
+_opener = urllib.request.build_opener(_NoRedirect)
 
 _breakers: dict[float, Breaker] = {}
 
@@ -78,15 +93,17 @@ def management_breaker(retry_after_s: float) -> Breaker:
 
 def management_request(broker_url: str, path: str, method: str = "GET", body: bytes | None = None,
                        timeout_s: float = 3.0) -> object:
-    """Call a management API path (e.g. `queues/{vhost}/{name}`) with the broker's own credentials;
-    return the parsed JSON answer, or None when the answer is empty (PUT, DELETE)."""
+    """Call a management API path (e.g. `queues/{vhost}/{name}`) with the broker's own credentials,
+    at management_url() and nowhere else (a redirect is an error); return the parsed JSON answer, or
+    None when the answer is empty (PUT, DELETE)."""
     _, _, _, user, password, vhost, _ = url_to_parts(broker_url)
+    base = management_url(broker_url)
     vhost = urllib.parse.quote(vhost or "/", safe="")
-    request = urllib.request.Request(f"{management_base(broker_url)}/api/{path.format(vhost=vhost)}", data=body, method=method)
+    request = urllib.request.Request(f"{base}/api/{path.format(vhost=vhost)}", data=body, method=method)
     token = base64.b64encode(f"{user or 'guest'}:{password or 'guest'}".encode()).decode()
     request.add_header("Authorization", f"Basic {token}")
     request.add_header("content-type", "application/json")
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+    with _opener.open(request, timeout=timeout_s) as response:
         text = response.read()
     return json.loads(text) if text else None
 

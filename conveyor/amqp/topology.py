@@ -27,7 +27,22 @@ DEAD_LETTER_QUEUE = "dead_letter"
 QUORUM_DELIVERY_LIMIT = 20
 
 dlx = Exchange(DLX_EXCHANGE, type="direct", durable=True)
-dead_letter_queue = Queue(DEAD_LETTER_QUEUE, exchange=dlx, routing_key=DEAD_LETTER_QUEUE, durable=True)
+
+
+def dead_letter_queue(config: Config) -> Queue:
+    """The dead-letter queue of a config (conveyor.settings.config.Config): of its queue_type, like
+    the work queues, and bounded by its `dead_letter` section. Full, the queue refuses a new message
+    (reject-publish: the publisher's confirm is a nack, and the worker keeps the task, loudly)
+    rather than drop an old one; a quorum work queue's at-least-once dead-lettering likewise keeps
+    a rejected message until there is room. Every declarer passes the same config: RabbitMQ refuses
+    (PRECONDITION_FAILED) a declare whose arguments differ from the queue's, see deadletter.declare."""
+    bounds = config.dead_letter
+    arguments = {"x-max-length": bounds.max_length, "x-max-length-bytes": bounds.max_length_bytes,
+                 "x-overflow": bounds.overflow}
+    if config.queue_type == "quorum":
+        arguments["x-queue-type"] = "quorum"
+    return Queue(DEAD_LETTER_QUEUE, exchange=dlx, routing_key=DEAD_LETTER_QUEUE, durable=True,
+                 queue_arguments=arguments)
 
 
 def work_queue(name: str, queue_type: str = "classic") -> Queue:

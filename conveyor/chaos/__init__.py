@@ -2,6 +2,7 @@
 
     run.py     the run: its options, its plan, its timeline and the account
     actors.py  its moving parts: the publisher, the killer, the worker behind the partition
+    malformed.py  the messages no worker can run that it sends among the tasks
     node.py    a RabbitMQ node of the run's own, to restart without disturbing anyone else's
     netns.py   a network namespace and veth pair: a second host whose link can be cut
     report.py  what the run found

@@ -12,16 +12,22 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from celery import Celery
+from amqp.exceptions import MessageNacked
+from celery import Celery, chain
 from kombu.exceptions import OperationalError
 
+from conveyor.chaos import malformed
+from conveyor.tasks import deadletter
 from conveyor.settings import environment
+from conveyor.settings.context import settings_of
 from conveyor.stack import control
 from conveyor.settings.config import Config
-from conveyor.errors import BrokerError, StackError
+from conveyor.errors import BrokerError, PublishInterrupted, StackError
 from conveyor.seam.publisher import Publisher as SeamPublisher
 from conveyor.stack.base import Replica, Stack
 from conveyor.stack.local import is_ours, read_pidfile
@@ -36,94 +42,163 @@ log = logging.getLogger(__name__)
 PARTITIONED_PID_FILE = "partitioned-worker.pid"
 
 
-class Publisher(threading.Thread):
-    """Sends the plan at a steady rate through conveyor's publisher (conveyor/seam/publisher.py),
-    confirms collected asynchronously. A task counts as confirmed only once the broker confirmed it;
-    one it refused is sent, not confirmed. After a break (a broker restart) the publisher connects
-    again, sends once more what the broker had not confirmed, and goes on with the rest of the plan."""
+@dataclass(frozen=True)
+class Sent:
+    """A planned task the broker confirmed, under these ids: one, or a pipeline's stages in order."""
 
-    IN_FLIGHT = 200  # unconfirmed tasks at most before the thread waits for confirms
+    item: Planned
+    ids: tuple[str, ...]
 
-    def __init__(self, app: Celery, planned: list[Planned], rate_per_s: float) -> None:
-        super().__init__(name="chaos-publisher", daemon=True)
-        self.app, self.planned, self.rate_per_s = app, planned, rate_per_s
-        self.sent = 0
-        self.confirmed: dict[str, Planned] = {}
-        self.stop = threading.Event()
-        self.connected = True
+
+class Actor(threading.Thread):
+    """A thread of the run whose failure fails the run: whatever it raises is kept in `error`."""
+
+    error: BaseException | None = None
 
     def run(self) -> None:
-        next_at = time.monotonic()
-        with SeamPublisher(self.app) as pub:
-            for index, item in enumerate(self.planned):
-                if self.rate_per_s:  # a steady pace that does not catch up in a burst after a stall
-                    self.stop.wait(max(0.0, next_at - time.monotonic()))
-                    next_at = max(next_at, time.monotonic()) + 1 / self.rate_per_s
-                if self.stop.is_set():
-                    break
-                self.sent += 1
-                self._send(pub, index, [(str(uuid.uuid4()), item)])
-            while self.connected:  # what is still unconfirmed, after a break too
-                try:
-                    self._settle(*pub.flush())
-                    break
-                except BrokerError as exc:
-                    self._send(pub, self.sent - 1, self._reconnect(pub, self.sent - 1, exc, []))
-        log.info("The publisher sent %d task(s); the broker confirmed %d.", self.sent, len(self.confirmed))
-
-    def _send(self, pub: SeamPublisher, index: int, jobs: list[tuple[str, Planned]]) -> None:
-        """Publish `jobs` (task id, item); after a broken connection, those it left unconfirmed go
-        again with the same ids, as a send retried until confirmed would (the ledger counts a task
-        that runs twice as duplicated)."""
-        while jobs and self.connected:
-            task_id, item = jobs.pop(0)
-            try:
-                # ignore_result: the ledger is the record here, not the backend.
-                pub.publish(lambda _producer, task_id=task_id, item=item: (
-                    pub.send_task(item.task, item.kwargs, task_id=task_id, ignore_result=True, args=item.args), item))
-                self._settle(*pub.flush(in_flight=self.IN_FLIGHT))
-            except BrokerError as exc:
-                jobs[:0] = self._reconnect(pub, index, exc, [(task_id, item)])
-
-    def _settle(self, confirmed: list[tuple[str, Planned]], refused: list[tuple[str, Planned]]) -> None:
-        self.confirmed.update(confirmed)
-        for task_id, _item in refused:
-            log.warning("The broker refused task %s; it counts as sent, not confirmed.", task_id)
-
-    def _reconnect(self, pub: SeamPublisher, index: int, exc: BaseException,
-                   current: list[tuple[str, Planned]]) -> list[tuple[str, Planned]]:
-        """Connect again; return what must be sent again: the unconfirmed jobs, and `current` unless
-        the broker settled it."""
-        log.warning("Publishing stopped at task %d of %d (%s); connecting again.", index + 1, len(self.planned), exc)
         try:
-            confirmed, refused, unknown = pub.reconnect()
-        except OperationalError as lost:  # the broker stayed away past publish_retry_s
-            log.error("Could not connect to the broker again (%s); the rest of the plan is not sent.", lost)
-            self.connected = False
-            self.stop.set()
-            return []
-        self._settle(confirmed, refused)
-        settled = {task_id for task_id, _ in confirmed + refused + unknown}
-        again = unknown + [job for job in current if job[0] not in settled]
-        if again:
-            log.warning("Sending %d task(s) again that the broker had not confirmed when the connection broke.", len(again))
-        return again
+            self.act()
+        except BaseException as exc:  # noqa: BLE001  (kept for the verdict, not swallowed: the run fails)
+            self.error = exc
+            log.exception("The chaos %s failed; the run fails.", self.name)
+
+    def act(self) -> None:
+        raise NotImplementedError
 
 
-class Killer(threading.Thread):
+class Publisher(Actor):
+    """Sends the plan at a steady rate through conveyor's publisher (conveyor/seam/publisher.py): one
+    channel, confirms collected as they come, a bound on the unconfirmed. Single tasks go through its
+    send_task (its fast path where on), pipelines are Celery chains sent with send_signature,
+    malformed messages go out with plain kombu under per-message confirms. A task counts as
+    confirmed only when the broker confirmed it; one it refused (nacked, or returned) is listed as
+    refused. When the connection breaks (the broker restarts), the publisher reconnects and says
+    which sends the broker had settled; whatever it had not confirmed is sent again, under new ids,
+    on the new connection: every planned task is confirmed or refused in the end."""
+
+    def __init__(self, app: Celery, planned: list[Planned], rate_per_s: float, in_flight: int | None = None) -> None:
+        super().__init__(name="publisher", daemon=True)
+        self.app, self.planned, self.rate_per_s = app, planned, rate_per_s
+        # At most a second's sends unconfirmed (100 at most): the run times its faults by the confirmed
+        # count, which must not lag far behind what was sent.
+        self.in_flight = in_flight or (min(100, max(1, int(rate_per_s))) if rate_per_s else 100)
+        self.sent = 0  # publishes, resends after a broken connection included
+        self.resent = 0
+        self.confirmed: dict[str, Sent] = {}  # by the id whose end in the ledger ends it (a pipeline's last stage)
+        self.refused: list[str] = []
+        self.stop = threading.Event()
+        with app.connection_for_write() as probe:
+            self._broken = (*probe.connection_errors, *probe.channel_errors, OperationalError, BrokerError)
+
+    def act(self) -> None:
+        pending = deque(self.planned)
+        next_at = time.monotonic()
+        with self.app.connection_for_write() as conn:  # the malformed messages' own, confirmed per message
+            odd = conn.Producer(auto_declare=False)
+            while pending and not self.stop.is_set():
+                unsettled: dict[str, Sent] = {}
+                item: Planned | None = None  # popped, and not yet among the unsettled
+                try:
+                    with SeamPublisher(self.app) as pub:
+                        while (pending and not self.stop.is_set()) or unsettled:
+                            try:
+                                while pending and not self.stop.is_set():
+                                    if self.rate_per_s:  # a steady pace that does not catch up in a burst after a stall
+                                        self.stop.wait(max(0.0, next_at - time.monotonic()))
+                                        next_at = max(next_at, time.monotonic()) + 1 / self.rate_per_s
+                                    item = pending.popleft()
+                                    self.sent += 1
+                                    if item.kind == "malformed":
+                                        self._send_malformed(odd, item, pending)
+                                        item = None
+                                        continue
+                                    sent = self._send(pub, item)
+                                    unsettled[sent.ids[-1]] = sent
+                                    item = None
+                                    self._settle(unsettled, *pub.flush(in_flight=self.in_flight))
+                                self._settle(unsettled, *pub.flush())
+                            except PublishInterrupted as exc:
+                                # The publisher knows which sends the broker settled before the break.
+                                confirmed, refused, _unknown = pub.reconnect()
+                                self._settle(unsettled, confirmed, refused)
+                                self._again(pending, unsettled, item, exc)
+                                unsettled, item = {}, None
+                except self._broken as exc:
+                    self._again(pending, unsettled, item, exc)
+                    self.stop.wait(1.0)
+        log.info("The publisher sent %d task(s); the broker confirmed %d and refused %d.", self.sent,
+                 len(self.confirmed), len(self.refused))
+
+    def _again(self, pending: deque[Planned], unsettled: dict[str, Sent], item: Planned | None,
+               exc: BaseException) -> None:
+        """What a broken connection had not confirmed may or may not be stored: it is sent again."""
+        again = [s.item for s in unsettled.values()] + ([item] if item else [])
+        log.warning("The publisher's connection broke (%s: %s); sending its %d unconfirmed task(s) "
+                    "again on a new one.", type(exc).__name__, exc, len(again))
+        self.resent += len(again)
+        pending.extendleft(reversed(again))
+
+    def _send(self, pub: SeamPublisher, item: Planned) -> Sent:
+        ids: list[str] = []
+
+        def send(_producer: Any) -> str:
+            if len(item.stages) == 1:
+                name, kwargs = item.stages[0]
+                if item.args:  # a user task's positional arguments: Celery's own send_task on this channel
+                    ids.append(pub.send_signature(self.app.signature(name, args=item.args, kwargs=kwargs,
+                                                                     ignore_result=True)).id)
+                else:  # ignore_result: the ledger is the record here, not the backend
+                    ids.append(pub.send_task(name, kwargs, repr(kwargs), ignore_result=True))
+                return ids[-1]
+            result = pub.send_signature(chain(*(self.app.signature(name, kwargs=kwargs) for name, kwargs in item.stages)))
+            while result is not None:  # a chain's result knows its parents: the earlier stages, frozen with ids
+                ids.insert(0, result.id)
+                result = result.parent
+            return ids[-1]
+
+        pub.publish(send)
+        return Sent(item, tuple(ids))
+
+    def _settle(self, unsettled: dict[str, Sent], confirmed: list[str], refused: list[str]) -> None:
+        for key in confirmed:
+            if key in unsettled:
+                self.confirmed[key] = unsettled.pop(key)
+        for key in refused:
+            if unsettled.pop(key, None) is not None:
+                log.warning("The broker refused task %s; it counts as sent, not confirmed.", key)
+                self.refused.append(key)
+
+    def _send_malformed(self, producer: Any, item: Planned, pending: deque[Planned]) -> None:
+        task_id = str(uuid.uuid4())
+        queue = settings_of(self.app).config.task_type(item.stages[0][0]).queue
+        try:
+            malformed.publish(producer, queue, item.flaw, task_id, item.stages[0][0], self.app.conf.task_publish_retry_policy)
+        except (MessageNacked, *self._broken) as exc:
+            if deadletter.refused(exc):
+                self.refused.append(task_id)
+                return
+            # Its retries spent while the broker was away: sent again later.
+            log.warning("A malformed message was not confirmed (%s: %s); sending it again.", type(exc).__name__, exc)
+            self.resent += 1
+            pending.append(item)
+        else:
+            self.confirmed[task_id] = Sent(item, (task_id,))
+
+
+class Killer(Actor):
     """Every `every_s`, SIGKILL one running replica (as the OOM killer or a lost machine would: a
     local replica's whole process group, a compose replica's container through the Docker SDK)
     and start it again at once, as a supervisor's restart policy does."""
 
     def __init__(self, stack: Stack, replicas: int, every_s: float, seed: int) -> None:
-        super().__init__(name="chaos-killer", daemon=True)
+        super().__init__(name="killer", daemon=True)
         self.stack, self.replicas, self.every_s = stack, replicas, every_s
         self.rng = random.Random(seed)
         self.kills = 0
         self.victims: list[Replica] = []
         self.stop = threading.Event()
 
-    def run(self) -> None:
+    def act(self) -> None:
         next_at = time.monotonic() + self.every_s
         while not self.stop.wait(max(0.0, next_at - time.monotonic())):
             next_at += self.every_s  # on a fixed schedule, however long a restart took

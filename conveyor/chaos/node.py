@@ -7,10 +7,17 @@ directory outlives a restart, so durable queues and persistent messages do too.
 
 When run as root, the Debian/Ubuntu `rabbitmq-server` script switches to the `rabbitmq` user, which
 therefore owns the directory (and the node shares that user's Erlang cookie with `rabbitmqctl`).
+
+What a run that was killed outright leaves is found from the run's own directory, never from the
+node's: the node writes its name and home to `node.json` in the run directory (0700, ours), and
+the sweep (conveyor/chaos/sweep.py) reads only that. No RabbitMQ script is ever handed a file from
+the node's directory: its env file (`RABBITMQ_CONF_ENV_FILE`, which the scripts source as shell) is
+/dev/null, which they skip, so neither the system's nor any planted one is read.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pwd
@@ -18,6 +25,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -25,13 +33,13 @@ from pathlib import Path
 from typing import Self
 
 from conveyor.errors import BrokerError
-from conveyor.stack.local import alive
 from conveyor.settings import environment
 
 log = logging.getLogger(__name__)
 
 USER = "conveyor-chaos"
 DIR_PREFIX = "conveyor-chaos-node-"
+RECORD_FILE = "node.json"  # in the run's directory: which node, with which home, the run started
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -64,8 +72,9 @@ class Owned:
 
 class BrokerNode(Owned):
     def __init__(self, listen: tuple[str, ...] = ("127.0.0.1",), start_timeout_s: float = 90.0,
-                 keep_logs: Path | None = None) -> None:
-        """`keep_logs`: where to copy the node's logs when it is removed (they tell when it noticed what)."""
+                 keep_logs: Path | None = None, registry: Path | None = None) -> None:
+        """`keep_logs`: where to copy the node's logs when it is removed (they tell when it noticed what).
+        `registry`: the run's own directory, where the node is recorded for a sweep after a kill."""
         for tool in ("rabbitmq-server", "rabbitmqctl"):
             if not shutil.which(tool):
                 raise BrokerError(f"{tool} is not installed; the chaos run starts a RabbitMQ node of its own "
@@ -73,8 +82,10 @@ class BrokerNode(Owned):
         self.listen, self.keep_logs = listen, keep_logs
         self.start_timeout_s = start_timeout_s
         self.home = Path(tempfile.mkdtemp(prefix=DIR_PREFIX))
-        (self.home / "owner").write_text(f"{os.getpid()}\n")  # for leftovers(): is the run that made it alive?
         self.name = f"conveyor-chaos-{os.getpid()}-{secrets.token_hex(3)}@localhost"
+        self.record = registry / RECORD_FILE if registry else None
+        if self.record:
+            self.record.write_text(json.dumps({"name": self.name, "home": str(self.home)}) + "\n")
         self.port = free_port()
         self.dist_port = free_port()
         self.password = secrets.token_urlsafe(18)
@@ -88,8 +99,6 @@ class BrokerNode(Owned):
         )
         (self.home / "rabbitmq.conf").chmod(0o600)
         (self.home / "enabled_plugins").write_text("[].\n")
-        (self.home / "rabbitmq-env.conf").write_text("")  # not the system's, which names the system node
-        (self.home / "nodename").write_text(self.name + "\n")
         self._server_user = _server_user()
         if self._server_user:
             for path in (self.home, *self.home.iterdir()):
@@ -108,7 +117,7 @@ class BrokerNode(Owned):
             "RABBITMQ_DIST_PORT": str(self.dist_port),
             "RABBITMQ_CONFIG_FILE": str(self.home / "rabbitmq.conf"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.home / "enabled_plugins"),
-            "RABBITMQ_CONF_ENV_FILE": str(self.home / "rabbitmq-env.conf"),
+            "RABBITMQ_CONF_ENV_FILE": os.devnull,  # no file is sourced: not the system's, which names its node
             "RABBITMQ_MNESIA_BASE": str(self.home / "mnesia"),
             "RABBITMQ_LOG_BASE": str(self.home / "log"),
             "RABBITMQ_PID_FILE": str(self._pid_file),
@@ -163,6 +172,8 @@ class BrokerNode(Owned):
         if self.keep_logs and (self.home / "log").is_dir():
             shutil.copytree(self.home / "log", self.keep_logs, dirs_exist_ok=True)
         shutil.rmtree(self.home, ignore_errors=True)
+        if self.record:
+            self.record.unlink(missing_ok=True)
 
     def _tail(self, lines: int = 8) -> str:
         logs = sorted((self.home / "log").glob("*.log")) + [self.home / "server.out"]
@@ -176,30 +187,38 @@ class BrokerNode(Owned):
         return " | ".join(kept).replace(self.password, "****") or "(no log output)"
 
 
-def leftovers() -> list[Path]:
-    """Node directories of runs that died without removing them (their process is gone)."""
-    found = []
-    for home in Path(tempfile.gettempdir()).glob(DIR_PREFIX + "*"):
+def recorded(run_home: Path) -> tuple[str, Path] | None:
+    """The node a run recorded in its own directory (which the caller has checked is ours): its name
+    and home, if the home is where this module puts them (a direct child of the temporary directory,
+    with our prefix, a real directory and no link)."""
+    try:
+        entry = json.loads((run_home / RECORD_FILE).read_text())
+        name, home = str(entry["name"]), Path(entry["home"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if home.parent != Path(tempfile.gettempdir()) or not home.name.startswith(DIR_PREFIX) \
+            or not name.startswith("conveyor-chaos-"):
+        return None
+    return name, home
+
+
+def remove_leftover(run_home: Path, name: str, home: Path) -> None:
+    """Stop the node a killed run left (by its name, as the run would have; killed if it will not),
+    delete its directory and the record. Nothing is read from the node's directory."""
+    _run(["rabbitmqctl", "-n", name, "stop"], environment.inherited({"RABBITMQ_CONF_ENV_FILE": os.devnull}), 60)
+    marker = f"RABBITMQ_NODENAME={name}".encode()
+    for environ in Path("/proc").glob("[0-9]*/environ"):  # what still runs of it, by its name
         try:
-            owner = int((home / "owner").read_text())
+            if marker in environ.read_bytes().split(b"\0"):
+                os.kill(int(environ.parent.name), signal.SIGKILL)
         except (OSError, ValueError):
             continue
-        if not alive(owner):
-            found.append(home)
-    return found
-
-
-def remove_leftover(home: Path) -> None:
-    """Stop the node (by its name, as the run would have; killed if it will not) and delete its directory."""
     try:
-        name = (home / "nodename").read_text().strip()
-        _run(["rabbitmqctl", "-n", name, "stop"], environment.inherited({"RABBITMQ_CONF_ENV_FILE": str(home / "rabbitmq-env.conf")}), 60)
-        pid = int((home / "node.pid").read_text())
-        if f"RABBITMQ_NODENAME={name}".encode() in Path(f"/proc/{pid}/environ").read_bytes():
-            os.kill(pid, signal.SIGKILL)
-    except (OSError, ValueError):  # no name, no pid file or no such process: nothing left to stop
+        if stat.S_ISDIR(home.lstat().st_mode):  # lstat: a link there is not followed, nor removed
+            shutil.rmtree(home, ignore_errors=True)
+    except FileNotFoundError:
         pass
-    shutil.rmtree(home, ignore_errors=True)
+    (run_home / RECORD_FILE).unlink(missing_ok=True)
 
 
 def _run(argv: list[str], env: dict[str, str], timeout_s: float) -> subprocess.CompletedProcess | None:
@@ -219,9 +238,9 @@ def _kill_tree(pid: int) -> None:
     """SIGKILL `pid` and everything below it. Not killpg: run as root, the RabbitMQ scripts switch user
     with `su`, which puts the Erlang VM in a session (and process group) of its own."""
     children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for proc_stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+            children.setdefault(int(proc_stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(proc_stat.parent.name))
         except (OSError, IndexError, ValueError):
             continue
     tree, todo = [pid], [pid]

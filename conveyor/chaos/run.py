@@ -2,17 +2,22 @@
 restarted and (optionally) a worker is cut off; then an account of every task.
 
 Timeline. Worker replicas of every service start as local processes (the local stack) against a
-RabbitMQ node of the run's own. A publisher sends the tasks at a steady rate with publisher confirms,
-a planned share of them set to fail every attempt (so they are retried with backoff, then
-dead-lettered). Every few seconds a random replica is SIGKILLed, whole process group at once, and
+RabbitMQ node of the run's own. A publisher sends the tasks at a steady rate through the load
+tester's publisher (conveyor/seam/publisher.py: confirms collected asynchronously; workers publish results without
+confirms, `tuning.result_confirms: false`): single tasks, three-stage pipelines (Celery chains) and
+malformed messages, a planned share of the tasks and pipelines set to fail every attempt (so they
+are retried with backoff, then dead-lettered). Every few seconds a random replica is SIGKILLed, whole process group at once, and
 restarted as a supervisor would. When half the tasks are confirmed the broker node is stopped and
 started again, while the publisher and the workers are busy. With a partition, one more worker runs
 in a network namespace and, early in the run, its link is cut for a while.
 
 The account. Sent and confirmed come from the publisher; succeeded from the ledger the workers
 write (conveyor/lifecycle/ledger.py); dead-lettered from the dead-letter queue itself, drained at the end. A
-confirmed task in neither is lost. The run waits until every confirmed task has ended in the ledger
-and the work queues are empty, or until its timeout.
+confirmed task in neither is lost; a pipeline succeeded when its last stage did, and is dead-lettered
+when a stage is; a malformed message must be dead-lettered. The run fails when anything is lost,
+when a planned task was neither confirmed nor refused by the broker, when a task ended otherwise
+than planned, when an actor (publisher, killer) raised, or at its timeout. It waits until every
+confirmed task has ended in the ledger and the work queues are empty, or until its timeout.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from conveyor.amqp.queues import declared_depth
 from conveyor.settings.context import settings_of
 from conveyor.dispatch.arguments import entry_arguments
 from conveyor.chaos.actors import Killer, PartitionedWorker, Publisher
+from conveyor.chaos.malformed import FLAWS
 from conveyor.chaos.netns import Namespace
 from conveyor.chaos.node import BrokerNode
 from conveyor.chaos.report import ChaosReport, PartitionFinding
@@ -69,14 +75,20 @@ class ChaosOptions:
     duration_s: float | None = None  # each task's run time; None: its type's default
     seed: int = 0
     timeout_s: float = 1800.0
+    pipeline_rate: float = 0.1  # share of the planned tasks that are three-stage pipelines
+    malformed_rate: float = 0.02  # share that are messages no worker can run
 
     def check(self, config: Config) -> None:
         """Refuse values that cannot make a meaningful run, naming the option and its bounds."""
         limit = config.limits.max_tasks_per_run
         if not 0 < self.tasks <= limit:
             raise UsageError(f"--tasks must be between 1 and limits.max_tasks_per_run ({limit}), got {self.tasks}")
-        if not 0 <= self.fail_rate <= 1:
-            raise UsageError(f"--fail-rate must be between 0 and 1, got {self.fail_rate:g}")
+        for name, value in (("--fail-rate", self.fail_rate), ("--pipeline-rate", self.pipeline_rate),
+                            ("--malformed-rate", self.malformed_rate)):
+            if not 0 <= value <= 1:
+                raise UsageError(f"{name} must be between 0 and 1, got {value:g}")
+        if self.pipeline_rate + self.malformed_rate > 1:
+            raise UsageError("--pipeline-rate and --malformed-rate add up to more than 1")
         if not 1 <= self.replicas <= config.limits.max_replicas:
             raise UsageError(f"--replicas must be between 1 and limits.max_replicas "
                              f"({config.limits.max_replicas}), got {self.replicas}")
@@ -93,24 +105,34 @@ class ChaosOptions:
 
 @dataclass(frozen=True)
 class Planned:
-    task: str
-    kwargs: dict[str, Any]
-    fails: bool
-    args: tuple[Any, ...] = ()
+    kind: str  # "task", "pipeline" or "malformed"
+    stages: tuple[tuple[str, dict[str, Any]], ...]  # (task name, kwargs) of each stage; one but for a pipeline
+    fails: bool  # it must end dead-lettered
+    flaw: str = ""  # a malformed message's, conveyor/chaos/malformed.py
+    args: tuple[Any, ...] = ()  # a user task's positional arguments (from its dispatch entry)
 
 
 def plan(options: ChaosOptions, config: Config) -> list[Planned]:
     """The tasks, alternating between the simulated task types and the config's dispatch entries of
-    the other task types. A reproducible share of the simulated ones fails every attempt; a user's
-    task gets the arguments its dispatch entry gives (args/kwargs or its generator, with the number
-    of tasks sent from that entry so far as the index) and is planned to succeed: failures that its
-    retry_on covers must be retried away, and any dead-lettered one is reported as a mismatch."""
+    the other task types. Of the simulated ones, reproducible shares are pipelines (the first
+    simulated type -> the second -> the first: queue_a -> queue_b -> queue_a) and malformed
+    messages, and a share of the tasks and pipelines fails every attempt (a pipeline in its middle
+    stage). A user's task gets the arguments its dispatch entry gives (args/kwargs or its generator,
+    with the number of tasks sent from that entry so far as the index) and is planned to succeed:
+    failures that its retry_on covers must be retried away, and any dead-lettered one is reported
+    as a mismatch."""
     rng = random.Random(options.seed)
-    sources: list[tuple[str, int | None]] = [(t.name, None) for t in config.task_types if t.simulated]
+    simulated = [t.name for t in config.task_types if t.simulated]
+    sources: list[tuple[str, int | None]] = [(name, None) for name in simulated]
     sources += [(spec.task, entry) for entry, spec in enumerate(config.tasks) if not config.task_type(spec.task).simulated]
     if not sources:
         raise UsageError("the config has no simulated task type and no dispatch entry (tasks[]) of another "
                          "type: the chaos run has nothing it knows how to call")
+    run_for: dict[str, Any] = {} if options.duration_s is None else {"duration_s": options.duration_s}
+
+    def failing(name: str) -> dict[str, Any]:
+        return {**run_for, "fail_first": config.retry_policy(name).max_retries + 1}  # one more failure than retries allowed
+
     sent_of: dict[int, int] = {}
     planned = []
     for index in range(options.tasks):
@@ -118,13 +140,18 @@ def plan(options: ChaosOptions, config: Config) -> list[Planned]:
         if entry is not None:
             args, kwargs = entry_arguments(config, entry, sent_of.get(entry, 0))
             sent_of[entry] = sent_of.get(entry, 0) + 1
-            planned.append(Planned(name, kwargs, False, tuple(args)))
+            planned.append(Planned("task", ((name, kwargs),), False, args=tuple(args)))
             continue
         fails = rng.random() < options.fail_rate
-        kwargs = {} if options.duration_s is None else {"duration_s": options.duration_s}
-        if fails:
-            kwargs["fail_first"] = config.retry_policy(name).max_retries + 1  # one more failure than retries allowed
-        planned.append(Planned(name, kwargs, fails))
+        kind = rng.random()
+        if kind < options.malformed_rate:
+            planned.append(Planned("malformed", ((name, {}),), True, FLAWS[index % len(FLAWS)]))
+        elif kind < options.malformed_rate + options.pipeline_rate:
+            first, middle = simulated[0], simulated[1 % len(simulated)]
+            planned.append(Planned("pipeline", ((first, run_for), (middle, failing(middle) if fails else run_for),
+                                                (first, run_for)), fails))
+        else:
+            planned.append(Planned("task", ((name, failing(name) if fails else run_for),), fails))
     return planned
 
 
@@ -150,7 +177,8 @@ class ChaosRun:
         self.namespace_name: str | None = None
 
     def run(self) -> ChaosReport:
-        self.home.mkdir(parents=True, exist_ok=True)
+        environment.private_dir(self.home.parent)  # the sweep acts only on 0700 directories of ours
+        environment.private_dir(self.home)
         (self.home / "owner").write_text(f"{os.getpid()}\n")  # for sweep(): is the run that made it alive?
         started = time.monotonic()
         with ExitStack() as cleanup:
@@ -161,7 +189,7 @@ class ChaosRun:
             node = None
             if not self.broker_url:
                 listen = ("127.0.0.1", namespace.host_ip) if namespace else ("127.0.0.1",)
-                node = cleanup.enter_context(BrokerNode(listen, keep_logs=self.home / "broker-log"))
+                node = cleanup.enter_context(BrokerNode(listen, keep_logs=self.home / "broker-log", registry=self.home))
                 self.node_home = node.home
             cleanup.enter_context(environment.environ({
                 "BROKER_URL": self.broker_url or node.url(),
@@ -193,8 +221,10 @@ class ChaosRun:
     def _write_config(self) -> Config:
         """The project's config with the run's replica counts (and a short heartbeat for a partition),
         in a file of the run's own, for the workers to load."""
+        # The load tester's fast path (no task-sent events) and results published without confirms.
+        tuning = self.base_config.tuning.model_copy(update={"task_events": False, "result_confirms": False})
         update: dict[str, Any] = {"services": [s.model_copy(update={"replicas": self.options.replicas})
-                                               for s in self.base_config.services]}
+                                               for s in self.base_config.services], "tuning": tuning}
         if self.base_config.code_path:  # the copy lives elsewhere: its code_dir must not be relative
             update["code_dir"] = str(self.base_config.code_path)
         if self.options.partition:
@@ -228,8 +258,10 @@ class ChaosRun:
                     if node and options.broker_restart and not self.faults.broker_restarts \
                             and partition_over and confirmed >= RESTART_AT * options.tasks:
                         self._restart(node)
+                    if any(actor and actor.error for actor in (publisher, killer)):
+                        break  # the verdict says which, and fails the run
                     if not publisher.is_alive() and partition_over and \
-                            set(publisher.confirmed) <= book.finished() and _backlog(app) == 0:
+                            _all_ended(publisher.confirmed.values(), book) and _backlog(app) == 0:
                         break
                     if time.monotonic() > deadline:
                         timed_out = True
@@ -245,7 +277,9 @@ class ChaosRun:
             if self.faults.broker_restarts:
                 # A replica that reconnected late may have found its queue drained and finished
                 # nothing since: asking every replica to answer is what tells it reconnected.
-                answering = control.wait_responding(app, stack.desired(), RECONNECT_WAIT_S)
+                # On a connection of its own: the app's pooled ones were opened to the node before the restart.
+                with app.connection_for_write() as conn:
+                    answering = control.wait_responding(app, stack.desired(), RECONNECT_WAIT_S, connection=conn)
                 self.faults.answering_after_restart = sum(answering.values())
             stack.down()  # warm shutdown: whatever runs now finishes and is in the ledger
             if outsider:
@@ -277,21 +311,27 @@ class ChaosRun:
 
     def _account(self, publisher: Publisher, killer: Killer | None, book: ledger.Ledger, in_dlq: set[str],
                  outsider: PartitionedWorker | None, timed_out: bool, started: float) -> ChaosReport:
-        confirmed = publisher.confirmed
-        succeeded = book.succeeded() & set(confirmed)
-        dead = in_dlq & set(confirmed)
-        lost = sorted(set(confirmed) - succeeded - dead)
-        mismatched = sum(1 for tid, item in confirmed.items()
-                         if (item.fails and tid in succeeded) or (not item.fails and tid in dead))
+        confirmed = publisher.confirmed.values()
+        succeeded_ids = book.succeeded()
+        succeeded = [s for s in confirmed if s.item.kind != "malformed" and s.ids[-1] in succeeded_ids]
+        dead = [s for s in confirmed if any(i in in_dlq for i in s.ids)]
+        ended = {s.ids[-1] for s in (*succeeded, *dead)}
+        lost = sorted(s.ids[-1] for s in confirmed if s.ids[-1] not in ended)
+        mismatched = sum(1 for s in succeeded if s.item.fails) + sum(1 for s in dead if not s.item.fails)
+        errors = [f"{actor.name}: {type(actor.error).__name__}: {actor.error}"
+                  for actor in (publisher, killer) if actor and actor.error]
         return ChaosReport(
-            sent=publisher.sent, confirmed=len(confirmed), succeeded=len(succeeded), dead_lettered=len(dead),
-            lost=len(lost), duplicated=book.duplicated(),
-            set_to_fail=sum(item.fails for item in confirmed.values()), mismatched=mismatched,
+            planned=len(publisher.planned), sent=publisher.sent, confirmed=len(confirmed),
+            refused=len(publisher.refused), succeeded=len(succeeded), dead_lettered=len(dead),
+            lost=len(lost), duplicated=book.duplicated(), resent=publisher.resent,
+            pipelines=sum(s.item.kind == "pipeline" for s in confirmed),
+            malformed=sum(s.item.kind == "malformed" for s in confirmed),
+            set_to_fail=sum(s.item.fails for s in confirmed), mismatched=mismatched,
             executions=book.count(), cut_off=book.count(""), kills=killer.kills if killer else 0,
             broker_restarts=self.faults.broker_restarts, broker_away_s=self.faults.broker_away_s,
             elapsed_s=time.monotonic() - started, timed_out=timed_out,
-            partition=self._partition_finding(book, outsider), lost_ids=lost[:20],
-            workers_after_restart=self._workers_after(book, self.faults.broker_back_at),
+            partition=self._partition_finding(book, outsider), lost_ids=lost[:20], refused_ids=publisher.refused,
+            errors=errors, workers_after_restart=self._workers_after(book, self.faults.broker_back_at),
             answering_after_restart=self.faults.answering_after_restart,
         )
 
@@ -312,6 +352,13 @@ class ChaosRun:
                        if e.task_id in in_flight and e.started_at > cut and e.outcome in FINAL}
         after_heal = sum(1 for e in book.executions(outsider.node) if e.started_at > healed and e.outcome in FINAL)
         return PartitionFinding(outsider.node, healed - cut, len(in_flight), len(redelivered), after_heal)
+
+
+def _all_ended(confirmed: Any, book: ledger.Ledger) -> bool:
+    """Every confirmed task and pipeline has ended in the ledger (a pipeline with its last stage, or
+    with any stage dead-lettered); malformed messages never run, the empty queues say they were taken."""
+    finished, dead = book.finished(), book.dead_lettered()
+    return all(s.item.kind == "malformed" or s.ids[-1] in finished or any(i in dead for i in s.ids) for s in confirmed)
 
 
 def _backlog(app: Celery) -> int:

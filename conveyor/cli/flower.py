@@ -36,7 +36,7 @@ def broker_api(settings: environment.BrokerSettings) -> str:
         raise UsageError("Flower needs RabbitMQ: the embedded filesystem broker has no management API; "
                          "set BROKER_URL=amqp://USER:PASSWORD@HOST:5672/VHOST")
     _, _, _, user, password, _, _ = url_to_parts(settings.broker_url)
-    base = urllib.parse.urlsplit(queues.management_base(settings.broker_url))
+    base = urllib.parse.urlsplit(queues.management_url(settings.broker_url))
     quote = lambda part: urllib.parse.quote(part or "guest", safe="")  # noqa: E731 -- Flower unquotes both
     return f"{base.scheme}://{quote(user)}:{quote(password)}@{base.netloc}/api/"
 
@@ -64,7 +64,7 @@ def _exec(host: str, port: int) -> None:
         log.warning("tuning.task_events is off in %s: workers send no task events, so Flower will list the "
                     "workers but no tasks. Turn it on for Flower (docs/monitoring.md).", config.source or "the config")
     log.info("Starting Flower on http://%s:%d with the broker's management API at %s.", host, port,
-             queues.management_base(settings.broker_url))
+             queues.management_url(settings.broker_url))
     cmd = command(host, port)
     os.chdir(environment.PROJECT_ROOT)  # celery_app is imported from the project root
     os.execvpe(cmd[0], cmd, env)

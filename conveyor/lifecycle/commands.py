@@ -15,7 +15,6 @@ from conveyor.errors import UsageError
 from conveyor.lifecycle import stores
 from conveyor.lifecycle.records import Record, now
 from conveyor.tasks.states import TaskState
-from conveyor.lifecycle.signals import REQUEUED_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -65,28 +64,40 @@ def revoke(app: Celery, task_id: str, terminate: bool = False) -> str:
 
 
 def requeue(app: Celery, task_ids: Iterable[str] | None) -> list[deadletter.DeadLetter]:
-    """Publish dead-lettered tasks again to their queue, once each, as new messages: same id and
-    arguments, retries counted from zero, time limits those of the task type. `task_ids` None: all."""
+    """Put dead-lettered tasks back in their queue, once each, as they were (deadletter.restore):
+    same id, arguments, chain, callbacks, caller; retries counted from zero and the task type's time
+    limits. A revoke is undone first, in the record and in every worker's memory, so that the task
+    runs. `task_ids` None: all of them."""
     wanted = None if task_ids is None else set(task_ids)
     present = deadletter.browse(app)
     missing = (wanted or set()) - {letter.task_id for letter in present}
     if missing:
         raise UsageError(f"no message for task {', '.join(sorted(missing))} in the dead-letter queue; "
                          "`python -m conveyor dlq list` shows what is there")
-    unusable = [l for l in present if (wanted is None or l.task_id in wanted) and not _celery_message(l)]
+    chosen = [l for l in present if wanted is None or l.task_id in wanted]
+    unusable = [l for l in chosen if not _celery_message(l)]
     if unusable:
         raise UsageError(f"message {unusable[0].task_id or '(no id)'} in the dead-letter queue is not a Celery "
                          "task message and cannot run; `dlq purge` removes it")
+    store = stores.store_for(app)
+    ids = [letter.task_id for letter in chosen]
+    if ids:
+        try:  # workers that are down now start with no revokes in memory; the record store tells them
+            app.control.broadcast("conveyor_unrevoke", arguments={"task_ids": ids})
+        except Exception as exc:  # noqa: BLE001  (the embedded broker's control channel may be absent)
+            log.warning("Could not ask the workers to forget revokes of the requeued tasks: %s.", exc)
 
     def take(letter: deadletter.DeadLetter) -> bool:
         if wanted is not None and letter.task_id not in wanted:
             return False
-        args, kwargs, _embed = letter.body
-        # The dead-letter queue keeps the last attempt's message: its limits and retry count are
-        # left behind on purpose, so the task runs as if sent for the first time.
-        app.send_task(letter.task, args=args, kwargs=kwargs, task_id=letter.task_id,
-                      queue=letter.original_queue or None, headers={REQUEUED_HEADER: deadletter.DEAD_LETTER_QUEUE})
-        return True  # acknowledged only now, after the broker confirmed the new message
+        if store is not None:
+            # Before the message exists, as every record write (conveyor/lifecycle/signals.py).
+            store.transition(letter.task_id, TaskState.QUEUED, name=letter.task, queue=letter.original_queue, sent_at=now(),
+                             revoked_at=None, started_at=None, finished_at=None, error=None,
+                             detail=f"requeued from {deadletter.DEAD_LETTER_QUEUE} to {letter.original_queue}: "
+                                    "revocation cleared, retries reset to 0, the task type's time limits")
+        deadletter.restore(app, letter)
+        return True  # acknowledged only now, after the broker confirmed the restored message
 
     return deadletter.sift(app, take)
 

@@ -4,8 +4,12 @@
     running         task_prerun, in the pool process about to run the task
     retrying        retry_scheduled (conveyor.tasks.base), in the pool process, *before* the retry is published
     succeeded       task_success, in the pool process
-    failed          task_failure, in the pool process (or the worker's main process on a hard timeout)
+    failed          task_failure, in the pool process
     dead_lettered   before_task_publish of the dead-letter publish, before the message reaches the DLQ
+                    (from the pool process, or the worker's main process for a hard timeout or a lost
+                    process, conveyor/tasks/lost.py); task_failure of a Reject without requeue; or
+                    dead_lettered_unrun (conveyor.seam.consumer) for a message the worker's consumer
+                    dead-letters unrun
     revoked         task_revoked, in the worker's main process; `tasks revoke` marks it first
 
 Every transition is written before the message that could cause the next one exists, so a record
@@ -22,10 +26,11 @@ from collections import deque
 from typing import Any
 
 from celery import Task, current_app
-from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.exceptions import Reject, TimeLimitExceeded
 from celery.signals import before_task_publish, task_failure, task_prerun, task_revoked, task_success
 
 from conveyor.errors import RecordStoreError
+from conveyor.amqp.dead_letters import REQUEUED_HEADER, UNIQUE_HEADER
 from conveyor.amqp.topology import DEAD_LETTER_QUEUE
 from conveyor.lifecycle import stores
 from conveyor.lifecycle.records import now
@@ -33,15 +38,12 @@ from conveyor.tasks.states import TaskState
 from conveyor.settings.context import settings_of
 from conveyor.seam.request import revoke_lookup
 from conveyor.tasks.base import effective_limits, retry_scheduled
-from conveyor.tasks.deadletter import DeadLettered
+from conveyor.seam.consumer import dead_lettered_unrun
+from conveyor.tasks.deadletter import DeadLettered, dead_letter_refused, describe_error
 
 log = logging.getLogger(__name__)
 
 _hard_timeouts: deque[str] = deque(maxlen=1000)  # in the worker's main process, where hard timeouts are handled
-
-UNIQUE_HEADER = "x-unique-key"
-REQUEUED_HEADER = "x-requeued-from"
-
 
 def _best_effort(receiver):
     @functools.wraps(receiver)
@@ -57,17 +59,6 @@ def _best_effort(receiver):
 def describe_limits(soft: float | None, hard: float | None) -> str:
     parts = [f"soft {soft:g} s" if soft else "", f"hard {hard:g} s" if hard else ""]
     return ", ".join(p for p in parts if p) or "none"
-
-
-def describe_error(exc: BaseException | None, soft: float | None = None) -> str | None:
-    if exc is None:
-        return None
-    if isinstance(exc, SoftTimeLimitExceeded):  # Celery's own message is empty
-        return f"SoftTimeLimitExceeded: ran past its soft time limit{f' of {soft:g} s' if soft else ''}"
-    if isinstance(exc, TimeLimitExceeded):
-        limit = exc.args[0] if exc.args and isinstance(exc.args[0], (int, float)) else None
-        return f"TimeLimitExceeded: ran past its hard time limit{f' of {limit:g} s' if limit else ''} and was killed"
-    return f"{type(exc).__name__}: {exc}"
 
 
 @_best_effort
@@ -95,6 +86,12 @@ def _published(sender: str | None = None, headers: dict | None = None, routing_k
                      name=sender or headers.get("task"), queue=routing_key, sent_at=now(),
                      unique_key=headers.get(UNIQUE_HEADER), soft_time_limit_s=soft or None, time_limit_s=hard or None,
                      started_at=None, finished_at=None, error=None)
+
+
+def dead_lettered(sender: Any = None, headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """Received on dead_lettered_unrun: record a dead letter published without Celery's
+    before_task_publish, a message the worker's consumer could not run (conveyor/seam/consumer.py)."""
+    _published(headers=headers, routing_key=DEAD_LETTER_QUEUE)
 
 
 @_best_effort
@@ -128,6 +125,15 @@ def record_retry(sender: Task | None = None, exc: BaseException | None = None, w
 
 
 @_best_effort
+def record_kept(sender: Any = None, task_id: str | None = None, detail: str = "", **_: Any) -> None:
+    """Received on dead_letter_refused: the dead-letter queue refused a task (full), so its record,
+    written dead_lettered just before the publish, says instead that it stays in its queue to be tried again."""
+    store = stores.store_for(sender)
+    if store is not None:
+        store.transition(task_id, TaskState.RETRYING, detail=detail, finished_at=None)
+
+
+@_best_effort
 def _succeeded(sender: Task | None = None, **_: Any) -> None:
     store = stores.store_for(sender.app)
     if store is None or sender.request.called_directly:
@@ -140,10 +146,13 @@ def _succeeded(sender: Task | None = None, **_: Any) -> None:
 @_best_effort
 def _failed(sender: Task | None = None, task_id: str | None = None, exception: BaseException | None = None,
             **_: Any) -> None:
-
     store = stores.store_for(sender.app)
     if store is None or isinstance(exception, DeadLettered):
         return  # dead-lettered: recorded when it was published to the dead-letter queue
+    if isinstance(exception, Reject):  # Celery sends task_failure only for a reject without requeue
+        store.transition(task_id, TaskState.DEAD_LETTERED, detail=f"rejected to the dead-letter exchange: {exception.reason}",
+                         error=describe_error(exception), finished_at=now())
+        return
     if isinstance(exception, TimeLimitExceeded):
         # Celery sends task_failure twice for a hard timeout (from Request.on_timeout, and from
         # on_failure once the pool reports the killed process): record it once.
@@ -181,7 +190,8 @@ def _revoked_in_store(sender: Task | None = None, task_id: str | None = None, **
 
 _RECEIVERS = ((before_task_publish, _published), (task_prerun, _started), (task_success, _succeeded),
               (task_failure, _failed), (task_revoked, _revoked), (retry_scheduled, record_retry),
-              (revoke_lookup, _revoked_in_store))
+              (revoke_lookup, _revoked_in_store), (dead_letter_refused, record_kept),
+              (dead_lettered_unrun, dead_lettered))
 
 
 def connect() -> None:

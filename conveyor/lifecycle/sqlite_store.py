@@ -53,7 +53,16 @@ class SqliteStore(Store):
         conn = getattr(self._local, "conn", None)
         if conn is None or self._local.pid != os.getpid():
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                # Readable by this user only (SQLite gives its -wal and -shm files the same mode).
+                # O_EXCL: an existing file is never opened here, since closing any descriptor of it
+                # drops every POSIX lock this process's SQLite connections hold on it; another
+                # process's last close would then delete the WAL under them, leaving them reading
+                # a stale snapshot.
+                try:
+                    os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
+                except FileExistsError:
+                    pass
                 conn = sqlite.connect(self.path, SCHEMA, timeout_s=self.busy_s)
             except (OSError, sqlite3.Error) as exc:
                 raise unavailable(self.url, exc) from None

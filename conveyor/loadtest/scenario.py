@@ -34,7 +34,7 @@ from typing import Any
 
 from pydantic import Field, PrivateAttr, model_validator
 
-from conveyor.errors import ConfigError
+from conveyor.errors import ConfigError, UsageError
 from conveyor.settings import callables
 from conveyor.settings.config import Config, Strict, TaskTypeConfig, builtin_task_types, describe, read_yaml, validate
 from conveyor.tasks.simulated import SIMULATED
@@ -156,6 +156,18 @@ class Scenario(Strict):
     @property
     def queues(self) -> list[str]:
         return list(dict.fromkeys(self.queue_of(step.task) for entry in self.mix for step in entry.steps))
+
+
+def check_limits(scenario: Scenario, config: Config) -> None:
+    """Refuse, before anything is sent, a payload the workers would refuse: checked here, it is never
+    stored in a queue at all (the task type's max_payload_bytes, else limits.max_payload_bytes, as
+    the dispatcher checks it)."""
+    for entry in scenario.mix:
+        for step in entry.steps:
+            limit = config.payload_limit(step.task)
+            if step.payload_bytes > limit:
+                raise UsageError(f"task type {entry.label!r}: payload_bytes {step.payload_bytes} is over "
+                                 f"limits.max_payload_bytes ({limit}) of {config.source}; workers would refuse it")
 
 
 def load_scenario(path: str | os.PathLike[str], config: Config | None = None) -> Scenario:

@@ -79,7 +79,8 @@ def render(snap: dict[str, Any], heading: str = "") -> Group:
 
     footer = Text(f"error: {snap['error']}", style="bold red") if snap.get("error") else Text(
         "REPLICAS running/desired. FAILED includes DEAD-LETTERED. P50/P95: from first send to success.", style="dim")
-    return Group(status, Text(), queues, Text(), services, Text(), tasks, Text(), footer)
+    alerts = [Text(f"warning: {w}", style="bold yellow") for w in snap.get("warnings") or ()]
+    return Group(status, Text(), queues, Text(), services, Text(), tasks, Text(), *alerts, footer)
 
 
 @contextmanager

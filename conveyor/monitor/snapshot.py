@@ -24,6 +24,8 @@ from conveyor.settings.context import settings_of
 
 log = logging.getLogger(__name__)
 
+DEAD_LETTER_WARN_RATIO = 0.8  # of dead_letter.max_length: past it the snapshot warns, before the queue refuses
+
 
 def sample_broker(stack: Stack, ping_timeout_s: float = 1.0) -> dict[str, Any]:
     """Services and queues as `make status` reports them, plus each queue's publish and deliver
@@ -42,6 +44,19 @@ def sample_broker(stack: Stack, ping_timeout_s: float = 1.0) -> dict[str, Any]:
                                          or stack.config.monitoring.dead_letter_max_messages)
     found["sampled_at"] = sampled_at
     return found
+
+
+def warnings(broker: dict[str, Any]) -> list[str]:
+    """What an operator must act on before it does harm: a dead-letter queue nearly full (full, it
+    refuses new dead letters and workers keep retrying the tasks, conveyor/amqp/topology.py). Its
+    bound is the broker's max-length (dead_letter.max_length), as sample_broker reads it."""
+    limit = broker.get("dead_letter_max_messages")
+    for queue in broker["queues"]:
+        held = (queue["messages_ready"] or 0) + (queue["messages_unacked"] or 0)
+        if queue["name"] == DEAD_LETTER_QUEUE and limit and held >= DEAD_LETTER_WARN_RATIO * limit:
+            return [f"the dead-letter queue is {100 * held / limit:.0f} % full ({held:,} of dead_letter.max_length "
+                    f"{limit:,}); full, it refuses new dead letters: requeue or purge it (python -m conveyor dlq)"]
+    return []
 
 
 def management_listing(app: Celery) -> dict[str, dict[str, Any]]:
@@ -104,6 +119,7 @@ def compose(broker: dict[str, Any], accounting: Accounting, now: float | None = 
         "sampled_at": round(broker["sampled_at"], 3),
         "backend": broker["backend"],
         "error": error,
+        "warnings": warnings(broker),
         "queues": queue_rows,
         "services": services,
         "workers": workers,

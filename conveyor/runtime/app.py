@@ -33,7 +33,10 @@ def create_app(config: Config | None = None, settings: environment.BrokerSetting
     elif settings.result_backend.startswith("file://"):
         app.backend_cls = f"conveyor.seam.file_backend:AtomicFilesystemBackend+{settings.result_backend}"  # whole files only
     transport_options = dict(settings.transport_options)
-    if not settings.embedded:
+    if settings.embedded:
+        # kombu's filesystem transport, but a fetched message is deleted only once acknowledged.
+        app.conf.broker_transport = "conveyor.seam.filesystem:Transport"
+    else:
         # Every publish waits for the broker's confirm: a task is never reported sent unless it is stored.
         transport_options["confirm_publish"] = True
         producer.install_transport()  # connection.blocked/unblocked logged (conveyor/seam/producer.py)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from celery.utils.dispatch import Signal
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.message import Message
 from vine import promise
@@ -40,6 +41,12 @@ log = logging.getLogger(__name__)
 ENVELOPE_BYTES = 4096
 INVALID = "InvalidMessage"  # x-exception-type of a message the intake refuses
 KEPT_PROPERTIES = ("correlation_id", "reply_to", "priority", "message_id", "type", "app_id")
+OVERSIZE_RULE = "over limits.max_payload_bytes"  # in the intake's rule for a body over the limit
+
+# sender: the app; headers (the dead letter's), properties (the message's). Sent once a message the
+# consumer could not run is dead-lettered: conveyor.tasks.deadletter ends its record and its result
+# there (a Celery signal, so that this layer knows nothing of tasks or records).
+dead_lettered_unrun = Signal(name="conveyor_dead_lettered_unrun", providing_args={"headers", "properties"})
 
 
 def body_limit(max_payload_bytes: int) -> int:
@@ -107,8 +114,13 @@ class Consumer(CeleryConsumer):
         super().on_invalid_task(body, message, exc)
 
     def dead_letter(self, message: Message, kind: str, reason: str, rejected: Rejected | None = None) -> None:
-        """Publish a copy of `message`, its body and headers as received, to the dead-letter queue
-        with the reason; then ack it."""
+        """Publish a copy of `message`, its body and headers as received (but a body over the payload
+        limit: headers only, so that the dead-letter queue never stores what the limit refuses), to the
+        dead-letter queue with the reason; then ack it, and announce it on `dead_lettered_unrun` (its
+        record and its caller's result end dead-lettered)."""
+        keep_body = not (rejected is not None and rejected.field == "body" and OVERSIZE_RULE in rejected.rule)
+        if not keep_body:
+            reason = f"{reason}; its body was not kept"
         headers = {**(message.headers or {}),
                    **dead_letters.reason_headers(kind, reason, _queue_of(message), self.hostname)}
         if rejected is not None:
@@ -122,7 +134,8 @@ class Consumer(CeleryConsumer):
             # the confirm is awaited for at most confirm_timeout_s (conveyor/seam/publisher.py).
             with self.app.producer_or_acquire() as producer:
                 producer.publish(
-                    getattr(message, "received_body", message.body), exchange=dlx, routing_key=DEAD_LETTER_QUEUE, declare=[dead_letter_queue],
+                    getattr(message, "received_body", message.body) if keep_body else b"", exchange=dlx,
+                    routing_key=DEAD_LETTER_QUEUE, declare=[dead_letter_queue(settings_of(self.app).config)],
                     content_type=message.content_type or "application/octet-stream",
                     content_encoding=message.content_encoding or "binary",
                     headers=headers, delivery_mode="persistent", mandatory=True,
@@ -146,6 +159,7 @@ class Consumer(CeleryConsumer):
                 log.error("Could not reject it either (%s); the broker will deliver it again.", lost)
             return
         message.ack_log_error(log, self.connection_errors)
+        dead_lettered_unrun.send(sender=self.app, headers=headers, properties=message.properties or {})
         log.error("Dead-lettered a message from %s: %s.", _queue_of(message), headers["x-exception"])
 
 

@@ -11,14 +11,18 @@ Internals used (checked against celery 5.7.0):
   is handed to the pool (Task.Request names the subclass, Celery's documented hook for it).
 - `celery.worker.state.revoked`, the set `celery control revoke` fills, added to so that Celery's
   own `revoked()` then takes its revoke path. Not a fast path: it is the durable revoke itself.
+- `celery.worker.control.control_command`: the `conveyor_unrevoke` remote command, which takes ids
+  out of that set again when `dlq requeue` sends a revoked task once more.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery.utils.dispatch import Signal
 from celery.worker import state as worker_state
+from celery.worker.control import control_command, ok
 from celery.worker.request import Request
 
 log = logging.getLogger(__name__)
@@ -41,3 +45,13 @@ class DurableRevokeRequest(Request):
             return False
         worker_state.revoked.add(self.id)
         return super().revoked()
+
+
+@control_command(args=[("task_ids", list)], signature="<task_id> [task_id ...]")
+def conveyor_unrevoke(state: Any, task_ids: list[str], **_: Any) -> dict[str, str]:
+    """Forget revokes of tasks that `dlq requeue` sends again (Celery keeps revoked ids for hours):
+    `dlq requeue` clears the record's revocation and broadcasts this, which takes the ids out of
+    each worker's in-memory set."""
+    for task_id in task_ids or ():
+        worker_state.revoked.discard(task_id)
+    return ok(f"forgot the revokes of {len(task_ids or ())} task(s)")

@@ -72,7 +72,8 @@ class TaskSpec(Strict):
 class TimeLimit(Strict):
     """Celery's per-task time limits. At soft_s the task gets SoftTimeLimitExceeded and is retried
     (with the retry policy) under limits retry_factor times longer; at hard_s the worker kills the
-    pool process and the task is recorded failed. Enforced by the prefork pool only."""
+    pool process and the task is retried the same way; past its retries, either is dead-lettered.
+    Enforced by the prefork pool only."""
 
     soft_s: float | None = Field(None, gt=0, le=24 * 3600)
     hard_s: float | None = Field(None, gt=0, le=24 * 3600)
@@ -153,6 +154,18 @@ class SideServices(Strict):
     sqlite_busy_s: float = Field(1.0, gt=0, le=60, description="SQLite: how long a write waits for another writer's lock")
     management_timeout_s: float = Field(2.0, gt=0, le=60, description="RabbitMQ management API: per request")
     retry_after_s: float = Field(10.0, gt=0, le=3600, description="a service that did not answer is asked again after this")
+
+
+class DeadLetterBounds(Strict):
+    """RabbitMQ's length limits on the `dead_letter` queue (conveyor/amqp/topology.py). A full queue
+    refuses new dead letters rather than drop old ones: nothing is lost, and the refusal is an error
+    in the worker's log while `make monitor` warns from 80 % full. Changing a bound of an existing
+    queue needs the queue deleted (drained) first: RabbitMQ refuses a declare with other arguments."""
+
+    max_length: int = Field(100_000, ge=1, le=100_000_000, description="messages the dead-letter queue holds at most")
+    max_length_bytes: int = Field(1024 ** 3, ge=1024, le=1024 ** 4, description="bytes of message bodies it holds at most")
+    overflow: Literal["reject-publish"] = Field("reject-publish", description=(
+        "what a full queue does: refuse the new message (the only overflow mode that drops nothing)"))
 
 
 class Monitoring(Strict):
@@ -347,6 +360,7 @@ class Config(Strict):
     # Delivery guarantees (docs/reliability.md). Quorum queues are replicated and also survive a node's
     # disk; changing the type of an existing queue needs the queue deleted first (RabbitMQ refuses).
     queue_type: Literal["classic", "quorum"] = "classic"
+    dead_letter: DeadLetterBounds = DeadLetterBounds()
     heartbeat_s: float = Field(30.0, ge=0, le=3600, description="worker-broker heartbeat; a silent peer is dropped after about twice this; 0: off")
     publish_retry_s: float = Field(30.0, ge=0, le=3600, description="how long a publish retries a broker that is away before it fails")
     confirm_timeout_s: float = Field(30.0, gt=0, le=3600, description="the longest wait for the broker's confirm of a publish")

@@ -4,10 +4,12 @@ BROKER_URL set: use it, and fail loudly when it does not answer (never fall back
 BROKER_URL unset: RabbitMQ on 127.0.0.1:5672 if something listens there, otherwise the embedded
 broker: kombu's filesystem transport and Celery's file result backend inside the run directory.
 RECORDS_URL (redis://..., sqlite:///FILE or `off`) likewise names where task records live; unset:
-the run directory's SQLite file with the embedded broker, else Redis on 127.0.0.1:6379 if something
-listens there, else that SQLite file (see conveyor/lifecycle/store.py and docs/tasks.md).
-Workers started by a stack are handed the resolved URLs, so they never decide differently. The
-commands decide through conveyor/stack/choice.py, which weighs the Docker engine too.
+the run directory's SQLite file, readable by this user only. Never a network store found by
+probing: whoever can write to a record store can revoke tasks and hold unique keys, and a Redis
+that merely listens on 127.0.0.1:6379 may be anyone's, without a password (docs/reliability.md,
+trust boundary). Workers started by a stack are handed the resolved URLs, so they never decide
+differently. The run directory is created readable by this user only (0700): it holds the
+embedded broker's messages, the records and the logs.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ RUN_DIR_ENV = "CONVEYOR_RUN_DIR"
 RECORDS_URL_ENV = "RECORDS_URL"
 FAST_PATHS_ENV = "CONVEYOR_FAST_PATHS"
 DEFAULT_BROKER = ("127.0.0.1", 5672)  # where DEFAULT_BROKER_URL points
-DEFAULT_REDIS = ("127.0.0.1", 6379)
+DEFAULT_REDIS = ("127.0.0.1", 6379)  # the tests' shared Redis; never picked without RECORDS_URL
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -49,6 +51,16 @@ def fast_paths_allowed(env: Mapping[str, str] = os.environ) -> bool:
 def run_dir(env: Mapping[str, str] = os.environ) -> Path:
     """Where pid files, logs and the embedded broker live."""
     return Path(env.get(RUN_DIR_ENV) or PROJECT_ROOT / ".run").resolve()
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a directory only this user can enter (0700), created so if missing (with its missing
+    parents), tightened if it is ours and looser; another user's is left as it is."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_uid == os.geteuid() and info.st_mode & 0o077:
+        path.chmod(0o700)
+    return path
 
 
 @dataclass(frozen=True)
@@ -74,7 +86,9 @@ class BrokerSettings:
 
     def describe(self) -> str:
         if self.embedded:
-            return f"Using the embedded filesystem broker in {self.transport_options['data_folder_in']}."
+            return (f"Using the embedded filesystem broker in {self.transport_options['data_folder_in']}: "
+                    "at-least-once on this machine only, without publisher confirms, broker dead-lettering "
+                    "or queue limits (README).")
         return f"Using the broker at {self.safe_url}."
 
 
@@ -87,6 +101,10 @@ def resolve(env: Mapping[str, str] = os.environ, probe: tuple[str, int] = DEFAUL
     if embedded:
         url = EMBEDDED_URL
     root = run_dir(env)
+    try:
+        private_dir(root)  # before anything (a log, a pid file, a record) is written in it
+    except OSError as exc:  # a read-only image, say: whatever needs it fails there, with its own error
+        log.debug("Could not create the run directory %s: %s", root, exc)
     options: dict = {}
     if embedded:
         folder = root / "broker"
@@ -105,13 +123,12 @@ def resolve(env: Mapping[str, str] = os.environ, probe: tuple[str, int] = DEFAUL
 
 
 def records_url(env: Mapping[str, str], embedded: bool, root: Path) -> str:
-    """Where task records live. Redis is shared by workers on every host and in containers; the
-    SQLite file only by processes on this machine, hence Redis first whenever it answers."""
+    """Where task records live: RECORDS_URL, else the run directory's SQLite file (0600), shared by
+    the processes of this user on this machine. Redis, shared by workers on every host and in
+    containers, only when RECORDS_URL names it (with its password: redis://:PASSWORD@HOST)."""
     url = env.get(RECORDS_URL_ENV, "").strip()
     if url:
         return url
-    if not embedded and listening(*DEFAULT_REDIS):
-        return f"redis://{DEFAULT_REDIS[0]}:{DEFAULT_REDIS[1]}/0"
     return f"sqlite:///{root / 'records.sqlite3'}"
 
 
@@ -239,7 +256,3 @@ def flower_address() -> str | None:
 
 def flower_port() -> str | None:
     return os.environ.get("FLOWER_PORT") or None  # `make flower`'s port (5555 by default)
-
-
-def management_url() -> str | None:
-    return os.environ.get(MANAGEMENT_URL_ENV) or None

@@ -1,9 +1,13 @@
 """The task base class that gives every conveyor task its lifecycle.
 
-Escalating time limits: a retry after SoftTimeLimitExceeded (which conveyor.tasks.retry makes
-retryable) is published with soft and hard limits `timeout_retry_factor` times the ones the attempt
-had, through Task.retry's own soft_time_limit/time_limit options, so the next attempt's message
-carries them.
+Escalating time limits: a retry after a timeout (SoftTimeLimitExceeded, which conveyor.tasks.retry
+makes retryable, or TimeLimitExceeded: the worker killed the attempt at its hard limit, which
+conveyor/tasks/lost.py retries from the worker's main process) is published with soft and hard limits
+`timeout_retry_factor` times the ones the attempt had, through Task.retry's own
+soft_time_limit/time_limit options, so the next attempt's message carries them. A task that times
+out on every attempt is dead-lettered like any other that failed for good. A retry carries our own
+headers on (amqp/dead_letters.carried_headers: the unique key, where it was requeued from, when
+it first failed), which Celery's rebuilt retry message would drop.
 
 Retry countdowns on classic queues wait in the broker, not in a worker: Celery would publish the
 retry with an ETA, and the worker that receives it holds it unacknowledged until it is due (filling
@@ -15,7 +19,8 @@ explains the choice. Quorum queues keep Celery's native delayed delivery, which 
 the embedded broker (no TTL, no dead-lettering) keeps Celery's ETA.
 
 Durable revokes: the worker's request class (conveyor.seam.request) asks the record store whether a
-task was revoked before it runs; see there.
+task was revoked before it runs; see there. A dead-lettering task's request class
+(conveyor/tasks/lost.py) also ends the attempts the pool loses.
 
 Retries are announced, before they are published, on the `retry_scheduled` signal (a Celery
 signal): the task records (conveyor.lifecycle) receive it, so this layer knows nothing of them.
@@ -28,10 +33,11 @@ from datetime import datetime
 from typing import Any
 
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.utils.dispatch import Signal
 from celery.utils.time import get_exponential_backoff_interval
 
+from conveyor.amqp.dead_letters import carried_headers
 from conveyor.amqp.topology import delay_queue
 from conveyor.seam.request import DurableRevokeRequest
 
@@ -58,11 +64,12 @@ class LifecycleTask(Task):
         if not request.called_directly:
             soft, hard = effective_limits(self)
             note = ""
-            if isinstance(exc, SoftTimeLimitExceeded):
+            if isinstance(exc, (SoftTimeLimitExceeded, TimeLimitExceeded)):
                 soft, hard = (round(v * self.timeout_retry_factor, 3) if v else v for v in (soft, hard))
                 options.setdefault("soft_time_limit", soft)
                 options.setdefault("time_limit", hard)
                 note = f"; the attempt timed out, so its retry gets limits {self.timeout_retry_factor:g}x longer"
+            options["headers"] = {**carried_headers(request, failed=True), **(options.get("headers") or {})}
             limit = self.max_retries if max_retries is None else max_retries
             if limit is None or (request.retries or 0) < limit:  # else Celery re-raises exc: no retry
                 retry_scheduled.send(sender=self, exc=exc, when=eta or countdown, soft=soft, hard=hard, note=note)

@@ -34,6 +34,15 @@ def task_options(policy: RetryPolicy, retry_on: tuple[type[BaseException], ...] 
     }
 
 
+def countdown_s(task: Any, retries: int) -> int:
+    """The countdown Celery's autoretry draws before retry number `retries + 1` of `task`, jitter
+    included, for a retry Celery's autoretry does not see (conveyor/tasks/lost.py)."""
+    return get_exponential_backoff_interval(
+        factor=int(max(1.0, float(task.retry_backoff or 1))), retries=retries,
+        maximum=task.retry_backoff_max, full_jitter=task.retry_jitter,
+    )
+
+
 def delay_s(policy: RetryPolicy, retries: int) -> int:
     """The countdown Celery computes before retry number `retries + 1` (the upper bound when jitter is on)."""
     return get_exponential_backoff_interval(

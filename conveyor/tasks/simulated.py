@@ -25,6 +25,7 @@ from conveyor.tasks import deadletter
 from conveyor.tasks.deadletter import DeadLettered
 from conveyor.tasks import retry
 from conveyor.tasks.base import LifecycleTask
+from conveyor.tasks.deadletter import KEPT_DETAIL
 from conveyor.seam.runtime_meta import RUNTIME_ATTR, STARTED_ATTR
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class DeadLetteringTask(LifecycleTask):
     # Measure each run for the result's metadata (conveyor/seam/runtime_meta.py): on for a user's task
     # types, whose result is their own; the simulated ones report their time in their result.
     measure_runtime: bool = False
+    Request = "conveyor.tasks.lost:DeadLetteringRequest"  # the attempts the pool loses end the same way
+    full_pause_s: float = 5.0  # how long a worker waits before it tries a full dead-letter queue again
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.measure_runtime:
@@ -75,6 +78,16 @@ class DeadLetteringTask(LifecycleTask):
                           self.name, self.request.id, publish_error)
                 raise Reject(f"dead-letter publish not routed: {publish_error}", requeue=True) from exc
             except Exception as publish_error:
+                if deadletter.refused(publish_error):
+                    # The dead-letter queue is full (reject-publish): keep the task in its queue, loudly,
+                    # and come back to it after a pause rather than spin on it.
+                    log.error("The dead-letter queue refused task %s[%s]: it is full (dead_letter.max_length or "
+                              "max_length_bytes). The task stays in %s and is tried again; make room with "
+                              "`python -m conveyor dlq requeue|purge`.", self.name, self.request.id,
+                              (self.request.delivery_info or {}).get("routing_key"))
+                    deadletter.dead_letter_refused.send(sender=self.app, task_id=self.request.id, detail=KEPT_DETAIL)
+                    time.sleep(self.full_pause_s)
+                    raise Reject("the dead-letter queue is full", requeue=True) from exc
                 # Could not publish with the reason: let RabbitMQ dead-letter the original message
                 # through the queue's DLX instead (x-death only), rather than acknowledge it away.
                 log.error("Could not publish task %s[%s] to the dead-letter queue (%s); rejecting it to the DLX.",

@@ -154,3 +154,13 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 15) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def settled(store, task_id: str, status: str, timeout_s: float = 20):
+    """The task's record, once it reaches `status` (the result can arrive a moment before the record)."""
+    return wait_for(lambda: (r := store.get(task_id)) is not None and r.status == status and r, timeout_s,
+                    f"task {task_id} to be recorded {status}")
+
+
+def statuses(record) -> list[str]:
+    return [e.status for e in record.history]
