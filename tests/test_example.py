@@ -131,7 +131,10 @@ def test_make_chaos_against_the_example(tmp_path, monkeypatch, broker_env):
                 "--timeout-s", "400", "--json", env=env, timeout=600)
     report = json.loads(proc.stdout)
     assert report["ok"] and report["lost"] == 0, report
-    assert report["sent"] == report["confirmed"] == report["succeeded"] == 90, report
+    # Every planned task confirmed and succeeded; `sent` also counts what went out again after the
+    # broker restart broke the connection before its confirm (docs/reliability.md), so it may be more.
+    assert report["planned"] == report["confirmed"] == report["succeeded"] == 90, report
+    assert report["sent"] >= report["confirmed"] and report["refused"] == 0, report
     assert report["dead_lettered"] == 0 and report["set_to_fail"] == 0 and report["mismatched"] == 0
     assert report["broker_restarts"] == 1 and report["kills"] >= 1
     # The run's own ledger saw the example's three types, and count_words' busy attempts retried.
