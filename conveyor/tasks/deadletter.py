@@ -203,7 +203,8 @@ def sift(app: Celery, take: Callable[[DeadLetter], bool], limit: int = 10_000, k
                 except Exception:  # undecodable: the broker may have dead-lettered it for exactly that
                     body = None
                 letter = _parse(message.headers or {}, body)
-                letter.raw, letter.properties = message.body, _properties(message)
+                # As stored: a compressed body stays compressed beside its `compression` header (seam/inbound.py).
+                letter.raw, letter.properties = getattr(message, "received_body", message.body), _properties(message)
                 seen.append(letter)
                 if take(letter):
                     message.ack()
