@@ -135,7 +135,7 @@ def check_exposition(text: str, stack) -> None:
     assert len(up) == 2 and set(up.values()) == {1.0}
     queue_workers = {s.labels["queue_name"]: s.value for s in families["celery_active_worker_count"].samples}
     assert (queue_workers["queue_a"], queue_workers["queue_b"]) == (1, 1)
-    assert families["conveyor_dead_letter_max_messages"].samples[0].value == stack.config.monitoring.dead_letter_max_messages
+    assert families["conveyor_dead_letter_max_messages"].samples[0].value == stack.config.dead_letter.max_length
 
     promtool = shutil.which("promtool")
     if promtool is None:

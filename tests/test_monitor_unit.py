@@ -363,7 +363,7 @@ def test_monitoring_defaults_and_overrides(tmp_path):
     assert load_config(write_config(tmp_path / "a.yml", BASE)).monitoring.model_dump() == {
         "collect_interval_s": 5.0, "emit_interval_s": 60.0, "refresh_interval_s": 1.0, "prometheus_host": "127.0.0.1",
         "prometheus_port": 9808, "influx": None, "latency_window_tasks": 1000,
-        "worker_down_after_s": 10.0, "worker_forget_after_s": 1800.0, "dead_letter_max_messages": 10_000}
+        "worker_down_after_s": 10.0, "worker_forget_after_s": 1800.0}
     cfg = load_config(write_config(tmp_path / "b.yml", BASE + "monitoring: {collect_interval_s: 1, prometheus_port: null}\n"))
     assert cfg.monitoring.collect_interval_s == 1 and cfg.monitoring.prometheus_port is None
 

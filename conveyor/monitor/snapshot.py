@@ -41,7 +41,7 @@ def sample_broker(stack: Stack, ping_timeout_s: float = 1.0) -> dict[str, Any]:
     for service in found["services"]:
         service["concurrency"] = stack.config.service(service["name"]).concurrency
     found["dead_letter_max_messages"] = (max_length(listing.get(DEAD_LETTER_QUEUE) or {})
-                                         or stack.config.monitoring.dead_letter_max_messages)
+                                         or stack.config.dead_letter.max_length)
     found["sampled_at"] = sampled_at
     return found
 

@@ -186,8 +186,6 @@ class Monitoring(Strict):
     # exporter's own 10 min purge removes a dead worker before it can).
     worker_forget_after_s: float = Field(1800.0, ge=1, le=7 * 24 * 3600, description=(
         "...and forgotten after this long, with its host's task series (as the Celery exporter purges them)"))
-    dead_letter_max_messages: int = Field(10_000, ge=1, description=(
-        "the dead-letter queue's bound for the dashboard and alerts when the broker sets no max-length"))
 
     @model_validator(mode="after")
     def _emit_not_below_collect(self) -> Monitoring:
