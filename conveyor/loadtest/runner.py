@@ -55,10 +55,6 @@ class Progress:
     rate_per_s: float  # results per second over the last few seconds
     paused: bool
 
-    @property
-    def total_text(self) -> str:
-        return "?" if self.planned is None else str(self.planned)
-
 
 @dataclass
 class Outcome:
