@@ -144,11 +144,8 @@ class Publisher(Actor):
         def send(_producer: Any) -> str:
             if len(item.stages) == 1:
                 name, kwargs = item.stages[0]
-                if item.args:  # a user task's positional arguments: Celery's own send_task on this channel
-                    ids.append(pub.send_signature(self.app.signature(name, args=item.args, kwargs=kwargs,
-                                                                     ignore_result=True)).id)
-                else:  # ignore_result: the ledger is the record here, not the backend
-                    ids.append(pub.send_task(name, kwargs, repr(kwargs), ignore_result=True))
+                # ignore_result: the ledger is the record here, not the backend.
+                ids.append(pub.send_task(name, kwargs, repr(kwargs), ignore_result=True, args=tuple(item.args)))
                 return ids[-1]
             result = pub.send_signature(chain(*(self.app.signature(name, kwargs=kwargs) for name, kwargs in item.stages)))
             while result is not None:  # a chain's result knows its parents: the earlier stages, frozen with ids
