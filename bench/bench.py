@@ -219,7 +219,7 @@ def dispatch_vs_load_tester(config_file: Path, n: int, pairs: int = DISPATCH_PAI
             report = json.loads(proc.stdout)
             dispatch = report["succeeded"] / report["total_time_s"]
             rows.append({"dispatch_per_s": dispatch, "load_tester_per_s": load_tester, "ratio": dispatch / load_tester})
-            common.say(f"dispatch.py {dispatch:.0f}/s, load tester {load_tester:.0f}/s: {dispatch / load_tester:.2f}x.")
+            console.say(f"dispatch.py {dispatch:.0f}/s, load tester {load_tester:.0f}/s: {dispatch / load_tester:.2f}x.")
     ordered = sorted(rows, key=lambda r: r["ratio"])
     return {"tasks": n, "pairs": rows, **ordered[(len(ordered) - 1) // 2],
             "low": ordered[0]["ratio"], "high": ordered[-1]["ratio"]}

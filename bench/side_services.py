@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench import private_broker, stack  # noqa: E402
-from conveyor.cli import common  # noqa: E402
+from conveyor import console  # noqa: E402
 from conveyor.dispatch.dispatcher import dispatch  # noqa: E402
 from conveyor.errors import ConveyorError  # noqa: E402
 from conveyor.settings import environment  # noqa: E402
@@ -76,7 +76,7 @@ def hung_store() -> Iterator[str]:
 
 
 def one_dispatch(config_file: Path, records_url: str, tasks: int) -> float:
-    with common.environ({"RECORDS_URL": records_url, "WORKER_LOGLEVEL": "WARNING"}), stack(config_file) as local:
+    with environment.environ({"RECORDS_URL": records_url, "WORKER_LOGLEVEL": "WARNING"}), stack(config_file) as local:
         report = dispatch(local.app, local.config, timeout_s=300)
     if report.succeeded != tasks:
         raise ConveyorError(f"a dispatch with RECORDS_URL={records_url} did not complete: {report.succeeded} of {tasks} succeeded")
@@ -103,7 +103,7 @@ def main() -> int:
                 added_ms = (times["hung"] - times["up"]) / args.tasks * 1000
                 rounds.append({"up_s": times["up"], "hung_s": times["hung"], "added_ms_per_task": added_ms,
                                "hung_over_up": times["hung"] / times["up"]})
-                common.say(f"round {i + 1}: up {times['up']:.2f} s, hung {times['hung']:.2f} s, "
+                console.say(f"round {i + 1}: up {times['up']:.2f} s, hung {times['hung']:.2f} s, "
                            f"{added_ms:+.2f} ms per task, hung/up {times['hung'] / times['up']:.2f}")
         median = sorted(rounds, key=lambda r: r["added_ms_per_task"])[len(rounds) // 2]
         result = {"tasks": args.tasks, "rounds": rounds, "median_round": median,
@@ -114,14 +114,14 @@ def main() -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         out = args.out / f"side-services-{time.strftime('%Y%m%d-%H%M%S')}.json"
         out.write_text(json.dumps(result, indent=2) + "\n")
-        common.say(f"A hung record store added {median['added_ms_per_task']:.2f} ms per task to a {args.tasks}-task "
+        console.say(f"A hung record store added {median['added_ms_per_task']:.2f} ms per task to a {args.tasks}-task "
                    f"dispatch (median of {len(rounds)} rounds; hung/up {median['hung_over_up']:.2f}; "
                    f"range {result['added_ms_range'][0]:.2f} to {result['added_ms_range'][1]:.2f} ms); "
                    f"target under {TARGET_MS:g} ms: {'met' if result['met'] else 'NOT met'}. {out}")
         if statistics.median(r["up_s"] for r in rounds) <= 0:
             raise ConveyorError("the runs with the store up took no time: nothing was measured")
 
-    common.run(run)
+    console.run(run)
     return 0
 
 

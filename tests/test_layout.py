@@ -44,3 +44,34 @@ def test_the_check_would_see_a_read(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("import os\nfrom os import getenv\nx = os.environ.get('A')\n")
     assert list(_environment_uses(probe)) == [2, 3]
+
+
+def _module_attribute_uses(path):
+    """(line, module, attribute) for every `alias.attr` where alias names a conveyor module imported
+    with `from conveyor[.x] import module` or `import conveyor.x as alias`."""
+    import importlib
+
+    tree = ast.parse(path.read_text(), str(path))
+    modules = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "conveyor":
+            for alias in node.names:
+                try:  # a submodule, or else a name that may be one
+                    value = importlib.import_module(f"{node.module}.{alias.name}")
+                except ImportError:
+                    value = getattr(importlib.import_module(node.module), alias.name, None)
+                if isinstance(value, type(ast)):
+                    modules[alias.asname or alias.name] = value
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules:
+            yield node.lineno, modules[node.value.id], node.attr
+
+
+def test_scripts_outside_the_package_use_only_names_the_package_has():
+    """The benchmark scripts and the top-level CLIs are not imported by any test that runs them to
+    the end: a name that moved in the package must fail here, not halfway through `make bench`."""
+    scripts = [*sorted((ROOT / "bench").glob("*.py")), *sorted(ROOT.glob("*.py"))]
+    missing = [f"{path.relative_to(ROOT)}:{line}: {module.__name__}.{attr}"
+               for path in scripts for line, module, attr in _module_attribute_uses(path)
+               if not hasattr(module, attr)]
+    assert not missing, "names the package does not have: " + ", ".join(missing)
