@@ -9,15 +9,22 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, free_port, run_cli, stop_process, wait_for
+from helpers import ROOT, free_port, run_cli, stop_process, wait_for, write_config
 from helpers.flower import answers, rendered
 
 from conveyor.cli import flower
 
 @pytest.fixture
-def flower_url(tmp_path):
+def events_config(tmp_path):
+    """The shipped config with task events on: Flower's task pages are built from them."""
+    return write_config(tmp_path / "flower.yml", (ROOT / "test-config.yml").read_text() + "\ntuning: {task_events: true}\n")
+
+
+@pytest.fixture
+def flower_url(tmp_path, events_config, monkeypatch):
     port = free_port()
     log = open(tmp_path / "flower.log", "wb")
+    monkeypatch.setenv("CONVEYOR_CONFIG", str(events_config))
     proc = subprocess.Popen([sys.executable, "-m", "conveyor.cli.flower", "--port", str(port)], cwd=ROOT,
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -35,8 +42,8 @@ def flower_url(tmp_path):
 
 @pytest.mark.broker
 @pytest.mark.usefixtures("broker_env")
-def test_flower_shows_our_workers_a_finished_task_and_the_queues(local_stack, flower_url, tmp_path):
-    stack = local_stack()
+def test_flower_shows_our_workers_a_finished_task_and_the_queues(local_stack, flower_url, events_config, tmp_path):
+    stack = local_stack(events_config)
     app = stack.app
     nodes = [r.node for r in stack.replicas()]
     # Flower must see the task from its task-sent event on: sent after Flower is listening.

@@ -38,6 +38,7 @@ services:
 time_limits:
   task_b: {soft_s: 0.6, hard_s: 3}
 stop_grace_s: 10
+tuning: {task_events: true}  # some tests read Celery's task events, as Flower does
 """
 
 

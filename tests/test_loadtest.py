@@ -271,6 +271,25 @@ def test_counts_add_up_on_a_run_with_injected_failures(broker_env, local_stack, 
     assert s["workers"] == 2 and s["latency_s"]["count"] == 80
     assert s["latency_s"]["p50"] <= s["latency_s"]["p99"] <= s["latency_s"]["max"]
     assert_report(out)
+    # `make monitor --once --json` afterwards, a new process: its task counts are the workers' and the
+    # caller's tallies in the record store, and equal the load test's, task type by task type. The
+    # pipe's second stage is a task_a sent by the worker that ran its first stage, only when that
+    # succeeded; where the first stage was dead-lettered, Celery stores the same failure (and its
+    # retry) as the second stage's result too, and the load test counts it there, though that
+    # task_a never ran: with max_retries 1, each such first stage was retried once first.
+    proc = run_cli("monitor.py", "--once", "--json", "--no-prometheus", "--config", str(config), env=broker_env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    shown = {t["name"]: t for t in json.loads(proc.stdout)["tasks"]}
+    first, second = pipe["stages"]
+    never_ran = first["dead_lettered"]
+    expected = {
+        "task_a": {"sent": single["sent"] + first["succeeded"], "succeeded": single["succeeded"] + second["succeeded"],
+                   "retried": single["retried"] + second["retried"] - never_ran,
+                   "dead_lettered": single["dead_lettered"] + second["dead_lettered"] - never_ran, "retrying": 0},
+        "task_b": {"sent": pipe["sent"], "succeeded": first["succeeded"], "retried": first["retried"],
+                   "dead_lettered": first["dead_lettered"], "retrying": 0},
+    }
+    assert {name: {k: shown[name][k] for k in expected[name]} for name in expected} == expected
 
 
 @pytest.mark.broker
@@ -307,7 +326,7 @@ def test_the_fast_send_path_publishes_the_message_send_task_would(broker_env, ma
         got = [channel.basic_get("queue_b", no_ack=True) for _ in range(2)]
     assert [m.headers["id"] for m in got] == [slow, fast]
     (a, b) = got
-    differ = {"id", "root_id", "kwargsrepr", "argsrepr", "origin"}
+    differ = {"id", "root_id", "kwargsrepr", "argsrepr", "origin", "x-sent-at"}  # x-sent-at: each its own send time
     assert {k: v for k, v in a.headers.items() if k not in differ} == {k: v for k, v in b.headers.items() if k not in differ}
     assert a.headers.keys() == b.headers.keys()
     assert a.body == b.body and a.content_type == b.content_type == "application/json"

@@ -99,20 +99,25 @@ def relay() -> Iterator[Relay]:
 
 
 class CountingRedisStore(RedisStore):
-    """The real Redis store, counting the calls that reach it from the tasks' thread (not the
-    backlog's replay thread, which probes the store on its own schedule)."""
+    """The real Redis store, counting the calls that reach it from the tasks' thread (the main one),
+    or from any thread with `every_thread` (the writer thread writes the batches and probes)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.calls = 0
+        self.every_thread = False
 
     def _count(self) -> None:
-        if threading.current_thread() is threading.main_thread():
+        if self.every_thread or threading.current_thread() is threading.main_thread():
             self.calls += 1
 
     def transition(self, *args, **kwargs) -> None:
         self._count()
         super().transition(*args, **kwargs)
+
+    def write_many(self, *args, **kwargs) -> None:
+        self._count()
+        super().write_many(*args, **kwargs)
 
     def is_revoked(self, task_id: str) -> bool:
         self._count()
@@ -143,12 +148,16 @@ def a_task_lifecycle(store: GuardedStore, task_id: str) -> None:
 
 def test_a_store_that_refuses_is_asked_once_and_warned_about_once(caplog):
     store, inner = store_at(closed_port(), "refused")
+    inner.every_thread = True  # the writer thread's batches count too
     caplog.set_level(logging.WARNING)
     for _ in range(100):
         a_task_lifecycle(store, str(uuid.uuid4()))
-    assert inner.calls == 1  # the first write; every later one went to the backlog
+    # The first call, from the task's is_revoked or the writer's first batch, opened the breaker;
+    # nothing asks the store again before retry_after_s.
+    assert inner.calls == 1
     assert len([w for w in warnings_of(caplog) if "did not answer" in w]) == 1
-    assert len(store._backlog) == 300  # every write kept
+    assert store.queued == 300  # every write kept
+    assert store.flush() is False  # at once: the breaker is open
     with pytest.raises(RecordStoreError, match="did not answer a moment ago"):
         store.get("x")
     with pytest.raises(RecordStoreError, match="did not answer a moment ago"):  # a unique key: refused at once
@@ -168,7 +177,9 @@ def test_a_hung_or_slow_store_costs_one_timeout_then_catches_up(relay, caplog, m
     calls_before = inner.calls
     for task_id in ids:
         a_task_lifecycle(store, task_id)
-    assert inner.calls - calls_before == 1  # the write that timed out; the replay thread probes on its own
+    # The task's thread waited once (the read that timed out); writes never wait in it, and the
+    # writer thread probes on its own.
+    assert inner.calls - calls_before == 1
     assert [w for w in warnings_of(caplog) if "did not answer" in w] and len(warnings_of(caplog)) == 1
     if mode == "hang":
         assert all(direct.get(task_id) is None for task_id in ids)  # nothing written yet
@@ -193,7 +204,8 @@ def test_a_store_that_answers_slowly_within_the_timeout_is_used(relay, caplog):
     caplog.set_level(logging.WARNING)
     task_id = str(uuid.uuid4())
     a_task_lifecycle(store, task_id)
-    assert store.get(task_id).status == TaskState.SUCCEEDED and not store._backlog
+    assert store.flush() is True
+    assert store.get(task_id).status == TaskState.SUCCEEDED and store.queued == 0
     assert warnings_of(caplog) == [] and not store.breaker.is_open
     RedisStore(f"redis://{REDIS[0]}:{REDIS[1]}/0", namespace, ttl_s=600).clear()
 
@@ -208,6 +220,8 @@ def test_a_full_backlog_marks_the_record_incomplete(relay, monkeypatch):
     relay.mode = "hang"
     for i in range(6):
         store.transition(task_id, TaskState.RUNNING, attempt=i + 1, detail=f"attempt {i + 1}")
+    # The writes are queued at once; the writer thread's batch is what meets the hung store.
+    wait_for(lambda: store.breaker.is_open, 10, "the writer thread to find the store hung")
     relay.mode = "pass"
     wait_for(lambda: (r := direct.get(task_id)) and any("were lost" in e.detail for e in r.history), 30,
              "the record to be marked incomplete")

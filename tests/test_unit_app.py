@@ -153,13 +153,14 @@ def test_explicit_unreachable_url_fails_loudly(tmp_path):
 
 
 def test_tuning_reaches_celery_settings(tmp_path):
-    """Every `tuning:` knob is on by default and each one turns its own Celery setting off."""
+    """Task events and STARTED states are off by default (the monitor reads the tallies), extended
+    results and result confirms on; each knob turns its own Celery setting."""
     settings = environment.resolve({"BROKER_URL": "filesystem://", environment.RUN_DIR_ENV: str(tmp_path)})
     default = create_app(load_config(ROOT / "test-config.yml"), settings)
     tuned = create_app(load_config(ROOT / "bench" / "noop.yml"), settings)
     try:
         assert (default.conf.task_send_sent_event, default.conf.worker_send_task_events,
-                default.conf.task_track_started, default.conf.result_extended) == (True, True, True, True)
+                default.conf.task_track_started, default.conf.result_extended) == (False, False, False, True)
         assert settings_of(default).config.tuning.result_confirms is True
         assert (tuned.conf.task_send_sent_event, tuned.conf.worker_send_task_events,
                 tuned.conf.task_track_started, tuned.conf.result_extended) == (False, False, False, False)

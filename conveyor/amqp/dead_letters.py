@@ -27,7 +27,8 @@ REQUEUED_HEADER = "x-requeued-from"
 FIRST_FAILED_HEADER = "x-first-failed-at"
 # Headers of ours that a retry and a dead letter carry on: Celery rebuilds a retried message from
 # the request, which keeps no custom header (Context.headers is empty in a worker).
-CARRIED_HEADERS = (UNIQUE_HEADER, REQUEUED_HEADER, FIRST_FAILED_HEADER)
+SENT_AT_HEADER = "x-sent-at"  # when the task was first published (epoch seconds): its wait and latency start there
+CARRIED_HEADERS = (UNIQUE_HEADER, REQUEUED_HEADER, FIRST_FAILED_HEADER, SENT_AT_HEADER)
 
 
 def carried_headers(request: Any, failed: bool = False) -> dict[str, Any]:

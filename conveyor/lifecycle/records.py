@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -61,6 +62,19 @@ class Record:
         return asdict(self)
 
 
+@dataclass
+class Write:
+    """One change to a record, made at `at`, waiting to be written (lifecycle/guarded.py batches them)."""
+
+    at: float
+    method: str  # "transition" or "note"
+    task_id: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+SAMPLES_KEPT = 1000  # recent values kept per sample key (latencies, for the monitor's percentiles)
+
 FIELDS = tuple(f.name for f in fields(Record) if f.name not in ("id", "history"))
 FLOAT_FIELDS = ("soft_time_limit_s", "time_limit_s", "sent_at", "started_at", "finished_at", "updated_at", "revoked_at")
 
@@ -81,7 +95,8 @@ def from_strings(task_id: str, values: dict[str, Any]) -> Record:
 
 
 class Store(abc.ABC):
-    """Where records live. Every method is one round trip (one transaction)."""
+    """Where records live, and the task tallies (lifecycle/tallies.py) beside them. Every method is
+    one round trip (one transaction); `write_many` is one for a whole batch."""
 
     EXPIRE_EVERY_S = 60.0  # how often a process sweeps out records older than ttl_s
 
@@ -98,9 +113,29 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def transition(self, task_id: str, status: str, *, attempt: int | None = None, detail: str = "",
-                   count_attempt: bool = False, **values: Any) -> None:
+                   count_attempt: bool = False, at: float | None = None, **values: Any) -> None:
         """Set the status and the given fields (None clears one), count a started attempt if asked,
-        and append an event to the history; creates the record if there is none."""
+        and append an event (at `at`, default now) to the history; creates the record if there is none."""
+
+    def write_many(self, writes: Sequence[Write], counts: Mapping[str, float],
+                   samples: Mapping[str, Sequence[float]]) -> None:
+        """Apply `writes` in order, add `counts` to the tallies and append `samples` (each key keeps its
+        SAMPLES_KEPT latest). Stores override this to make it one round trip."""
+        for write in writes:
+            if write.method == "transition":
+                self.transition(write.task_id, *write.args, at=write.at, **write.kwargs)
+            else:
+                self.note(write.task_id, *write.args)
+        if counts or samples:
+            self.add_tallies(counts, samples)
+
+    @abc.abstractmethod
+    def add_tallies(self, counts: Mapping[str, float], samples: Mapping[str, Sequence[float]]) -> None:
+        """Add to the tallies' counters and append to their samples, in one transaction."""
+
+    @abc.abstractmethod
+    def tallies(self) -> tuple[dict[str, float], dict[str, list[float]]]:
+        """Every counter and every key's kept samples (oldest first)."""
 
     @abc.abstractmethod
     def note(self, task_id: str, detail: str) -> None:

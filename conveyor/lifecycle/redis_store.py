@@ -2,7 +2,9 @@
 
 Keys, under `conveyor:<vhost>:`: `task:<id>` a hash of the record's fields, `task:<id>:history` a
 list of JSON events, `tasks` a sorted set of ids by first write (for listing by time), and
-`unique:<key>` the id of the task holding a unique key. A transition is one MULTI/EXEC pipeline;
+`unique:<key>` the id of the task holding a unique key, `tallies` a hash of the task counters
+(lifecycle/tallies.py), `samples:<name>` a list of recent values per sample key (its SAMPLES_KEPT
+latest) and `samples` the set of those names. A transition is one MULTI/EXEC pipeline;
 claiming a unique key is one Lua script, so that check-and-set is atomic across dispatchers.
 Every key expires `ttl_s` after its last write.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis
@@ -19,7 +22,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from conveyor.tasks.states import ACTIVE, TaskState
-from conveyor.lifecycle.records import Event, Record, Store, from_strings, now, unavailable
+from conveyor.lifecycle.records import SAMPLES_KEPT, Event, Record, Store, Write, from_strings, now, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -64,29 +67,85 @@ class RedisStore(Store):
             raise unavailable(self.url, exc) from None
 
     def transition(self, task_id: str, status: str, *, attempt: int | None = None, detail: str = "",
-                   count_attempt: bool = False, **values: Any) -> None:
-        at = now()
-        key = self._key(task_id)
-        values = {"status": status, "updated_at": at, **values}
-        event = Event(at, status, attempt, values.get("worker"), detail)
-
+                   count_attempt: bool = False, at: float | None = None, **values: Any) -> None:
         def write() -> None:
             pipe = self.redis.pipeline(transaction=True)
-            pipe.hset(key, mapping={k: v for k, v in values.items() if v is not None})
-            cleared = [k for k, v in values.items() if v is None]
-            if cleared:
-                pipe.hdel(key, *cleared)
-            if count_attempt:
-                pipe.hincrby(key, "attempts", 1)
-            pipe.rpush(f"{key}:history", json.dumps(asdict(event)))
-            pipe.expire(key, self.ttl_s)
-            pipe.expire(f"{key}:history", self.ttl_s)
-            pipe.zadd(f"{self.prefix}tasks", {task_id: at}, nx=True)
-            if status == TaskState.QUEUED and self.sweep_due(at):  # forget index entries whose records have expired
-                pipe.zremrangebyscore(f"{self.prefix}tasks", "-inf", at - self.ttl_s)
+            self._queue_transition(pipe, task_id, status, attempt, detail, count_attempt, at, values)
             pipe.execute()
 
         self._run(write)
+
+    def _queue_transition(self, pipe: Any, task_id: str, status: str, attempt: int | None, detail: str,
+                          count_attempt: bool, at: float | None, values: dict[str, Any]) -> None:
+        at = now() if at is None else at
+        key = self._key(task_id)
+        values = {"status": status, "updated_at": at, **values}
+        event = Event(at, status, attempt, values.get("worker"), detail)
+        pipe.hset(key, mapping={k: v for k, v in values.items() if v is not None})
+        cleared = [k for k, v in values.items() if v is None]
+        if cleared:
+            pipe.hdel(key, *cleared)
+        if count_attempt:
+            pipe.hincrby(key, "attempts", 1)
+        pipe.rpush(f"{key}:history", json.dumps(asdict(event)))
+        pipe.expire(key, self.ttl_s)
+        pipe.expire(f"{key}:history", self.ttl_s)
+        pipe.zadd(f"{self.prefix}tasks", {task_id: at}, nx=True)
+        if status == TaskState.QUEUED and self.sweep_due(at):  # forget index entries whose records have expired
+            pipe.zremrangebyscore(f"{self.prefix}tasks", "-inf", at - self.ttl_s)
+
+    def write_many(self, writes: Sequence[Write], counts: Mapping[str, float],
+                   samples: Mapping[str, Sequence[float]]) -> None:
+        """One MULTI/EXEC for the batch's transitions and tallies; a note (which reads the record's
+        status first) is written on its own, after the transitions before it."""
+        def write() -> None:
+            pipe = self.redis.pipeline(transaction=True)
+            for item in writes:
+                if item.method == "note":
+                    pipe.execute()
+                    self.note(item.task_id, *item.args)
+                    continue
+                status, kwargs = item.args[0], dict(item.kwargs)
+                self._queue_transition(pipe, item.task_id, status, kwargs.pop("attempt", None),
+                                       kwargs.pop("detail", ""), kwargs.pop("count_attempt", False), item.at, kwargs)
+            self._queue_tallies(pipe, counts, samples)
+            pipe.execute()
+
+        self._run(write)
+
+    def add_tallies(self, counts: Mapping[str, float], samples: Mapping[str, Sequence[float]]) -> None:
+        def write() -> None:
+            pipe = self.redis.pipeline(transaction=True)
+            self._queue_tallies(pipe, counts, samples)
+            pipe.execute()
+
+        self._run(write)
+
+    def _queue_tallies(self, pipe: Any, counts: Mapping[str, float], samples: Mapping[str, Sequence[float]]) -> None:
+        if counts:
+            key = f"{self.prefix}tallies"
+            for name, by in counts.items():
+                pipe.hincrbyfloat(key, name, by)
+            pipe.expire(key, self.ttl_s)
+        for name, values in samples.items():
+            key = f"{self.prefix}samples:{name}"
+            pipe.rpush(key, *values)
+            pipe.ltrim(key, -SAMPLES_KEPT, -1)
+            pipe.expire(key, self.ttl_s)
+            pipe.sadd(f"{self.prefix}samples", name)
+            pipe.expire(f"{self.prefix}samples", self.ttl_s)
+
+    def tallies(self) -> tuple[dict[str, float], dict[str, list[float]]]:
+        def read() -> tuple[dict[str, float], dict[str, list[float]]]:
+            counts = self.redis.hgetall(f"{self.prefix}tallies")
+            names = sorted(self.redis.smembers(f"{self.prefix}samples"))
+            pipe = self.redis.pipeline(transaction=False)
+            for name in names:
+                pipe.lrange(f"{self.prefix}samples:{name}", 0, -1)
+            return ({k: float(v) for k, v in counts.items()},
+                    {name: [float(v) for v in values] for name, values in zip(names, pipe.execute()) if values})
+
+        return self._run(read)
 
     def note(self, task_id: str, detail: str) -> None:
         key = self._key(task_id)

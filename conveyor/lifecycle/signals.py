@@ -12,27 +12,36 @@
                     dead-letters unrun
     revoked         task_revoked, in the worker's main process; `tasks revoke` marks it first
 
-Every transition is written before the message that could cause the next one exists, so a record
-does not go backwards even when a retry starts at once on another worker. No process keeps records
-in memory, so a restart of any of them loses nothing.
-A store that does not answer costs a warning, never the task: records serve operators, not delivery.
+The same receivers keep the task tallies (conveyor/lifecycle/tallies.py: sent, received by
+task_received in the worker's consumer, started, succeeded, failed, retried, dead-lettered, and the
+wait, latency and runtime histograms) in the same batches.
+
+Writes are batched (lifecycle/guarded.py): queued in the process and written a few milliseconds
+later, off the task's path. Where the next transition could come from another process, the batch is
+written first: before a task's message reaches the broker (the Publisher's writing_messages signal,
+or at once for a publish outside a Publisher), before a retry is published, before a dead letter is.
+So a record does not go backwards even when a retry starts at once on another worker. A store that
+does not answer costs a warning, never the task: records serve operators, not delivery.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections import deque
 from typing import Any
 
-from celery import Task, current_app
+from celery import Celery, Task, current_app
 from celery.exceptions import Reject, TimeLimitExceeded
-from celery.signals import before_task_publish, task_failure, task_prerun, task_revoked, task_success
+from celery.signals import (before_task_publish, task_failure, task_prerun, task_received, task_revoked, task_success,
+                            worker_process_shutdown, worker_shutdown)
 
 from conveyor.errors import RecordStoreError
-from conveyor.amqp.dead_letters import REQUEUED_HEADER, UNIQUE_HEADER
+from conveyor.amqp.dead_letters import REQUEUED_HEADER, SENT_AT_HEADER, UNIQUE_HEADER
 from conveyor.amqp.topology import DEAD_LETTER_QUEUE
-from conveyor.lifecycle import stores
+from conveyor.lifecycle import guarded, stores, tallies
+from conveyor.seam import publisher
 from conveyor.lifecycle.records import now
 from conveyor.tasks.states import TaskState
 from conveyor.settings.context import settings_of
@@ -44,6 +53,8 @@ from conveyor.tasks.deadletter import DeadLettered, dead_letter_refused, describ
 log = logging.getLogger(__name__)
 
 _hard_timeouts: deque[str] = deque(maxlen=1000)  # in the worker's main process, where hard timeouts are handled
+_run_started: dict[str, float] = {}  # task id -> monotonic start of its attempt in this pool process, for runtime
+_queues: dict[tuple[int, str], str] = {}  # (id of the app, task name) -> its queue
 
 def _best_effort(receiver):
     @functools.wraps(receiver)
@@ -68,15 +79,19 @@ def _published(sender: str | None = None, headers: dict | None = None, routing_k
     store = stores.store_for(current_app)
     if store is None or "id" not in headers:
         return
-    task_id = headers["id"]
+    task_id, name = headers["id"], sender or headers.get("task") or ""
     if routing_key == DEAD_LETTER_QUEUE:
         attempts = headers.get("x-attempts")
         detail = f"dead-lettered after {attempts} attempt(s)" if attempts else "dead-lettered without running"
         store.transition(task_id, TaskState.DEAD_LETTERED, attempt=attempts, detail=detail,
                          error=headers.get("x-exception"), finished_at=now(), worker=headers.get("x-worker") or None)
+        tallies.count(store, "dead_lettered", name, tallies.host_of(headers.get("x-worker")),
+                      headers.get("x-original-queue") or _queue_of(current_app, name))
+        store.flush()  # before the dead letter exists: `dlq requeue` may act on it at once
         return
     if headers.get("retries"):
         return  # a retry: record_retry recorded it before publishing
+    headers.setdefault(SENT_AT_HEADER, now())  # a retry and a dead letter carry it on, for wait and latency
     hard, soft = headers.get("timelimit") or (None, None)
     limits = settings_of(current_app).config.time_limits.get(sender or headers.get("task"))
     soft, hard = soft or (limits and limits.soft_s), hard or (limits and limits.hard_s)
@@ -86,6 +101,51 @@ def _published(sender: str | None = None, headers: dict | None = None, routing_k
                      name=sender or headers.get("task"), queue=routing_key, sent_at=now(),
                      unique_key=headers.get(UNIQUE_HEADER), soft_time_limit_s=soft or None, time_limit_s=hard or None,
                      started_at=None, finished_at=None, error=None)
+    tallies.count(store, "sent", name, tallies.host_of(None), routing_key or _queue_of(current_app, name))
+    if not publisher.deferring():
+        store.flush()  # a Publisher sends writing_messages before its messages go out: flushed there
+
+
+def _writing_messages(sender: Any = None, **_: Any) -> None:
+    """The Publisher's messages are about to reach the broker: their records first."""
+    store = stores.store_for(sender.app)
+    if store is not None:
+        store.flush()
+
+
+def _flush_on_exit(**_: Any) -> None:
+    guarded.flush_all()
+
+
+def _queue_of(app: Celery, name: str) -> str:
+    """A task type's queue: routing is static per type (the config's task_types)."""
+    key = (id(app), name)
+    if key not in _queues:
+        kind = next((t for t in settings_of(app).config.task_types if t.name == name), None)
+        _queues[key] = kind.queue if kind else ""
+    return _queues[key]
+
+
+def _labels(task: Task) -> tuple[str, str, str]:
+    request = task.request
+    return task.name, tallies.host_of(request.hostname), _queue_of(task.app, task.name)
+
+
+def _sent_at(request: Any) -> float | None:
+    value = getattr(request, SENT_AT_HEADER, None)
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+@_best_effort
+def _received(sender: Any = None, request: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None) or current_app
+    store = stores.store_for(app)
+    if store is None or request is None:
+        return
+    tallies.count(store, "received", request.name, tallies.host_of(request.hostname), _queue_of(app, request.name))
 
 
 def dead_lettered(sender: Any = None, headers: dict[str, Any] | None = None, **_: Any) -> None:
@@ -102,9 +162,20 @@ def _started(sender: Task | None = None, task_id: str | None = None, **_: Any) -
     request = sender.request
     attempt = (request.retries or 0) + 1
     soft, hard = effective_limits(sender)
+    started_at = now()
     store.transition(task_id, TaskState.RUNNING, attempt=attempt, count_attempt=True,
                      detail=f"attempt {attempt} started; time limits: {describe_limits(soft, hard)}",
-                     worker=request.hostname, started_at=now(), soft_time_limit_s=soft, time_limit_s=hard)
+                     worker=request.hostname, started_at=started_at, soft_time_limit_s=soft, time_limit_s=hard)
+    _run_started[task_id] = time.monotonic()
+    name, host, queue = _labels(sender)
+    started = {tallies.key("started", name, host, queue): 1}
+    if attempt == 1:
+        started[tallies.key("started_first", name, host, queue)] = 1
+    sent_at = _sent_at(request)
+    if attempt == 1 and sent_at is not None:
+        tallies.observe(store, "wait", name, "", queue, max(0.0, started_at - sent_at), also=started)
+    else:
+        store.add_tallies(started, {})
 
 
 def record_retry(sender: Task | None = None, exc: BaseException | None = None, when: Any = None,
@@ -120,17 +191,23 @@ def record_retry(sender: Task | None = None, exc: BaseException | None = None, w
     try:
         store.transition(request.id, TaskState.RETRYING, attempt=(request.retries or 0) + 1, detail=detail + note,
                          error=error, worker=request.hostname, soft_time_limit_s=soft, time_limit_s=hard)
+        tallies.count(store, "retried", *_labels(task))
+        _run_started.pop(request.id, None)
+        store.flush()  # before the retry exists: it may start at once on another worker
     except Exception as exc:  # noqa: BLE001  (called from Task.retry: the retry must go out regardless)
         log.warning("The task record was not updated: %s.", exc)
 
 
 @_best_effort
-def record_kept(sender: Any = None, task_id: str | None = None, detail: str = "", **_: Any) -> None:
+def record_kept(sender: Any = None, task_id: str | None = None, detail: str = "", name: str = "",
+                hostname: str | None = None, **_: Any) -> None:
     """Received on dead_letter_refused: the dead-letter queue refused a task (full), so its record,
     written dead_lettered just before the publish, says instead that it stays in its queue to be tried again."""
     store = stores.store_for(sender)
     if store is not None:
         store.transition(task_id, TaskState.RETRYING, detail=detail, finished_at=None)
+        # Counted at the publish the queue refused: taken back.
+        tallies.count(store, "dead_lettered", name, tallies.host_of(hostname), _queue_of(sender, name), by=-1)
 
 
 @_best_effort
@@ -139,19 +216,27 @@ def _succeeded(sender: Task | None = None, **_: Any) -> None:
     if store is None or sender.request.called_directly:
         return
     attempt = (sender.request.retries or 0) + 1
+    finished_at = now()
     store.transition(sender.request.id, TaskState.SUCCEEDED, attempt=attempt, detail=f"succeeded on attempt {attempt}",
-                     worker=sender.request.hostname, finished_at=now(), error=None)
+                     worker=sender.request.hostname, finished_at=finished_at, error=None)
+    name, host, queue = _labels(sender)
+    started = _run_started.pop(sender.request.id, None)
+    succeeded = {tallies.key("succeeded", name, host, queue): 1}
+    if started is not None:
+        tallies.observe(store, "runtime", name, host, queue, time.monotonic() - started, also=succeeded)
+        succeeded = {}
+    sent_at = _sent_at(sender.request)
+    if sent_at is not None:
+        tallies.observe(store, "latency", name, "", queue, max(0.0, finished_at - sent_at), also=succeeded)
+    elif succeeded:
+        store.add_tallies(succeeded, {})
 
 
 @_best_effort
 def _failed(sender: Task | None = None, task_id: str | None = None, exception: BaseException | None = None,
             **_: Any) -> None:
     store = stores.store_for(sender.app)
-    if store is None or isinstance(exception, DeadLettered):
-        return  # dead-lettered: recorded when it was published to the dead-letter queue
-    if isinstance(exception, Reject):  # Celery sends task_failure only for a reject without requeue
-        store.transition(task_id, TaskState.DEAD_LETTERED, detail=f"rejected to the dead-letter exchange: {exception.reason}",
-                         error=describe_error(exception), finished_at=now())
+    if store is None:
         return
     if isinstance(exception, TimeLimitExceeded):
         # Celery sends task_failure twice for a hard timeout (from Request.on_timeout, and from
@@ -159,6 +244,16 @@ def _failed(sender: Task | None = None, task_id: str | None = None, exception: B
         if task_id in _hard_timeouts:
             return
         _hard_timeouts.append(task_id)
+    name, host, queue = _labels(sender)
+    _run_started.pop(task_id, None)
+    tallies.count(store, "failed", name, host, queue, exception=type(exception).__name__ if exception else "UnknownException")
+    if isinstance(exception, DeadLettered):
+        return  # dead-lettered: recorded when it was published to the dead-letter queue
+    if isinstance(exception, Reject):  # Celery sends task_failure only for a reject without requeue
+        store.transition(task_id, TaskState.DEAD_LETTERED, detail=f"rejected to the dead-letter exchange: {exception.reason}",
+                         error=describe_error(exception), finished_at=now())
+        store.add_tallies({tallies.key("rejected", name, host, queue): 1, tallies.key("dead_lettered", name, host, queue): 1}, {})
+        return
     error = describe_error(exception)
     store.transition(task_id, TaskState.FAILED, detail=f"failed for good: {error}", error=error, finished_at=now())
 
@@ -176,6 +271,8 @@ def _revoked(sender: Task | None = None, request: Any = None, terminated: bool =
     else:
         detail = "discarded by the worker without running"
     store.transition(request.id, TaskState.REVOKED, detail=detail, finished_at=now())
+    name = getattr(request, "name", None) or getattr(sender, "name", "") or ""
+    tallies.count(store, "revoked", name, tallies.host_of(getattr(request, "hostname", None)), _queue_of(sender.app, name))
 
 
 def _revoked_in_store(sender: Task | None = None, task_id: str | None = None, **_: Any) -> bool:
@@ -191,7 +288,9 @@ def _revoked_in_store(sender: Task | None = None, task_id: str | None = None, **
 _RECEIVERS = ((before_task_publish, _published), (task_prerun, _started), (task_success, _succeeded),
               (task_failure, _failed), (task_revoked, _revoked), (retry_scheduled, record_retry),
               (revoke_lookup, _revoked_in_store), (dead_letter_refused, record_kept),
-              (dead_lettered_unrun, dead_lettered))
+              (dead_lettered_unrun, dead_lettered), (task_received, _received),
+              (publisher.writing_messages, _writing_messages), (worker_process_shutdown, _flush_on_exit),
+              (worker_shutdown, _flush_on_exit))
 
 
 def connect() -> None:

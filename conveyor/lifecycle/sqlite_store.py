@@ -11,14 +11,14 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from conveyor.lifecycle import sqlite
 from conveyor.tasks.states import ACTIVE, TaskState
-from conveyor.lifecycle.records import FIELDS, Event, Record, Store, from_strings, now, unavailable
+from conveyor.lifecycle.records import FIELDS, SAMPLES_KEPT, Event, Record, Store, Write, from_strings, now, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,9 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_by_task ON events (task_id, at);
 CREATE INDEX IF NOT EXISTS events_by_time ON events (at);
 CREATE TABLE IF NOT EXISTS uniques (key TEXT PRIMARY KEY, task_id TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tallies (name TEXT PRIMARY KEY, value REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS samples (name TEXT NOT NULL, value REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS samples_by_name ON samples (name);
 """
 
 
@@ -89,8 +92,12 @@ class SqliteStore(Store):
             return [db.execute(sql, params) for sql, params in statements]
 
     def transition(self, task_id: str, status: str, *, attempt: int | None = None, detail: str = "",
-                   count_attempt: bool = False, **values: Any) -> None:
-        at = now()
+                   count_attempt: bool = False, at: float | None = None, **values: Any) -> None:
+        self._write(self._transition(task_id, status, attempt, detail, count_attempt, at, values))
+
+    def _transition(self, task_id: str, status: str, attempt: int | None, detail: str, count_attempt: bool,
+                    at: float | None, values: dict[str, Any]) -> list[tuple[str, tuple]]:
+        at = now() if at is None else at
         values = {"status": status, "updated_at": at, **values}
         columns = ", ".join(values)
         updates = ", ".join(f"{name} = excluded.{name}" for name in values)
@@ -104,11 +111,50 @@ class SqliteStore(Store):
         if self.sweep_due(at):
             statements += [("DELETE FROM records WHERE updated_at < ?", (at - self.ttl_s,)),
                            ("DELETE FROM events WHERE at < ?", (at - self.ttl_s,))]
-        self._write(statements)
+        return statements
+
+    def write_many(self, writes: Sequence[Write], counts: Mapping[str, float],
+                   samples: Mapping[str, Sequence[float]]) -> None:
+        """The whole batch in one transaction: one commit, where each transition alone was one."""
+        statements: list[tuple[str, tuple]] = []
+        for item in writes:
+            if item.method == "note":
+                statements.append(self._note(item.task_id, *item.args))
+                continue
+            status, kwargs = item.args[0], dict(item.kwargs)
+            statements += self._transition(item.task_id, status, kwargs.pop("attempt", None), kwargs.pop("detail", ""),
+                                           kwargs.pop("count_attempt", False), item.at, kwargs)
+        self._write(statements + self._tallies(counts, samples))
+
+    def add_tallies(self, counts: Mapping[str, float], samples: Mapping[str, Sequence[float]]) -> None:
+        self._write(self._tallies(counts, samples))
+
+    @staticmethod
+    def _tallies(counts: Mapping[str, float], samples: Mapping[str, Sequence[float]]) -> list[tuple[str, tuple]]:
+        statements = [("INSERT INTO tallies VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                       (name, by)) for name, by in counts.items()]
+        for name, values in samples.items():
+            statements += [("INSERT INTO samples VALUES (?, ?)", (name, value)) for value in values]
+            statements.append(("DELETE FROM samples WHERE name = ? AND rowid <= (SELECT rowid FROM samples WHERE name = ? "
+                               "ORDER BY rowid DESC LIMIT 1 OFFSET ?)", (name, name, SAMPLES_KEPT)))
+        return statements
+
+    def tallies(self) -> tuple[dict[str, float], dict[str, list[float]]]:
+        try:
+            counts = dict(self.db.execute("SELECT name, value FROM tallies").fetchall())
+            samples: dict[str, list[float]] = {}
+            for name, value in self.db.execute("SELECT name, value FROM samples ORDER BY rowid").fetchall():
+                samples.setdefault(name, []).append(value)
+        except sqlite3.Error as exc:
+            raise unavailable(self.url, exc) from None
+        return counts, samples
 
     def note(self, task_id: str, detail: str) -> None:
-        self._write([("INSERT INTO events SELECT id, ?, status, NULL, NULL, ? FROM records WHERE id = ?",
-                      (now(), detail, task_id))])
+        self._write([self._note(task_id, detail)])
+
+    @staticmethod
+    def _note(task_id: str, detail: str) -> tuple[str, tuple]:
+        return ("INSERT INTO events SELECT id, ?, status, NULL, NULL, ? FROM records WHERE id = ?", (now(), detail, task_id))
 
     def get(self, task_id: str) -> Record | None:
         db = self.db

@@ -1,4 +1,11 @@
-"""Per task type totals, latencies and runtimes from Celery's task events, and what each worker is running.
+"""Per task type totals, latencies and runtimes, and what each worker is running.
+
+Task figures come from one of two sources. Where task records are on (the default), the workers and
+callers keep tallies in the record store, and the monitor reads them every collect interval
+(`use_tallies`, conveyor/monitor/tallied.py): no broker message per task, and totals that count
+from the store's first write, whenever the monitor started. Where records are off, Celery's task
+events are counted instead, when they are on (`tuning.task_events`), by the rules below. Worker
+liveness and active tasks always come from the workers' heartbeats (sent with task events off too).
 
 Why our own bookkeeping rather than celery.events.state.State: State keeps a task's *latest*
 task-sent time, and a retry republishes the message with a task-sent event of its own, so
@@ -50,7 +57,7 @@ import re
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from collections.abc import Iterable
 from typing import Any
 
@@ -63,6 +70,7 @@ from conveyor.settings.config import builtin_task_types
 from conveyor.stats import percentile_linear
 from conveyor.stack.control import service_of
 from conveyor.monitor.metrics import TASK_DEAD_LETTERED, TASK_EVENTS, TASK_LATENCY, TASK_RUNTIME, TASK_WAIT, Series
+from conveyor.monitor.tallied import Tallied
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +98,15 @@ class TaskCounts:
     rejected: int = 0
 
 
+_COUNT_FIELDS = tuple(f.name for f in fields(TaskCounts))
+
+
 @dataclass
 class _TypeStats:
     counts: TaskCounts
     recent_latencies_s: deque[float]
     finished_at: deque[float] = field(default_factory=deque)  # local receive times, for the rate
+    finished_totals: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=2))  # tallied: (read at, total)
 
 
 @dataclass
@@ -142,6 +154,7 @@ class Accounting:
         self._tasks: OrderedDict[str, _Task] = OrderedDict()  # least recently heard of first
         self._retrying: Counter[tuple[str, str]] = Counter()
         self._workers: dict[str, _Worker] = {}
+        self.tallied = False  # task figures from the record store's tallies (use_tallies), not task events
         # Events after task-sent carry no queue; routing is static per type, so it comes from here.
         self._queue_of_type = dict(types if types is not None else ((t.name, t.queue) for t in builtin_task_types()))
         for name, queue in self._queue_of_type.items():  # every known type shows up, with zeros, before its first event
@@ -155,7 +168,8 @@ class Accounting:
         kind = event.get("type", "")
         with self._lock:
             if kind.startswith("task-"):
-                self._task_event(kind, event)
+                if not self.tallied:  # counted by the tallies already
+                    self._task_event(kind, event)
             elif kind in ("worker-heartbeat", "worker-online"):
                 self._workers[event["hostname"]] = _Worker(
                     int(event.get("active") or 0), int(event.get("processed") or 0), _received_at(event))
@@ -285,6 +299,21 @@ class Accounting:
                 log.warning("Tracking more than %d tasks; forgetting %s, still in flight.", self._max_tracked, oldest_id)
         return task
 
+    def use_tallies(self, found: Tallied, at: float | None = None) -> None:
+        """Task figures as the record store's tallies have them (conveyor/monitor/tallied.py), read
+        every collect interval; from the first call on, task events are not counted (they would be
+        counted twice). Workers' heartbeats still say which workers are up and what they run."""
+        at = time.time() if at is None else at
+        with self._lock:
+            self.tallied = True
+            self.series = found.series
+            for key, counts in found.counts.items():
+                stats = self._stats(key)
+                stats.counts = TaskCounts(**{f: counts.get(f, 0) for f in _COUNT_FIELDS})
+                stats.finished_totals.append((at, stats.counts.succeeded + stats.counts.failed))
+                stats.recent_latencies_s = deque(found.latencies_s.get(key, ()), maxlen=self._latency_window)
+            self._retrying = Counter(found.retrying)
+
     # --- reading ----------------------------------------------------------------------
     def tasks(self, now: float | None = None) -> list[dict[str, Any]]:
         """One row per (task type, queue): totals, tasks waiting to retry, finish rate, latency p50/p95."""
@@ -298,7 +327,7 @@ class Accounting:
                 rows.append({
                     "name": name, "queue": queue, **asdict(stats.counts),
                     "retrying": self._retrying[name, queue],
-                    "rate_per_s": round(len(stats.finished_at) / window, 3),
+                    "rate_per_s": round(_tallied_rate(stats) if self.tallied else len(stats.finished_at) / window, 3),
                     "latency_p50_s": _rounded(percentile_linear(recent, 50)),
                     "latency_p95_s": _rounded(percentile_linear(recent, 95)),
                 })
@@ -337,6 +366,14 @@ class Accounting:
         self._labelled = {labels for labels in self._labelled if labels[1] != host}
         if dropped:
             log.info("Dropped %d task series of host %s, which has no worker left.", dropped, host)
+
+
+def _tallied_rate(stats: _TypeStats) -> float:
+    """Tasks finished per second between the last two reads of the tallies."""
+    if len(stats.finished_totals) < 2:
+        return 0.0
+    (then, before), (last, total) = stats.finished_totals
+    return (total - before) / (last - then) if last > then else 0.0
 
 
 def _prune(times: deque[float], before: float) -> None:

@@ -1,5 +1,5 @@
-"""The monitor: listens to the event stream, samples the broker and the stack every collect
-interval, hands the samples to the InfluxDB emitter every emit interval, serves Prometheus.
+"""The monitor: listens to the event stream, samples the broker and the stack and reads the task
+tallies (conveyor/monitor/tallied.py) every collect interval, hands the samples to the InfluxDB emitter every emit interval, serves Prometheus.
 
 Threads: the event listener (feeds the accounting), the sampler (this module's loop), the
 Prometheus HTTP server; the caller's thread reads `snapshot()` (the dashboard, --once).
@@ -13,11 +13,13 @@ import time
 from typing import Any
 
 from conveyor.settings.config import Monitoring
-from conveyor.errors import BrokerError, ConveyorError
+from conveyor.errors import BrokerError, ConveyorError, RecordStoreError
+from conveyor.lifecycle import stores
 from conveyor.stack.base import Stack
 from conveyor.monitor.accounting import Accounting
 from conveyor.monitor.influx import Emitter
 from conveyor.monitor.listener import EventListener
+from conveyor.monitor import tallied
 from conveyor.monitor.snapshot import compose, sample_broker
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,8 @@ class Monitor:
                                      worker_forget_after_s=settings.worker_forget_after_s,
                                      types=[(t.name, t.queue) for t in stack.config.task_types])
         self.listener = EventListener(stack.app, self.accounting.record)
+        self.store = stores.store_for(stack.app)  # None: records off, task figures from task events
+        self._tallies_error: str | None = None
         self.emitter = Emitter(influx) if influx else None
         self._broker: dict[str, Any] | None = None
         self._error: str | None = None
@@ -61,7 +65,9 @@ class Monitor:
         self.stop()
 
     def collect(self) -> None:
-        """Sample the broker and the stack; buffer the resulting snapshot for the emitter, if any."""
+        """Sample the broker and the stack, read the task tallies; buffer the resulting snapshot for
+        the emitter, if any."""
+        self._read_tallies()
         try:
             broker, error = sample_broker(self.stack), None
         except Exception as exc:  # a monitor outlives a broker restart: report it, keep the last sample
@@ -79,6 +85,21 @@ class Monitor:
             self._broker, self._error = broker, error
         if self.emitter and error is None:  # a stale broker sample is not written out as a new one
             self.emitter.add(self.snapshot())
+
+    def _read_tallies(self) -> None:
+        if self.store is None:
+            return
+        try:
+            counts, samples = self.store.tallies()
+        except RecordStoreError as exc:  # the breaker (lifecycle/guarded.py) keeps this to one timeout
+            if self._tallies_error is None:
+                log.warning("Could not read the task tallies (%s); showing the last ones read.", exc)
+            self._tallies_error = str(exc)
+            return
+        if self._tallies_error is not None:
+            log.warning("Reading the task tallies works again.")
+            self._tallies_error = None
+        self.accounting.use_tallies(tallied.load(counts, samples))
 
     def snapshot(self) -> dict[str, Any]:
         """The latest broker sample with task figures as of now."""

@@ -11,8 +11,9 @@ name of the event's sender (celery.utils.nodesplit), so a replica restarted unde
 on the same host does not start new series; on worker gauges, the whole node name, because our
 replicas share the host's name on the host network and would otherwise be one series.
 
-The figures come from `Series` (fed per event: conveyor/monitor/accounting.py today, whatever
-counts tasks tomorrow) and from the snapshot (conveyor/monitor/snapshot.py: queues, workers,
+The figures come from `Series` (filled from the task tallies the workers and callers keep in the
+record store, conveyor/monitor/tallied.py, or fed per task event where records are off and task
+events on: conveyor/monitor/accounting.py) and from the snapshot (conveyor/monitor/snapshot.py: queues, workers,
 services); conveyor/monitor/prometheus.py turns both into exposition.
 """
 
@@ -23,8 +24,9 @@ from collections.abc import Iterator
 from bisect import bisect_left
 from dataclasses import dataclass, field
 
-from prometheus_client import Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from conveyor.lifecycle import tallies
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ TASK_EVENTS: dict[str, Spec] = {
     "task-retried": Spec("celery_task_retried", "counter", TASK_LABELS, "Sent if the task failed, but will be retried in the future."),
 }
 TASK_RUNTIME = Spec("celery_task_runtime", "histogram", TASK_LABELS, "Histogram of task runtime measurements.",
-                    tuple(b for b in Histogram.DEFAULT_BUCKETS if b != math.inf))
+                    tallies.RUNTIME_BUCKETS_S)
 WORKER_UP = Spec("celery_worker_up", "gauge", ("hostname",), "Indicates if a worker has recently sent a heartbeat.")
 WORKER_TASKS_ACTIVE = Spec("celery_worker_tasks_active", "gauge", ("hostname",),
                            "The number of tasks the worker is currently processing")
@@ -67,8 +69,7 @@ EXPORTER = (*TASK_EVENTS.values(), TASK_RUNTIME, WORKER_UP, WORKER_TASKS_ACTIVE,
             ACTIVE_CONSUMER_COUNT, ACTIVE_WORKER_COUNT, ACTIVE_PROCESS_COUNT)
 
 # --- ours ----------------------------------------------------------------------------------------
-# 5 ms to 10 min: queue waits and end-to-end times span far more than run times do.
-OUR_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+OUR_BUCKETS_S = tallies.QUEUE_BUCKETS_S
 TYPE_LABELS = ("name", "queue_name")
 TASK_DEAD_LETTERED = Spec("conveyor_task_dead_lettered", "counter", TYPE_LABELS,
                           "Tasks that failed for good and were published to the dead-letter queue.")
@@ -145,6 +146,10 @@ class Series:
         if labels not in series:
             series[labels] = Buckets(spec.buckets)
         series[labels].observe(value)
+
+    def set_histogram(self, spec: Spec, labels: tuple[str, ...], counts: list[int], total: float) -> None:
+        """A histogram's per-bucket (not cumulative) counts and sum, as stored (lifecycle/tallies.py)."""
+        self._histograms[spec.name][labels] = Buckets(spec.buckets, list(counts), total)
 
     def purge(self, label: str, value: str) -> int:
         """Drop every series whose `label` is `value`; return how many went."""

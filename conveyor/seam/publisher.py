@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +38,7 @@ from typing import Any
 from celery import Celery
 from celery.backends.rpc import RPCBackend
 from celery.signals import after_task_publish, before_task_publish
+from celery.utils.dispatch import Signal
 from celery.utils.nodenames import anon_nodename
 from kombu.exceptions import OperationalError
 from celery.utils.saferepr import saferepr
@@ -52,6 +54,18 @@ from conveyor.seam.producer import identity as message_identity
 log = logging.getLogger(__name__)
 
 WRITE_BYTES = 64 * 1024  # gathered frames are written once they reach this size (about 90 task messages)
+
+# Sent (sender: the Publisher) just before messages published through a Publisher reach the socket:
+# whatever their before_task_publish receivers put off (the task records' batch, lifecycle/guarded.py)
+# must be written now, before a worker can receive them. Receivers see `deferring()` true meanwhile.
+writing_messages = Signal(name="conveyor_writing_messages")
+_local = threading.local()
+
+
+def deferring() -> bool:
+    """Whether this thread is publishing through a Publisher, which sends `writing_messages` before
+    the messages are written: a before_task_publish receiver may then put its own writes off until it."""
+    return getattr(_local, "publishing", False)
 
 
 def kwargs_repr(kwargs: dict[str, Any]) -> str:
@@ -174,7 +188,8 @@ class Publisher:
     def publish(self, send: Callable[[Any], Any]) -> Any:
         first = self._tag + 1
         try:
-            identity = send(self.producer)
+            with _publishing():
+                identity = send(self.producer)
         except BrokerError:
             raise
         except (*self.connection.connection_errors, OperationalError) as exc:  # kombu's name for them, on send_task
@@ -190,6 +205,8 @@ class Publisher:
                              publish, body, **kwargs)
 
     def _counted(self, identity: str | None, publish: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if not self._transport and writing_messages.receivers:  # written at once: see _write_frames otherwise
+            writing_messages.send(sender=self)
         self._tag += 1
         if self.confirms:
             self._unsettled.add(self._tag)
@@ -225,16 +242,18 @@ class Publisher:
         Producer: retries and reconnects are of no use on a channel whose confirms we count.
         """
         if not self.fast:
-            return self.app.send_task(name, args=args, kwargs=kwargs, task_id=task_id, producer=self.producer,
-                                      declare=[], ignore_result=ignore_result).id
+            with _publishing():
+                return self.app.send_task(name, args=args, kwargs=kwargs, task_id=task_id, producer=self.producer,
+                                          declare=[], ignore_result=ignore_result).id
         exchange, routing_key, delivery_mode, publish_args = self._route(name)
         task_id = task_id or uuid()
         headers, properties, body, _ = self.app.amqp.as_task_v2(
             task_id, name, tuple(args), kwargs, reply_to=self._reply_to, origin=self._origin,
             argsrepr=saferepr(tuple(args)) if args else "()", kwargsrepr=kwargsrepr, ignore_result=ignore_result)  # None, as send_task leaves it
         if before_task_publish.receivers:
-            before_task_publish.send(sender=name, body=body, exchange=exchange, routing_key=routing_key,
-                                     declare=[], headers=headers, properties=properties, retry_policy=None)
+            with _publishing():
+                before_task_publish.send(sender=name, body=body, exchange=exchange, routing_key=routing_key,
+                                         declare=[], headers=headers, properties=properties, retry_policy=None)
         content_type, content_encoding, data = dumps(body, serializer="json")
         message = self.channel.prepare_message(data, 0, content_type, content_encoding, headers,
                                                dict(properties, delivery_mode=delivery_mode))
@@ -246,7 +265,8 @@ class Publisher:
 
     def send_signature(self, signature: Any) -> Any:
         """Publish a signature (a chain: its first stage) through Celery; return its AsyncResult."""
-        return signature.apply_async(producer=self.producer, declare=[], retry=False)
+        with _publishing():
+            return signature.apply_async(producer=self.producer, declare=[], retry=False)
 
     def _route(self, name: str) -> tuple[str, str, int, bytes]:
         if name not in self._routes:
@@ -316,6 +336,8 @@ class Publisher:
     def _write_frames(self) -> None:
         if not self._frames:
             return
+        if writing_messages.receivers:
+            writing_messages.send(sender=self)
         data = b"".join(self._frames)
         self._frames.clear()
         self._frames_size = 0
@@ -358,3 +380,14 @@ class Publisher:
         self.nacked += 1
         log.warning("The broker refused (nacked) message %d%s.", tag, " and those before it" if multiple else "")
         self._settle(tag, multiple, refused=True)
+
+
+class _publishing:
+    """Marks this thread as publishing through a Publisher (see `deferring`); re-entrant."""
+
+    def __enter__(self) -> None:
+        self.was = getattr(_local, "publishing", False)
+        _local.publishing = True
+
+    def __exit__(self, *exc: object) -> None:
+        _local.publishing = self.was

@@ -197,12 +197,16 @@ class Monitoring(Strict):
 
 
 class Tuning(Strict):
-    """Per-task work on the hot path beyond running the task and returning its result. All are on by
-    default: `make monitor` and Flower read the events and states, and a confirmed result is never
-    lost. docs/performance.md measures what each costs; bench/noop.yml turns them off."""
+    """Per-task work on the hot path beyond running the task and returning its result. Task events and
+    STARTED states are off by default: `make monitor` and the Prometheus endpoint read the task tallies
+    the workers keep with the records (conveyor/lifecycle/tallies.py), without a broker message per
+    task; turn task_events on for Flower. Extended results and result confirms are on: a confirmed
+    result is never lost. docs/performance.md measures what each costs; bench/noop.yml turns all off."""
 
-    task_events: bool = Field(True, description="callers send task-sent and workers task-received/started/succeeded events")
-    track_started: bool = Field(True, description="workers report a STARTED state for each task (one more result message)")
+    task_events: bool = Field(False, description=(
+        "callers send task-sent and workers task-received/started/succeeded events (four messages per "
+        "task; Flower needs them, make monitor does not)"))
+    track_started: bool = Field(False, description="workers report a STARTED state for each task (one more result message)")
     result_extended: bool = Field(True, description="results also carry the task's name, arguments, worker and queue")
     result_confirms: bool = Field(True, description=(
         "workers wait for the broker's confirm of each rpc:// result before acknowledging the task; "

@@ -49,9 +49,9 @@ REASON_HEADERS = ("x-exception", "x-exception-type", "x-original-queue", "x-work
 BROKER_DEATH_PREFIXES = ("x-first-death-", "x-last-death-")
 KEPT_DETAIL = "the dead-letter queue is full and refused it: it stays in its queue and is tried again"
 
-# sender: the app; task_id, detail. Sent when the dead-letter queue refused a task (full) and the
+# sender: the app; task_id, detail, name (the task's), hostname (the worker's node). Sent when the dead-letter queue refused a task (full) and the
 # worker keeps it in its queue: the task records (conveyor.lifecycle) receive it.
-dead_letter_refused = Signal(name="conveyor_dead_letter_refused", providing_args={"task_id", "detail"})
+dead_letter_refused = Signal(name="conveyor_dead_letter_refused", providing_args={"task_id", "detail", "name", "hostname"})
 
 
 class DeadLettered(Exception):

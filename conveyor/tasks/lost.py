@@ -88,5 +88,6 @@ class DeadLetteringRequest(LostAttemptRequest, DurableRevokeRequest):
                   else "the dead-letter queue cannot be reached, so the message goes back to its queue" if unrouted
                   else "rejecting the message to its queue's dead-letter exchange")
         if full:
-            deadletter.dead_letter_refused.send(sender=self.task.app, task_id=self.id, detail=deadletter.KEPT_DETAIL)
+            deadletter.dead_letter_refused.send(sender=self.task.app, task_id=self.id, detail=deadletter.KEPT_DETAIL,
+                                                name=self.name, hostname=self.hostname)
         self.reject(requeue=full or unrouted)

@@ -85,7 +85,8 @@ class DeadLetteringTask(LifecycleTask):
                               "max_length_bytes). The task stays in %s and is tried again; make room with "
                               "`python -m conveyor dlq requeue|purge`.", self.name, self.request.id,
                               (self.request.delivery_info or {}).get("routing_key"))
-                    deadletter.dead_letter_refused.send(sender=self.app, task_id=self.request.id, detail=KEPT_DETAIL)
+                    deadletter.dead_letter_refused.send(sender=self.app, task_id=self.request.id, detail=KEPT_DETAIL,
+                                                        name=self.name, hostname=self.request.hostname)
                     time.sleep(self.full_pause_s)
                     raise Reject("the dead-letter queue is full", requeue=True) from exc
                 # Could not publish with the reason: let RabbitMQ dead-letter the original message
