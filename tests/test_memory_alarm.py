@@ -63,11 +63,6 @@ def received(log: Path, task_id: str) -> int:
 
 @pytest.mark.broker
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "needs the publish deadlines and connection.blocked handling of issue 12 item 4 (another "
-    "engineer's): today the node logs 'missed heartbeats from client' for a worker connection during "
-    "the alarm, the worker's consumer connection is lost, and the running task is requeued "
-    "(queue_a back to 1 ready, 0 unacknowledged); the same with task events off"))
 def test_a_memory_alarm_blocks_publishers_without_redelivering_running_tasks(node, tmp_path):
     with module_stack(node.url(), tmp_path, write_config(tmp_path / "c.yml", CONFIG), RECORDS_URL="off") as stack:
         app = stack.app

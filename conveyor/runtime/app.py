@@ -25,9 +25,10 @@ def create_app(config: Config | None = None, settings: environment.BrokerSetting
                choice: object = None) -> Celery:
     config = config or load_config()
     settings = settings or environment.resolve()
-    # Every producer Celery makes is conveyor's: task messages mandatory, confirms awaited with a deadline.
+    # Every producer Celery makes is conveyor's: task messages mandatory, confirms awaited with a deadline;
+    # and a worker's events never wait in its event loop for a broker that blocks publishing.
     app = Celery("conveyor", broker=settings.broker_url, backend=settings.result_backend, set_as_current=True,
-                 amqp="conveyor.seam.producer:AMQP")
+                 amqp="conveyor.seam.producer:AMQP", events="conveyor.seam.events:Events")
     if settings.result_backend.startswith("rpc://"):
         app.backend_cls = rpc_backend.RPCBackend  # the same backend, minus a round trip per task sent
     elif settings.result_backend.startswith("file://"):

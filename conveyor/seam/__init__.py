@@ -9,6 +9,8 @@ checked (celery 5.7.0, kombu 5.7.0, amqp 5.4.2, as requirements.txt pins them):
   confirms, mandatory task messages, returns refused, deadlines, gathered frames;
 - producer: the producer class Celery publishes single messages with (retries, dead-letters),
   mandatory with confirm deadlines, and the transport whose connections report connection.blocked;
+- events: the worker's event dispatcher, which never waits in the event loop (no confirm, a write
+  deadline, events held while the broker blocks);
 - collector: the one way results are collected (dispatch.py and the load tester);
 - frames: basic.publish frames written by hand; rpc_backend, file_backend, runtime_meta: the result
   backends and the run time a user task's result carries;

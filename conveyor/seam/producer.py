@@ -21,7 +21,8 @@ Uses of Celery/kombu/py-amqp internals (checked against celery 5.7.0, kombu 5.7.
   transport (`kombu.transport.pyamqp.Transport.Connection`, the class it instantiates), put in
   kombu's `TRANSPORT_ALIASES` for amqp/pyamqp/amqps (and out of its `_transport_cache`), and set
   on a Publisher's own connection:
-  `connection.blocked`/`unblocked` logged once per change. Not through the transport options:
+  `connection.blocked`/`unblocked` logged once per change. Its `_on_blocked`/`_on_unblocked` (the
+  handlers py-amqp calls for those methods) extended to keep the connection's own `blocked` state. Not through the transport options:
   those are part of the worker's `stats` reply (`celery inspect stats`, Flower), which must stay
   JSON.
 """
@@ -103,12 +104,23 @@ BLOCKING = _Blocking()
 
 
 class _ReportingConnection(pyamqp.Connection):
-    """py-amqp's connection as kombu's transport makes it, reporting connection.blocked/unblocked."""
+    """py-amqp's connection as kombu's transport makes it, reporting connection.blocked/unblocked,
+    and knowing whether the broker has blocked it (`blocked`, for the worker's event dispatcher:
+    conveyor/seam/events.py)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("on_blocked", BLOCKING.blocked)
         kwargs.setdefault("on_unblocked", BLOCKING.unblocked)
+        self.blocked = False
         super().__init__(*args, **kwargs)
+
+    def _on_blocked(self) -> Any:
+        self.blocked = True
+        return super()._on_blocked()
+
+    def _on_unblocked(self) -> Any:
+        self.blocked = False
+        return super()._on_unblocked()
 
 
 class Transport(pyamqp.Transport):
