@@ -7,6 +7,10 @@ import pytest
 
 from helpers import module_stack, queue_depth, wait_for, write_config
 
+from conveyor.lifecycle import stores
+from conveyor.monitor import tallied
+from conveyor.tasks.states import TaskState
+
 CONFIG = """\
 name: recycling
 expected_workers: 2
@@ -45,3 +49,11 @@ def test_a_pool_process_is_replaced_and_no_task_is_lost(rabbitmq_url, tmp_path):
         assert queue_depth(app, "queue_a") == queue_depth(app, "queue_b") == queue_depth(app, "dead_letter") == 0
         log = (tmp_path / "local" / "worker-b-1.log").read_text()
         assert "Unrecoverable error" not in log
+        # A pool process that is replaced writes the records and tallies it queued before it exits
+        # (worker_process_shutdown, lifecycle/guarded.py): none stays running, none is uncounted.
+        store = stores.store_for(app)
+        wait_for(lambda: all((rec := store.get(r.id)) and rec.status == TaskState.SUCCEEDED for r in results), 20,
+                 "every task's record to say succeeded")
+        counts = tallied.load(*store.tallies()).counts
+        assert [counts[key]["succeeded"] for key in (("task_a", "queue_a"), ("task_b", "queue_b"))] == [TASKS, TASKS]
+        assert [counts[key]["started"] for key in (("task_a", "queue_a"), ("task_b", "queue_b"))] == [TASKS, TASKS]

@@ -1,6 +1,9 @@
-"""`make monitor`: a live dashboard and metrics from Celery's task events and the broker's queue figures.
+"""`make monitor`: a live dashboard and metrics from the task tallies (or Celery's task events) and the
+broker's queue figures.
 
-accounting: per task type totals, latency and runtime from events; listener: the event stream;
+tallied: the task figures from the tallies workers and callers keep in the record store (the
+default); accounting: per task type totals, latency and runtime, from the tallies or from task
+events where records are off, and the workers' heartbeats; listener: the event stream;
 snapshot: one dict of everything; collector: the Monitor that samples and emits on a schedule;
 metrics: every Prometheus metric's name, labels and buckets (the Celery exporter's where they mean
 the same); prometheus / influx: the two exporters; dashboard: the rich terminal view. (`make

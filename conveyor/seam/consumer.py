@@ -49,6 +49,9 @@ OVERSIZE_RULE = "over limits.max_payload_bytes"  # in the intake's rule for a bo
 dead_lettered_unrun = Signal(name="conveyor_dead_lettered_unrun", providing_args={"headers", "properties"})
 
 
+ONE_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 0, "interval_max": 0}
+
+
 def body_limit(max_payload_bytes: int) -> int:
     """The most bytes a task message's body may take once inflated: the payload plus its envelope."""
     return max_payload_bytes + ENVELOPE_BYTES
@@ -128,18 +131,25 @@ class Consumer(CeleryConsumer):
         # Not `expiration` (the copy would expire in the dead-letter queue) nor `user_id` (the broker
         # refuses one that is not the publishing connection's user).
         properties = {k: v for k in KEPT_PROPERTIES if (v := message.properties.get(k)) is not None}
+        # This runs in the consumer's event loop, which also sends the consumer connection's AMQP
+        # heartbeats: a broker that blocks publishers (an alarm) must not keep it past a quarter of
+        # a heartbeat (twice, with the one retry that gets past a pooled connection a broker restart
+        # broke), or the broker drops the connection and hands its running tasks out again. A
+        # publish that times out is rejected to the queue's DLX below instead (kept, without the
+        # reason); if the broker later takes the copy too, the dead-letter queue holds both.
+        config = settings_of(self.app).config
+        deadline_s = min(config.confirm_timeout_s, config.heartbeat_s / 4) if config.heartbeat_s else config.confirm_timeout_s
 
         def publish() -> None:
-            # mandatory: a dead-letter queue that was deleted returns the copy rather than drop it;
-            # the confirm is awaited for at most confirm_timeout_s (conveyor/seam/publisher.py).
+            # mandatory: a dead-letter queue that was deleted returns the copy rather than drop it.
             with self.app.producer_or_acquire() as producer:
                 producer.publish(
                     getattr(message, "received_body", message.body) if keep_body else b"", exchange=dlx,
                     routing_key=DEAD_LETTER_QUEUE, declare=[dead_letter_queue(settings_of(self.app).config)],
                     content_type=message.content_type or "application/octet-stream",
                     content_encoding=message.content_encoding or "binary",
-                    headers=headers, delivery_mode="persistent", mandatory=True,
-                    retry=True, retry_policy=self.app.conf.task_publish_retry_policy, **properties,
+                    headers=headers, delivery_mode="persistent", mandatory=True, timeout=deadline_s,
+                    confirm_timeout=deadline_s, retry=True, retry_policy=ONE_RETRY, **properties,
                 )
 
         try:
