@@ -29,6 +29,7 @@ services:
   - {{name: worker-a, queues: [queue_a], concurrency: {conc_a}, replicas: {replicas_a}}}
   - {{name: worker-b, queues: [queue_b], concurrency: 2, replicas: 1}}
 stop_grace_s: 15
+tuning: {{task_events: true}}  # the tests watch each attempt through Celery's task events
 """
 
 

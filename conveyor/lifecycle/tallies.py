@@ -29,6 +29,7 @@ restarts, for as long as the store keeps them (records_ttl_s after the last writ
 
 from __future__ import annotations
 
+import functools
 import math
 import socket
 from bisect import bisect_left
@@ -99,6 +100,7 @@ def parse_samples(samples: Mapping[str, list[float]]) -> dict[tuple[str, str], l
     return found
 
 
+@functools.lru_cache(maxsize=256)  # asked for every task: a node name's host, or a system call
 def host_of(node: str | None) -> str:
     """The host part of a Celery node name (`worker-a-1f2e@host` -> `host`), the exporter's hostname;
     this machine's name for a caller, which has none."""
