@@ -49,6 +49,7 @@ services:
 limits:
   max_replicas: 4
 stop_grace_s: {STOP_GRACE_S}
+tuning: {{task_events: true}}  # a test counts each replica's task-started events (Flower's view too)
 """
 
 SHOW_LOGS = """\
