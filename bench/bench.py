@@ -236,7 +236,7 @@ def seed_scaling(config_file: Path, seconds: float, replicas: list[int]) -> list
     with stack(config_file) as local:
         for count in replicas:
             local.scale_to({svc.name: count for svc in config.services}, wait_s=120)
-            slots = {t.name: config.service(t.queue).concurrency * count for t in (a, b)}
+            slots = {t.name: config.service(config.task_type(t.name).queue).concurrency * count for t in (a, b)}
             ideal = {name: slots[name] / TASKS[name].default_duration_s for name in slots}  # tasks/s per type
             counts = {name: round(ideal[name] * seconds) for name in ideal}
             summary = measure(local.app, scenario, counts, seconds * 10 + 60)
