@@ -8,7 +8,9 @@
    settings and tuned (bench/noop.yml). The systems the targets name (raw AMQP, Dramatiq, conveyor
    tuned) run in --rounds paired rounds, one after the other in each: a ratio is taken within each
    round, seconds apart, and the table gives the median round's and the range, since this machine's
-   speed drifts by tens of per cent between runs minutes apart.
+   speed drifts by tens of per cent between runs minutes apart. Each conveyor run also gives its
+   CPU per task, from /proc (bench/proc_cpu.py): RabbitMQ's process, the workers the local stack
+   started (with their pool processes) and this process, the caller, over the measured run.
 2. The seed workload (0.1 s / 0.2 s tasks, bench/seed.yml) against its ideal throughput.
 3. The same with 1, 2 and 4 replicas per service.
 4. The dispatcher's cost per task, and the p99 latency at half the no-op saturation rate.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -34,6 +37,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -53,6 +57,8 @@ from conveyor.loadtest.scenario import Plan, Scenario  # noqa: E402
 from conveyor.stack.local import LocalStack  # noqa: E402
 from conveyor.tasks.simulated import SIMULATED as TASKS  # noqa: E402
 from conveyor import console
+
+import proc_cpu  # noqa: E402 (bench/, beside this script)
 
 PEERS = ROOT.parent / "shared" / "bench" / "peers.sh"
 PEER_NAMES = {"raw-amqp": "raw AMQP floor (pika)", "celery-prefork-c2": "Celery, plain",
@@ -139,13 +145,27 @@ def measure(app, scenario: Scenario, counts: dict[str, int] | None, timeout_s: f
     return summary
 
 
+def broker_port() -> int:
+    return urlsplit(environment.resolve().broker_url).port or 5672
+
+
 def noop(config_file: Path, n: int) -> dict[str, Any]:
+    """n no-op tasks end to end on a fresh stack, after a warm-up: the rate, and the CPU per task of
+    the broker, the workers (with their pool processes) and this process (the caller) over the run.
+    The broker is shared with whatever else uses it meanwhile; on an idle machine that is nothing."""
     scenario = one_type("task_a", 0.0)
+    broker = proc_cpu.broker_pid(broker_port())
+    if broker is None:
+        console.say(f"No RabbitMQ process found listening on port {broker_port()}: the broker's CPU per task is n/a.")
     with stack(config_file) as local:
         measure(local.app, scenario, {"task_a": min(500, n)}, 120)  # warm-up: connections, caches
+        workers = [int(r.ident) for r in local.replicas() if r.running]
+        before = proc_cpu.snapshot(broker, workers, os.getpid())
         summary = measure(local.app, scenario, {"task_a": n}, 600)
+        after = proc_cpu.snapshot(broker, workers, os.getpid())
         result = {"tasks": n, "tasks_per_s": summary["throughput_per_s"], "latency_s": summary["latency_s"],
-                  "sender_ms_per_task": summary["sender"]["per_task_ms"]}
+                  "sender_ms_per_task": summary["sender"]["per_task_ms"],
+                  "cpu_ms_per_task": proc_cpu.per_task_ms(before, after, n, proc_cpu.HZ)}
     return result
 
 
@@ -252,15 +272,18 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
-def paired_rounds(n: int, rounds: int, peers: bool) -> list[dict[str, float]]:
-    """Raw AMQP, Dramatiq and conveyor tuned, one after the other, `rounds` times: tasks/s by system."""
-    measured = []
+def paired_rounds(n: int, rounds: int, peers: bool) -> tuple[list[dict[str, float]], list[dict[str, Any]]]:
+    """Raw AMQP, Dramatiq and conveyor tuned, one after the other, `rounds` times: tasks/s by system
+    in each round, and conveyor tuned's own run in each (its rate and CPU per task)."""
+    measured, tuned = [], []
     for number in range(1, rounds + 1):
         row = run_peers(n, ["raw", "dramatiq"]) if peers else {}
         console.say(f"Round {number} of {rounds}: conveyor, no-op tasks, tuned...")
-        row["conveyor-tuned"] = noop(ROOT / "bench" / "noop.yml", n)["tasks_per_s"]
+        run = noop(ROOT / "bench" / "noop.yml", n)
+        row["conveyor-tuned"] = run["tasks_per_s"]
         measured.append(row)
-    return measured
+        tuned.append({"round": number, "tasks": n, "tasks_per_s": run["tasks_per_s"], "cpu_ms_per_task": run["cpu_ms_per_task"]})
+    return measured, tuned
 
 
 def median_round(rounds: list[dict[str, float]], peer: str) -> dict[str, Any] | None:
@@ -291,6 +314,10 @@ def table(results: dict[str, Any]) -> str:
     rows.append(("no-op: conveyor, default settings (test-config.yml)", f"{results['noop']['default']['tasks_per_s']:.0f}/s", "", ""))
     rows.append((f"no-op: conveyor, tuned (bench/noop.yml, records off), {n} rounds",
                  _spread([r["conveyor-tuned"] for r in rounds]), "", ""))
+    cpu = results["cpu_ms_per_task"]
+    rows.append((f"CPU per task, default stack: {proc_cpu.describe(cpu['default'])}", _ms(cpu["default"]), "", ""))
+    rows.append((f"CPU per task, tuned stack (median of {n} rounds): {proc_cpu.describe(cpu['tuned'])}",
+                 _ms(cpu["tuned"]), "", ""))
     r = results["ratios"]
     for peer, key, label in (("dramatiq-p2-t8", "vs_dramatiq", "Dramatiq"), ("raw-amqp", "vs_raw", "raw AMQP floor")):
         paired = results["paired"][peer]
@@ -329,6 +356,12 @@ def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _ms(cpu: dict[str, float | None] | None) -> str:
+    """The total CPU per task of one stack: '1.14 ms in all'."""
+    total = (cpu or {}).get("total")
+    return "n/a" if total is None else f"{total:.2f} ms in all"
+
+
 def _spread(rates: list[float]) -> str:
     """The median tasks/s and the range: '858/s (701-902)'."""
     return f"{statistics.median(rates):.0f}/s ({min(rates):.0f}-{max(rates):.0f})"
@@ -357,7 +390,7 @@ def main() -> int:
         console.say("conveyor, no-op tasks, default settings...")
         results["noop"] = {"default": noop(ROOT / "test-config.yml", max(100, args.tasks // 4))}
         with environment.environ(TUNED_ENV):
-            results["rounds"] = paired_rounds(args.tasks, args.rounds, peers)
+            results["rounds"], results["noop"]["tuned"] = paired_rounds(args.tasks, args.rounds, peers)
             tuned = statistics.median(r["conveyor-tuned"] for r in results["rounds"])
             console.say("Dispatcher cost per task...")
             results["dispatcher"] = dispatcher_cost(ROOT / "bench" / "noop.yml", 5_000)
@@ -368,6 +401,8 @@ def main() -> int:
             console.say("Seed workload at 1, 2 and 4 replicas per service...")
             results["seed"] = seed_scaling(ROOT / "bench" / "seed.yml", args.seed_s, [1, 2, 4])
     seed = {r["replicas"]: r for r in results["seed"]}
+    results["cpu_ms_per_task"] = {"default": results["noop"]["default"]["cpu_ms_per_task"],
+                                  "tuned": proc_cpu.median_by_total([r["cpu_ms_per_task"] for r in results["noop"]["tuned"]])}
     results["paired"] = {peer: median_round(results["rounds"], peer) for peer in ("dramatiq-p2-t8", "raw-amqp")}
     results["ratios"] = {
         "vs_dramatiq": (results["paired"]["dramatiq-p2-t8"] or {}).get("ratio"),
