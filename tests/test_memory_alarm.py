@@ -23,7 +23,7 @@ services:
   - {{name: worker-a, queues: [queue_a], concurrency: 1, replicas: 1}}
 heartbeat_s: {HEARTBEAT_S}
 stop_grace_s: 10
-tuning: {{track_started: true}}  # the test waits for the STARTED state
+tuning: {{track_started: true, task_log_lines: true}}  # the test waits for STARTED and counts "received" lines
 """
 
 

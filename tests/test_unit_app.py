@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,9 +15,9 @@ from celery.signals import celeryd_after_setup
 from celery.utils.time import get_exponential_backoff_interval
 
 from conveyor.settings import environment
-from conveyor.settings.context import settings_of
+from conveyor.settings.context import CONF_KEY, settings_of
 from conveyor.tasks import retry
-from conveyor.runtime.app import create_app
+from conveyor.runtime.app import TASK_LINE_LOGGERS, create_app
 from conveyor.settings.config import RetryPolicy, load_config
 from conveyor.tasks.simulated import InvalidTaskArguments, SimulatedFailure
 from helpers import free_port
@@ -170,16 +172,26 @@ def test_tuning_reaches_celery_settings(tmp_path):
         tuned.close()
 
 
-@pytest.mark.parametrize("level, events, built", [("WARNING", False, False), ("INFO", False, True), ("WARNING", True, True)])
-def test_the_result_repr_is_built_only_where_something_shows_it(app, level, events, built):
+@pytest.mark.parametrize("level, events, lines, built", [
+    ("WARNING", False, False, False), ("INFO", False, True, True), ("WARNING", True, False, True),
+    # At INFO without task_log_lines (the default) the per-task lines are off: nothing shows the repr.
+    ("INFO", False, False, False)])
+def test_the_result_repr_is_built_only_where_something_shows_it(app, level, events, lines, built):
     app.conf.worker_send_task_events = events
-    trace_logger = logging.getLogger("celery.app.trace")
-    saved = trace_logger.level
-    trace_logger.setLevel(level)
+    both = settings_of(app)
+    tuning = both.config.tuning.model_copy(update={"task_log_lines": lines})
+    app.conf[CONF_KEY] = dataclasses.replace(both, config=both.config.model_copy(update={"tuning": tuning}))
+    loggers = {name: logging.getLogger(name) for name in TASK_LINE_LOGGERS}
+    saved = {name: logger.level for name, logger in loggers.items()}
+    for logger in loggers.values():
+        logger.setLevel(level)
     try:
         celeryd_after_setup.send(sender="worker-a-1@test", instance=SimpleNamespace(app=app), conf=app.conf)
+        # Celery's per-task lines: raised to WARNING unless the config asks for them.
+        assert loggers["celery.app.trace"].isEnabledFor(logging.INFO) is (level == "INFO" and lines)
     finally:
-        trace_logger.setLevel(saved)
+        for name, logger in loggers.items():
+            logger.setLevel(saved[name])
     assert (app.tasks["task_a"].resultrepr_maxsize > 0) is built
     # Whatever the tracer uses, a size of 0 gives nothing and any other size Celery's repr.
     assert trace.saferepr({"a": [1, 2]}, 0) == "" and trace.saferepr({"a": [1, 2]}, 100) == "{'a': [1, 2]}"

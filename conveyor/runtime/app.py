@@ -92,7 +92,18 @@ def _declare_on_start(sender=None, **_kwargs) -> None:
     log.info("Worker %s declared the work and dead-letter queues.", sender.hostname)
 
 
+# Celery's per-task INFO lines: "Task x[id] received" and "... succeeded in" (and "retry:"), two or
+# more lines per task, which cost a worker measurable CPU on short tasks (docs/performance.md).
+TASK_LINE_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+
+
 @celeryd_after_setup.connect
 def _skip_unshown_result_repr(sender=None, instance=None, conf=None, **_kwargs) -> None:
+    # After the worker set up its logging, before its pool forks and its tracers are built.
+    if not settings_of(instance.app).config.tuning.task_log_lines:
+        for name in TASK_LINE_LOGGERS:
+            task_logger = logging.getLogger(name)
+            if task_logger.getEffectiveLevel() >= logging.INFO:  # a worker at DEBUG keeps everything
+                task_logger.setLevel(logging.WARNING)
     if settings_of(instance.app).fast_paths and trace.skip_unshown_result_repr(instance.app, conf):
         log.debug("Worker %s logs no task results: their repr is not built.", sender)

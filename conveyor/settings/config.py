@@ -207,6 +207,9 @@ class Tuning(Strict):
         "callers send task-sent and workers task-received/started/succeeded events (four messages per "
         "task; Flower needs them, make monitor does not)"))
     track_started: bool = Field(False, description="workers report a STARTED state for each task (one more result message)")
+    task_log_lines: bool = Field(False, description=(
+        "workers log Celery's per-task INFO lines (received, succeeded, retry); off, the worker logs at "
+        "its level otherwise and failures are still logged (docs/performance.md measures the cost)"))
     result_extended: bool = Field(True, description="results also carry the task's name, arguments, worker and queue")
     result_confirms: bool = Field(True, description=(
         "workers wait for the broker's confirm of each rpc:// result before acknowledging the task; "
