@@ -34,7 +34,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -55,6 +55,7 @@ from conveyor.seam.publisher import Publisher  # noqa: E402
 from conveyor.loadtest.runner import Options, Runner  # noqa: E402
 from conveyor.loadtest.scenario import Plan, Scenario  # noqa: E402
 from conveyor.stack.local import LocalStack  # noqa: E402
+from conveyor.monitor import Monitor  # noqa: E402
 from conveyor.tasks.simulated import SIMULATED as TASKS  # noqa: E402
 from conveyor import console
 
@@ -66,7 +67,8 @@ PEER_NAMES = {"raw-amqp": "raw AMQP floor (pika)", "celery-prefork-c2": "Celery,
 MANAGEMENT = "http://127.0.0.1:15672/api/"  # named in the error message when it does not answer
 DISPATCHER_RUNS = 5
 TARGETS = {"vs_dramatiq": 1.0, "vs_raw": 0.5, "seed_efficiency": 0.9, "scale_2x": 1.8,
-           "dispatcher_ms": 0.2, "p99_half_saturation_ms": 50.0, "dispatch_vs_load_tester": 0.8}
+           "dispatcher_ms": 0.2, "p99_half_saturation_ms": 50.0, "dispatch_vs_load_tester": 0.8,
+           "default_vs_celery": 1.0, "default_vs_dramatiq": 0.5}  # the last: issue 16's stretch target
 DISPATCH_PAIRS = 3  # load tester, then dispatch.py, this many times on one stack
 
 
@@ -149,16 +151,19 @@ def broker_port() -> int:
     return urlsplit(environment.resolve().broker_url).port or 5672
 
 
-def noop(config_file: Path, n: int) -> dict[str, Any]:
+def noop(config_file: Path, n: int, monitored: bool = False) -> dict[str, Any]:
     """n no-op tasks end to end on a fresh stack, after a warm-up: the rate, and the CPU per task of
     the broker, the workers (with their pool processes) and this process (the caller) over the run.
-    The broker is shared with whatever else uses it meanwhile; on an idle machine that is nothing."""
+    The broker is shared with whatever else uses it meanwhile; on an idle machine that is nothing.
+    `monitored`: `make monitor`'s Monitor runs in this process meanwhile (its CPU counts in the
+    caller's), and the succeeded count it shows afterwards is kept beside the load test's."""
     scenario = one_type("task_a", 0.0)
     broker = proc_cpu.broker_pid(broker_port())
     if broker is None:
         console.say(f"No RabbitMQ process found listening on port {broker_port()}: the broker's CPU per task is n/a.")
-    with stack(config_file) as local:
-        measure(local.app, scenario, {"task_a": min(500, n)}, 120)  # warm-up: connections, caches
+    with stack(config_file) as local, (Monitor(local, local.config.monitoring) if monitored else nullcontext()) as monitor:
+        warm_up = min(500, n)
+        measure(local.app, scenario, {"task_a": warm_up}, 120)  # warm-up: connections, caches
         workers = [int(r.ident) for r in local.replicas() if r.running]
         before = proc_cpu.snapshot(broker, workers, os.getpid())
         summary = measure(local.app, scenario, {"task_a": n}, 600)
@@ -166,6 +171,11 @@ def noop(config_file: Path, n: int) -> dict[str, Any]:
         result = {"tasks": n, "tasks_per_s": summary["throughput_per_s"], "latency_s": summary["latency_s"],
                   "sender_ms_per_task": summary["sender"]["per_task_ms"],
                   "cpu_ms_per_task": proc_cpu.per_task_ms(before, after, n, proc_cpu.HZ)}
+        if monitor is not None:
+            monitor.collect()
+            shown = {row["name"]: row["succeeded"] for row in monitor.snapshot()["tasks"]}
+            result["monitor_succeeded"] = shown.get("task_a")
+            result["load_test_succeeded"] = warm_up + summary["succeeded"]
     return result
 
 
@@ -311,7 +321,18 @@ def table(results: dict[str, Any]) -> str:
             rows.append((f"no-op: {label}", f"{peers[key]:.0f}/s", "", ""))
         elif any(key in r for r in rounds):
             rows.append((f"no-op: {label}, {n} rounds", _spread([r[key] for r in rounds if key in r]), "", ""))
-    rows.append(("no-op: conveyor, default settings (test-config.yml)", f"{results['noop']['default']['tasks_per_s']:.0f}/s", "", ""))
+    rows.append(("no-op: conveyor, default settings (test-config.yml: records, tallies, monitoring on)",
+                 f"{results['noop']['default']['tasks_per_s']:.0f}/s", "", ""))
+    r = results["ratios"]
+    default = results["noop"]["default"]
+    if "monitor_succeeded" in default:
+        rows.append(("  default: succeeded as make monitor shows them, and as the load test counted",
+                     f"{default['monitor_succeeded']}, {default['load_test_succeeded']}", "equal",
+                     "met" if default["monitor_succeeded"] == default["load_test_succeeded"] else "NOT MET"))
+    rows.append(("  default vs Celery, plain (run after it)", _x(r.get("default_vs_celery")), ">= 1.0x",
+                 verdict(r.get("default_vs_celery"), TARGETS["default_vs_celery"])))
+    rows.append(("  default vs Dramatiq (median of its rounds), stretch", _x(r.get("default_vs_dramatiq")), ">= 0.5x",
+                 verdict(r.get("default_vs_dramatiq"), TARGETS["default_vs_dramatiq"])))
     rows.append((f"no-op: conveyor, tuned (bench/noop.yml, records off), {n} rounds",
                  _spread([r["conveyor-tuned"] for r in rounds]), "", ""))
     cpu = results["cpu_ms_per_task"]
@@ -352,6 +373,10 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
 def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
@@ -388,7 +413,7 @@ def main() -> int:
     results["peers"] = run_peers(args.tasks, ["celery", "celery-tuned"]) if peers else {}
     with private_broker():
         console.say("conveyor, no-op tasks, default settings...")
-        results["noop"] = {"default": noop(ROOT / "test-config.yml", max(100, args.tasks // 4))}
+        results["noop"] = {"default": noop(ROOT / "test-config.yml", max(100, args.tasks // 4), monitored=True)}
         with environment.environ(TUNED_ENV):
             results["rounds"], results["noop"]["tuned"] = paired_rounds(args.tasks, args.rounds, peers)
             tuned = statistics.median(r["conveyor-tuned"] for r in results["rounds"])
@@ -408,6 +433,10 @@ def main() -> int:
         "vs_dramatiq": (results["paired"]["dramatiq-p2-t8"] or {}).get("ratio"),
         "vs_raw": (results["paired"]["raw-amqp"] or {}).get("ratio"),
         "vs_celery": ratio(tuned, results["peers"].get("celery-prefork-c2")),
+        # The default stack runs right after the Celery peers; Dramatiq, in the rounds: their median.
+        "default_vs_celery": ratio(results["noop"]["default"]["tasks_per_s"], results["peers"].get("celery-prefork-c2")),
+        "default_vs_dramatiq": ratio(results["noop"]["default"]["tasks_per_s"],
+                                     _median([r["dramatiq-p2-t8"] for r in results["rounds"] if "dramatiq-p2-t8" in r])),
         "seed_efficiency": seed[1]["efficiency"],
         "scale_2x": ratio(seed[2]["tasks_per_s"], seed[1]["tasks_per_s"]),
         "scale_4x": ratio(seed[4]["tasks_per_s"], seed[1]["tasks_per_s"]),
