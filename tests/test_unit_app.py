@@ -195,3 +195,28 @@ def test_the_result_repr_is_built_only_where_something_shows_it(app, level, even
     assert (app.tasks["task_a"].resultrepr_maxsize > 0) is built
     # Whatever the tracer uses, a size of 0 gives nothing and any other size Celery's repr.
     assert trace.saferepr({"a": [1, 2]}, 0) == "" and trace.saferepr({"a": [1, 2]}, 100) == "{'a': [1, 2]}"
+
+
+@pytest.mark.parametrize("backend, records, events", [("local", "sqlite", False), ("compose", "sqlite", True),
+                                                      ("compose", "redis", False), ("compose", "off", False)])
+def test_task_events_come_on_where_the_workers_cannot_keep_the_tallies(tmp_path, backend, records, events):
+    """A compose stack's containers cannot reach a SQLite file on this machine: they keep no records,
+    so no tallies, and the monitor must count their tasks from events; both sides send them."""
+    from conveyor.stack.choice import StackChoice
+
+    url = {"sqlite": f"sqlite:///{tmp_path}/r.db", "redis": "redis://127.0.0.1:6379/0", "off": "off"}[records]
+    settings = environment.resolve({"BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//", "RECORDS_URL": url,
+                                    environment.RUN_DIR_ENV: str(tmp_path)})
+    app = create_app(load_config(ROOT / "test-config.yml"), settings, choice=StackChoice(backend, settings, "a test"))
+    try:
+        assert (app.conf.task_send_sent_event, app.conf.worker_send_task_events) == (events, events)
+    finally:
+        app.close()
+    forced = environment.resolve({"BROKER_URL": "filesystem://", environment.TASK_EVENTS_ENV: "on",
+                                  environment.RUN_DIR_ENV: str(tmp_path)})
+    assert forced.task_events and forced.worker_env()[environment.TASK_EVENTS_ENV] == "on"
+    app = create_app(load_config(ROOT / "test-config.yml"), forced)
+    try:
+        assert app.conf.worker_send_task_events is True
+    finally:
+        app.close()

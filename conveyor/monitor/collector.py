@@ -33,7 +33,8 @@ class Monitor:
                                      worker_forget_after_s=settings.worker_forget_after_s,
                                      types=[(t.name, t.queue) for t in stack.config.task_types])
         self.listener = EventListener(stack.app, self.accounting.record)
-        self.store = stores.store_for(stack.app)  # None: records off, task figures from task events
+        # None: records off, or out of the workers' reach; task figures then come from task events.
+        self.store = stores.store_for(stack.app) if stack.shares_records() else None
         self._tallies_error: str | None = None
         self.emitter = Emitter(influx) if influx else None
         self._broker: dict[str, Any] | None = None

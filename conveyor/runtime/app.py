@@ -33,6 +33,11 @@ def create_app(config: Config | None = None, settings: environment.BrokerSetting
         app.backend_cls = rpc_backend.RPCBackend  # the same backend, minus a round trip per task sent
     elif settings.result_backend.startswith("file://"):
         app.backend_cls = f"conveyor.seam.file_backend:AtomicFilesystemBackend+{settings.result_backend}"  # whole files only
+    # Task events where the config asks, or where the workers cannot keep the task tallies this
+    # process would read (a compose stack with records in a SQLite file here): the monitor then
+    # counts from events (conveyor/monitor/accounting.py).
+    task_events = config.tuning.task_events or settings.task_events or (
+        choice is not None and not settings.records_reach_workers(choice.backend))
     transport_options = dict(settings.transport_options)
     if settings.embedded:
         # kombu's filesystem transport, but a fetched message is deleted only once acknowledged.
@@ -69,8 +74,8 @@ def create_app(config: Config | None = None, settings: environment.BrokerSetting
         result_extended=config.tuning.result_extended,
         result_expires=24 * 3600,
         task_track_started=config.tuning.track_started,
-        task_send_sent_event=config.tuning.task_events,
-        worker_send_task_events=config.tuning.task_events,
+        task_send_sent_event=task_events,
+        worker_send_task_events=task_events,
         worker_hijack_root_logger=False,
     )
     # Headers too deep for py-amqp and compressed bodies too big once inflated are caught as they are

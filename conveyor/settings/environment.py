@@ -37,6 +37,10 @@ EMBEDDED_URL = "filesystem://localhost/"  # the host means nothing to this trans
 RUN_DIR_ENV = "CONVEYOR_RUN_DIR"
 RECORDS_URL_ENV = "RECORDS_URL"
 FAST_PATHS_ENV = "CONVEYOR_FAST_PATHS"
+# `on`: send Celery's task events whatever the config says. A compose stack sets it for its
+# containers where they cannot reach the task records (a SQLite file on the host), so that the
+# monitor counts their tasks from events instead of the tallies kept with the records.
+TASK_EVENTS_ENV = "CONVEYOR_TASK_EVENTS"
 DEFAULT_BROKER = ("127.0.0.1", 5672)  # where DEFAULT_BROKER_URL points
 DEFAULT_REDIS = ("127.0.0.1", 6379)  # the tests' shared Redis; never picked without RECORDS_URL
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -71,6 +75,12 @@ class BrokerSettings:
     transport_options: dict = field(default_factory=dict)
     explicit: bool = False
     records_url: str = ""
+    task_events: bool = False  # forced on by CONVEYOR_TASK_EVENTS
+
+    def records_reach_workers(self, backend: str) -> bool:
+        """Whether workers of this stack backend can write the records (and the task tallies) this
+        process reads: not a compose stack's containers, for a SQLite file on this machine."""
+        return not (backend == "compose" and self.records_url.startswith("sqlite:"))
 
     @property
     def safe_url(self) -> str:
@@ -82,6 +92,8 @@ class BrokerSettings:
         env = {"BROKER_URL": self.broker_url, "RESULT_BACKEND": self.result_backend}
         if self.records_url:
             env[RECORDS_URL_ENV] = self.records_url
+        if self.task_events:
+            env[TASK_EVENTS_ENV] = "on"
         return env
 
     def describe(self) -> str:
@@ -119,7 +131,8 @@ def resolve(env: Mapping[str, str] = os.environ, probe: tuple[str, int] = DEFAUL
             (folder / path).mkdir(parents=True, exist_ok=True)
         (root / "results").mkdir(parents=True, exist_ok=True)
     backend = env.get("RESULT_BACKEND", "").strip() or _default_backend(url, root)
-    return BrokerSettings(url, backend, embedded, options, explicit, records_url(env, embedded, root))
+    return BrokerSettings(url, backend, embedded, options, explicit, records_url(env, embedded, root),
+                          task_events=env.get(TASK_EVENTS_ENV, "").strip().lower() in ("1", "on", "true", "yes"))
 
 
 def records_url(env: Mapping[str, str], embedded: bool, root: Path) -> str:

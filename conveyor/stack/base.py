@@ -53,6 +53,11 @@ class Stack(abc.ABC):
     def _state_file(self) -> Path:
         """Where the replica counts last asked for are kept."""
 
+    def shares_records(self) -> bool:
+        """Whether this stack's workers write to the record store this process reads, and so keep the
+        task tallies the monitor shows (a compose stack's containers cannot reach a SQLite file here)."""
+        return True
+
     def _unsaved_desired(self) -> dict[str, int]:
         """What desired() answers when nothing was saved."""
         return {}

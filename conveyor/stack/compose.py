@@ -37,7 +37,7 @@ import docker as docker_sdk
 from docker.errors import DockerException, NotFound
 from docker.models.containers import Container
 
-from conveyor.settings.environment import PROJECT_ROOT, RECORDS_URL_ENV, BrokerSettings, run_dir
+from conveyor.settings.environment import PROJECT_ROOT, RECORDS_URL_ENV, TASK_EVENTS_ENV, BrokerSettings, run_dir
 from conveyor.settings.config import ServiceConfig
 from conveyor.errors import StackError
 from conveyor.stack import credentials
@@ -150,9 +150,14 @@ class ComposeStack(Stack):
             env[CONFIG_FILE_ENV] = str(self.config.source)
         if self._records_in_a_file():
             # A SQLite file on this machine is out of the containers' reach; a private copy in each
-            # container would only look like shared records, so the containers keep none.
+            # container would only look like shared records, so the containers keep none, and send
+            # task events instead for the monitor to count (no tallies without records).
             env[RECORDS_URL_ENV] = "off"
+            env[TASK_EVENTS_ENV] = "on"
         return env
+
+    def shares_records(self) -> bool:
+        return not self._records_in_a_file()
 
     def _records_in_a_file(self) -> bool:
         return self.settings.worker_env().get(RECORDS_URL_ENV, "").startswith("sqlite:")
