@@ -252,10 +252,11 @@ NO_FAST_PATHS = LEAN_TUNING.replace("}", ", fast_paths: false}")
 def test_counts_add_up_on_a_run_with_injected_failures(broker_env, local_stack, tmp_path, tuning):
     config = write_config(tmp_path / "stack.yml", STACK_CONFIG + tuning)
     local_stack(config)
+    local = {**broker_env, "STACK": "local"}  # the stack under test, whether or not Docker is here
     scenario_file = write_config(tmp_path / "failing.yml", FAILING)
     out = tmp_path / "report"
     proc = run_cli("load_test.py", "--scenario", str(scenario_file), "--config", str(config), "--tasks-per-type", "40",
-                   "--json", "--report", str(out), "--timeout", "60", env=broker_env, timeout=120)
+                   "--json", "--report", str(out), "--timeout", "60", env=local, timeout=120)
     assert proc.returncode == 0, proc.stderr
     s = json.loads(proc.stdout)
     assert s["sent"] == s["planned"] == 80 and s["not_sent"] == 0 and not s["timed_out"]
@@ -277,7 +278,7 @@ def test_counts_add_up_on_a_run_with_injected_failures(broker_env, local_stack, 
     # succeeded; where the first stage was dead-lettered, Celery stores the same failure (and its
     # retry) as the second stage's result too, and the load test counts it there, though that
     # task_a never ran: with max_retries 1, each such first stage was retried once first.
-    proc = run_cli("monitor.py", "--once", "--json", "--no-prometheus", "--config", str(config), env=broker_env, timeout=60)
+    proc = run_cli("monitor.py", "--once", "--json", "--no-prometheus", "--config", str(config), env=local, timeout=60)
     assert proc.returncode == 0, proc.stderr
     shown = {t["name"]: t for t in json.loads(proc.stdout)["tasks"]}
     first, second = pipe["stages"]
