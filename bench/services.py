@@ -38,23 +38,18 @@ import bench  # noqa: E402 (bench/, beside this script)
 import proc_cpu  # noqa: E402
 
 ROOT = bench.ROOT
-# name: (services' settings, worker log level). The first is the shipped one, the ratios' base.
+# (pool, processes, prefetch, worker log level); the first is the shipped one, the ratios' base.
+# solo at prefetch 1 ran 10 short tasks a second in a trial (a tenth of a second lost per task):
+# measured at prefetch 4, to see the pool itself.
+_GRID = [("prefork", 2, 1, "INFO"), ("prefork", 2, 2, "INFO"), ("prefork", 2, 4, "INFO"), ("prefork", 2, 16, "INFO"),
+         ("prefork", 4, 1, "INFO"), ("prefork", 4, 1, "WARNING"), ("prefork", 8, 1, "INFO"),
+         ("threads", 2, 1, "INFO"), ("threads", 4, 1, "INFO"), ("threads", 8, 1, "INFO"), ("solo", 1, 4, "INFO"),
+         ("prefork", 2, 1, "WARNING"), ("prefork", 2, 2, "WARNING")]
+# name: (services' settings, worker log level)
 CANDIDATES: dict[str, tuple[dict[str, Any], str]] = {
-    "prefork c2 p1 INFO": ({"pool": "prefork", "concurrency": 2, "prefetch_multiplier": 1}, "INFO"),
-    "prefork c2 p2 INFO": ({"pool": "prefork", "concurrency": 2, "prefetch_multiplier": 2}, "INFO"),
-    "prefork c2 p4 INFO": ({"pool": "prefork", "concurrency": 2, "prefetch_multiplier": 4}, "INFO"),
-    "prefork c2 p16 INFO": ({"pool": "prefork", "concurrency": 2, "prefetch_multiplier": 16}, "INFO"),
-    "prefork c4 p1 INFO": ({"pool": "prefork", "concurrency": 4, "prefetch_multiplier": 1}, "INFO"),
-    "prefork c4 p1 WARNING": ({"pool": "prefork", "concurrency": 4, "prefetch_multiplier": 1}, "WARNING"),
-    "prefork c8 p1 INFO": ({"pool": "prefork", "concurrency": 8, "prefetch_multiplier": 1}, "INFO"),
-    "threads c2 p1 INFO": ({"pool": "threads", "concurrency": 2, "prefetch_multiplier": 1}, "INFO"),
-    "threads c4 p1 INFO": ({"pool": "threads", "concurrency": 4, "prefetch_multiplier": 1}, "INFO"),
-    "threads c8 p1 INFO": ({"pool": "threads", "concurrency": 8, "prefetch_multiplier": 1}, "INFO"),
-    # solo at prefetch 1 ran 10 short tasks a second in a trial (a tenth of a second lost per task):
-    # measured at prefetch 4, to see the pool itself.
-    "solo p4 INFO": ({"pool": "solo", "concurrency": 1, "prefetch_multiplier": 4}, "INFO"),
-    "prefork c2 p1 WARNING": ({"pool": "prefork", "concurrency": 2, "prefetch_multiplier": 1}, "WARNING"),
-    "prefork c2 p2 WARNING": ({"pool": "prefork", "concurrency": 2, "prefetch_multiplier": 2}, "WARNING"),
+    (f"solo p{prefetch} {level}" if pool == "solo" else f"{pool} c{processes} p{prefetch} {level}"):
+        ({"pool": pool, "concurrency": processes, "prefetch_multiplier": prefetch}, level)
+    for pool, processes, prefetch, level in _GRID
 }
 
 
