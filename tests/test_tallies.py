@@ -57,11 +57,10 @@ def test_stored_tallies_become_the_exporters_series_and_the_monitors_totals(tmp_
     for _ in range(3):
         tallies.count(store, "sent", "task_a", "caller", "queue_a")
         tallies.count(store, "received", "task_a", "h1", "queue_a")
-        store.add_tallies({tallies.key("started", "task_a", "h1", "queue_a"): 1,
-                           tallies.key("started_first", "task_a", "h1", "queue_a"): 1}, {})
-    tallies.observe(store, "runtime", "task_a", "h1", "queue_a", 0.02,
-                    also={tallies.key("succeeded", "task_a", "h1", "queue_a"): 1})
-    tallies.observe(store, "latency", "task_a", "", "queue_a", 0.3)
+        tallies.Batch().count("started", "task_a", "h1", "queue_a").count("started_first", "task_a", "h1", "queue_a") \
+            .add_to(store)
+    tallies.Batch().count("succeeded", "task_a", "h1", "queue_a").observe("runtime", "task_a", "h1", "queue_a", 0.02) \
+        .observe("latency", "task_a", "", "queue_a", 0.3).add_to(store)
     tallies.count(store, "retried", "task_a", "h1", "queue_a")  # waits for its next attempt
     tallies.count(store, "failed", "task_a", "h1", "queue_a", exception="DeadLettered")
     tallies.count(store, "dead_lettered", "task_a", "h1", "queue_a")
@@ -100,3 +99,15 @@ def test_task_events_are_not_counted_twice_once_tallies_are_read():
 def test_unknown_keys_are_skipped():
     assert list(tallies.parse({"something-else": 1.0, tallies.key("sent", "a", "h", "q"): 2.0})) == [
         tallies.Tally("sent", "a", "h", "q", "", 2.0)]
+
+
+def test_samples_kept_while_the_store_is_away_stay_within_what_the_store_keeps(tmp_path):
+    from conveyor.lifecycle.records import SAMPLES_KEPT
+
+    store = GuardedStore(SqliteStore(str(tmp_path / "records.db"), ttl_s=600), retry_after_s=60)
+    store.breaker.failed(RuntimeError("away"))  # the writer thread leaves the queue alone meanwhile
+    for i in range(3 * SAMPLES_KEPT):
+        tallies.Batch().observe("latency", "task_a", "", "queue_a", float(i)).add_to(store)
+    [kept] = store._samples.values()
+    assert kept == [float(i) for i in range(2 * SAMPLES_KEPT, 3 * SAMPLES_KEPT)]
+    assert store._counts[tallies.key("latency", "task_a", "", "queue_a", tallies.SUM)] == sum(range(3 * SAMPLES_KEPT))

@@ -50,7 +50,7 @@ from typing import Any
 
 from conveyor.breaker import Breaker
 from conveyor.errors import RecordStoreError
-from conveyor.lifecycle.records import Record, Store, Write, now
+from conveyor.lifecycle.records import SAMPLES_KEPT, Record, Store, Write, now
 from conveyor.tasks.states import ACTIVE
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,7 @@ class GuardedStore(Store):
             return
         with self._lock:
             self._counts.update(counts)
-            for name, values in samples.items():
-                self._samples.setdefault(name, []).extend(values)
+            self._keep_samples(samples)
             self._start_writer()
 
     def _write(self, write: Write) -> None:
@@ -111,10 +110,27 @@ class GuardedStore(Store):
             self._ask(write.method, write.task_id, *write.args, **write.kwargs)
             return
         with self._lock:
-            if len(self._queue) >= BACKLOG:
-                self._incomplete.add(self._queue.popleft().task_id)
             self._queue.append(write)
+            self._trim()
             self._start_writer()
+
+    def _trim(self) -> None:
+        """With the lock held: keep the queue within BACKLOG, the oldest writes dropped and their
+        records marked incomplete once the store is back."""
+        while len(self._queue) > BACKLOG:
+            self._incomplete.add(self._queue.popleft().task_id)
+
+    def _keep_samples(self, samples: Mapping[str, Sequence[float]], older: bool = False) -> None:
+        """With the lock held: add samples (before the queued ones if `older`), keeping each key's
+        SAMPLES_KEPT latest, all the store keeps: a store away for hours must not grow this."""
+        for name, values in samples.items():
+            queued = self._samples.setdefault(name, [])
+            if older:
+                queued[:0] = values
+            else:
+                queued.extend(values)
+            if len(queued) > SAMPLES_KEPT:
+                del queued[:-SAMPLES_KEPT]
 
     def flush(self) -> bool:
         """Write everything queued now, from this thread; False if the store did not take it (it
@@ -246,11 +262,9 @@ class GuardedStore(Store):
                     # A late batch may have been written in part: what was written is written again
                     # (at least once, never lost).
                     self._queue.extendleft(reversed(batch))
-                    while len(self._queue) > BACKLOG:
-                        self._incomplete.add(self._queue.popleft().task_id)
+                    self._trim()
                     self._counts.update(counts)
-                    for name, values in samples.items():
-                        self._samples[name] = values + self._samples.get(name, [])
+                    self._keep_samples(samples, older=True)
                     self._late = True
                 return False
             self.breaker.succeeded()

@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 
 _hard_timeouts: deque[str] = deque(maxlen=1000)  # in the worker's main process, where hard timeouts are handled
 _run_started: dict[str, float] = {}  # task id -> monotonic start of its attempt in this pool process, for runtime
-_queues: dict[tuple[int, str], str] = {}  # (id of the app, task name) -> its queue
 
 def _best_effort(receiver):
     @functools.wraps(receiver)
@@ -119,11 +118,8 @@ def _flush_on_exit(**_: Any) -> None:
 
 def _queue_of(app: Celery, name: str) -> str:
     """A task type's queue: routing is static per type (the config's task_types)."""
-    key = (id(app), name)
-    if key not in _queues:
-        kind = next((t for t in settings_of(app).config.task_types if t.name == name), None)
-        _queues[key] = kind.queue if kind else ""
-    return _queues[key]
+    kind = settings_of(app).config.types.get(name)
+    return kind.queue if kind else ""
 
 
 def _labels(task: Task) -> tuple[str, str, str]:
@@ -168,14 +164,13 @@ def _started(sender: Task | None = None, task_id: str | None = None, **_: Any) -
                      worker=request.hostname, started_at=started_at, soft_time_limit_s=soft, time_limit_s=hard)
     _run_started[task_id] = time.monotonic()
     name, host, queue = _labels(sender)
-    started = {tallies.key("started", name, host, queue): 1}
+    batch = tallies.Batch().count("started", name, host, queue)
     if attempt == 1:
-        started[tallies.key("started_first", name, host, queue)] = 1
-    sent_at = _sent_at(request)
-    if attempt == 1 and sent_at is not None:
-        tallies.observe(store, "wait", name, "", queue, max(0.0, started_at - sent_at), also=started)
-    else:
-        store.add_tallies(started, {})
+        batch.count("started_first", name, host, queue)
+        sent_at = _sent_at(request)
+        if sent_at is not None:
+            batch.observe("wait", name, "", queue, max(0.0, started_at - sent_at))
+    batch.add_to(store)
 
 
 def record_retry(sender: Task | None = None, exc: BaseException | None = None, when: Any = None,
@@ -220,16 +215,14 @@ def _succeeded(sender: Task | None = None, **_: Any) -> None:
     store.transition(sender.request.id, TaskState.SUCCEEDED, attempt=attempt, detail=f"succeeded on attempt {attempt}",
                      worker=sender.request.hostname, finished_at=finished_at, error=None)
     name, host, queue = _labels(sender)
+    batch = tallies.Batch().count("succeeded", name, host, queue)
     started = _run_started.pop(sender.request.id, None)
-    succeeded = {tallies.key("succeeded", name, host, queue): 1}
     if started is not None:
-        tallies.observe(store, "runtime", name, host, queue, time.monotonic() - started, also=succeeded)
-        succeeded = {}
+        batch.observe("runtime", name, host, queue, time.monotonic() - started)
     sent_at = _sent_at(sender.request)
     if sent_at is not None:
-        tallies.observe(store, "latency", name, "", queue, max(0.0, finished_at - sent_at), also=succeeded)
-    elif succeeded:
-        store.add_tallies(succeeded, {})
+        batch.observe("latency", name, "", queue, max(0.0, finished_at - sent_at))
+    batch.add_to(store)
 
 
 @_best_effort
@@ -252,7 +245,7 @@ def _failed(sender: Task | None = None, task_id: str | None = None, exception: B
     if isinstance(exception, Reject):  # Celery sends task_failure only for a reject without requeue
         store.transition(task_id, TaskState.DEAD_LETTERED, detail=f"rejected to the dead-letter exchange: {exception.reason}",
                          error=describe_error(exception), finished_at=now())
-        store.add_tallies({tallies.key("rejected", name, host, queue): 1, tallies.key("dead_lettered", name, host, queue): 1}, {})
+        tallies.Batch().count("rejected", name, host, queue).count("dead_lettered", name, host, queue).add_to(store)
         return
     error = describe_error(exception)
     store.transition(task_id, TaskState.FAILED, detail=f"failed for good: {error}", error=error, finished_at=now())

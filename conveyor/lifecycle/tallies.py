@@ -34,7 +34,7 @@ import math
 import socket
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import Histogram
 
@@ -69,17 +69,33 @@ def sample_key(name: str, queue: str) -> str:
     return SEP.join(("latency", name, queue))
 
 
+@dataclass
+class Batch:
+    """The tallies of one event, added to the store in one call (`add_to`): counters summed, and a
+    histogram observation as its bucket's count, its sum and, for latency, a sample."""
+
+    counts: dict[str, float] = field(default_factory=dict)
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def count(self, kind: str, name: str, hostname: str, queue: str, extra: str = "", by: float = 1) -> Batch:
+        counter = key(kind, name, hostname, queue, extra)
+        self.counts[counter] = self.counts.get(counter, 0) + by
+        return self
+
+    def observe(self, kind: str, name: str, hostname: str, queue: str, value_s: float) -> Batch:
+        self.count(kind, name, hostname, queue, str(bisect_left(HISTOGRAMS[kind], value_s)))
+        self.count(kind, name, hostname, queue, SUM, by=value_s)
+        if kind == "latency":
+            self.samples.setdefault(sample_key(name, queue), []).append(value_s)
+        return self
+
+    def add_to(self, store: Store) -> None:
+        store.add_tallies(self.counts, self.samples)
+
+
 def count(store: Store, kind: str, name: str, hostname: str, queue: str, exception: str = "", by: float = 1) -> None:
-    store.add_tallies({key(kind, name, hostname, queue, exception): by}, {})
-
-
-def observe(store: Store, kind: str, name: str, hostname: str, queue: str, value_s: float,
-            also: Mapping[str, float] | None = None) -> None:
-    """One observation of a histogram (with `also`, counters added in the same call)."""
-    bucket = bisect_left(HISTOGRAMS[kind], value_s)
-    counts = {key(kind, name, hostname, queue, str(bucket)): 1, key(kind, name, hostname, queue, SUM): value_s,
-              **(also or {})}
-    store.add_tallies(counts, {sample_key(name, queue): [value_s]} if kind == "latency" else {})
+    """One counter's increment, on its own."""
+    Batch().count(kind, name, hostname, queue, exception, by).add_to(store)
 
 
 def parse(counts: Mapping[str, float]) -> Iterator[Tally]:

@@ -252,9 +252,7 @@ class Accounting:
         name, host, queue = labels
         if labels not in self._labelled:
             self._labelled.add(labels)
-            for other, spec in TASK_EVENTS.items():
-                if other != "task-sent":
-                    self.series.inc(spec, (name, host, "", queue) if other == "task-failed" else labels, 0)
+            self.series.show_worker_counters(name, host, queue)
         spec = TASK_EVENTS.get(kind)
         if spec is None:
             return

@@ -1,5 +1,6 @@
 """The monitor: listens to the event stream, samples the broker and the stack and reads the task
-tallies (conveyor/monitor/tallied.py) every collect interval, hands the samples to the InfluxDB emitter every emit interval, serves Prometheus.
+tallies (conveyor/monitor/tallied.py) every collect interval, hands the samples to the InfluxDB
+emitter every emit interval, serves Prometheus.
 
 Threads: the event listener (feeds the accounting), the sampler (this module's loop), the
 Prometheus HTTP server; the caller's thread reads `snapshot()` (the dashboard, --once).

@@ -147,6 +147,14 @@ class Series:
             series[labels] = Buckets(spec.buckets)
         series[labels].observe(value)
 
+    def show_worker_counters(self, name: str, hostname: str, queue: str) -> None:
+        """Every task counter a worker has for (name, hostname, queue), at 0 where nothing was counted,
+        as the Celery exporter shows them, so that ratios and increase() have both sides from the
+        start. Not task-sent: a sender is no worker."""
+        for kind, spec in TASK_EVENTS.items():
+            if kind != "task-sent":
+                self.inc(spec, (name, hostname, "", queue) if kind == "task-failed" else (name, hostname, queue), 0)
+
     def set_histogram(self, spec: Spec, labels: tuple[str, ...], counts: list[int], total: float) -> None:
         """A histogram's per-bucket (not cumulative) counts and sum, as stored (lifecycle/tallies.py)."""
         self._histograms[spec.name][labels] = Buckets(spec.buckets, list(counts), total)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from conveyor.lifecycle import tallies
 from conveyor.monitor.metrics import TASK_DEAD_LETTERED, TASK_EVENTS, TASK_LATENCY, TASK_RUNTIME, TASK_WAIT, Series
@@ -25,7 +25,6 @@ class Tallied:
     counts: dict[tuple[str, str], dict[str, int]]  # (name, queue) -> COUNTERS -> total
     retrying: dict[tuple[str, str], int]
     latencies_s: dict[tuple[str, str], list[float]]  # recent, oldest first
-    hosts: set[str] = field(default_factory=set)  # hosts with worker-side series
 
 
 def load(counts: Mapping[str, float], samples: Mapping[str, list[float]]) -> Tallied:
@@ -55,12 +54,10 @@ def load(counts: Mapping[str, float], samples: Mapping[str, list[float]]) -> Tal
             series.inc(TASK_EVENTS[f"task-{tally.kind}"], (tally.name, tally.hostname, tally.queue), value)
         if tally.kind not in ("sent", "dead_lettered"):  # a sender is no worker: the exporter zeroes only workers' series
             labelled.add((tally.name, tally.hostname, tally.queue))
-    for name, host, queue in labelled:
-        for kind, spec in TASK_EVENTS.items():
-            if kind != "task-sent":
-                series.inc(spec, (name, host, "", queue) if kind == "task-failed" else (name, host, queue), 0)
+    for labels in labelled:
+        series.show_worker_counters(*labels)
     for (kind, labels), (buckets, total) in histograms.items():
         series.set_histogram(_HISTOGRAM_SPECS[kind], labels, buckets, total[0])
     # Every retried attempt is followed by one more start; until it comes, the task waits.
     retrying = {key: max(0, c["retried"] - (c["started"] - c["started_first"])) for key, c in per_type.items()}
-    return Tallied(series, dict(per_type), retrying, tallies.parse_samples(samples), {h for _, h, _ in labelled})
+    return Tallied(series, dict(per_type), retrying, tallies.parse_samples(samples))

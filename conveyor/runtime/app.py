@@ -102,13 +102,19 @@ def _declare_on_start(sender=None, **_kwargs) -> None:
 TASK_LINE_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
 
 
+def _quiet_task_lines() -> None:
+    for name in TASK_LINE_LOGGERS:
+        task_logger = logging.getLogger(name)
+        if task_logger.getEffectiveLevel() >= logging.INFO:  # a worker at DEBUG keeps everything
+            task_logger.setLevel(logging.WARNING)
+
+
 @celeryd_after_setup.connect
-def _skip_unshown_result_repr(sender=None, instance=None, conf=None, **_kwargs) -> None:
-    # After the worker set up its logging, before its pool forks and its tracers are built.
-    if not settings_of(instance.app).config.tuning.task_log_lines:
-        for name in TASK_LINE_LOGGERS:
-            task_logger = logging.getLogger(name)
-            if task_logger.getEffectiveLevel() >= logging.INFO:  # a worker at DEBUG keeps everything
-                task_logger.setLevel(logging.WARNING)
-    if settings_of(instance.app).fast_paths and trace.skip_unshown_result_repr(instance.app, conf):
+def _after_worker_setup(sender=None, instance=None, conf=None, **_kwargs) -> None:
+    # After the worker set up its logging, before its pool forks and its tracers are built; the
+    # task lines first, since whether anything shows a result's repr depends on them.
+    settings = settings_of(instance.app)
+    if not settings.config.tuning.task_log_lines:
+        _quiet_task_lines()
+    if settings.fast_paths and trace.skip_unshown_result_repr(instance.app, conf):
         log.debug("Worker %s logs no task results: their repr is not built.", sender)

@@ -20,6 +20,7 @@ from celery import Celery
 from conveyor.stack import control
 from conveyor.settings.config import Config, ServiceConfig
 from conveyor.errors import StackError, UsageError
+from conveyor.settings.context import settings_of
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class Stack(abc.ABC):
     def shares_records(self) -> bool:
         """Whether this stack's workers write to the record store this process reads, and so keep the
         task tallies the monitor shows (a compose stack's containers cannot reach a SQLite file here)."""
-        return True
+        return settings_of(self.app).broker.records_reach_workers(self.name)
 
     def _unsaved_desired(self) -> dict[str, int]:
         """What desired() answers when nothing was saved."""

@@ -148,19 +148,13 @@ class ComposeStack(Stack):
             env[BROKER_IMAGE_ENV] = broker_image()
         if self.config.source:
             env[CONFIG_FILE_ENV] = str(self.config.source)
-        if self._records_in_a_file():
+        if not self.shares_records():
             # A SQLite file on this machine is out of the containers' reach; a private copy in each
             # container would only look like shared records, so the containers keep none, and send
             # task events instead for the monitor to count (no tallies without records).
             env[RECORDS_URL_ENV] = "off"
             env[TASK_EVENTS_ENV] = "on"
         return env
-
-    def shares_records(self) -> bool:
-        return not self._records_in_a_file()
-
-    def _records_in_a_file(self) -> bool:
-        return self.settings.worker_env().get(RECORDS_URL_ENV, "").startswith("sqlite:")
 
     def _argv(self, *args: str) -> list[str]:
         argv = [*compose_command(), "--project-name", self.project]
@@ -196,7 +190,7 @@ class ComposeStack(Stack):
     def _check_startable(self) -> None:
         if self.settings.embedded:
             raise StackError(EMBEDDED_REFUSAL)
-        if self._records_in_a_file() and not self._records_warned:
+        if not self.shares_records() and not self._records_warned:
             self._records_warned = True
             log.warning("Task records are in a SQLite file, which worker containers cannot reach, so the containers "
                         "keep none; set RECORDS_URL=redis://... to share task records with them.")
