@@ -7,23 +7,23 @@ class ConveyorError(Exception):
 
     exit_code = 1
 
+    def __init_subclass__(cls, exit_code: int | None = None, **kwargs) -> None:
+        # `class ConfigError(ConveyorError, exit_code=2)`: the code beside the name, one line.
+        super().__init_subclass__(**kwargs)
+        if exit_code is not None:
+            cls.exit_code = exit_code
 
-class ConfigError(ConveyorError):
+
+class ConfigError(ConveyorError, exit_code=2):
     """A config or scenario file is missing, malformed or invalid."""
 
-    exit_code = 2
 
-
-class UsageError(ConveyorError):
+class UsageError(ConveyorError, exit_code=2):
     """A command-line argument is out of range or names something unknown."""
 
-    exit_code = 2
 
-
-class BrokerError(ConveyorError):
+class BrokerError(ConveyorError, exit_code=3):
     """The broker cannot be reached, or refused us."""
-
-    exit_code = 3
 
 
 class PublishRefused(BrokerError):
@@ -34,19 +34,13 @@ class PublishInterrupted(BrokerError):
     """The connection a batch was published on broke: its unconfirmed messages are neither sent nor refused."""
 
 
-class StackError(ConveyorError):
-    """Worker processes or containers could not be started, scaled or stopped."""
-
-    exit_code = 4
-
-
-class DispatchTimeout(ConveyorError):
-    """Tasks did not finish within the time the caller allowed."""
-
-    exit_code = 5
-
-
-class RecordStoreError(ConveyorError):
+class RecordStoreError(ConveyorError, exit_code=3):
     """The task-record store (Redis or the SQLite file) cannot be reached or refused us."""
 
-    exit_code = 3
+
+class StackError(ConveyorError, exit_code=4):
+    """Worker processes or containers could not be started, scaled or stopped."""
+
+
+class DispatchTimeout(ConveyorError, exit_code=5):
+    """Tasks did not finish within the time the caller allowed."""
