@@ -25,6 +25,7 @@ def create_app(config: Config | None = None, settings: environment.BrokerSetting
                choice: object = None) -> Celery:
     config = config or load_config()
     settings = settings or environment.resolve()
+    fast = config.tuning.fast_paths and environment.fast_paths_allowed()  # the seam's one switch
     # Every producer Celery makes is conveyor's: task messages mandatory, confirms awaited with a deadline;
     # and a worker's events never wait in its event loop for a broker that blocks publishing.
     app = Celery("conveyor", broker=settings.broker_url, backend=settings.result_backend, set_as_current=True,
@@ -45,7 +46,8 @@ def create_app(config: Config | None = None, settings: environment.BrokerSetting
     else:
         # Every publish waits for the broker's confirm: a task is never reported sent unless it is stored.
         transport_options["confirm_publish"] = True
-        producer.install_transport()  # connection.blocked/unblocked logged (conveyor/seam/producer.py)
+        # connection.blocked/unblocked logged, buffered reads (conveyor/seam/producer.py, sockets.py)
+        producer.install_transport(buffered=fast)
     app.conf.update(
         task_queues=work_queues(config),
         task_routes=routes(config),
@@ -81,7 +83,7 @@ def create_app(config: Config | None = None, settings: environment.BrokerSetting
     # Headers too deep for py-amqp and compressed bodies too big once inflated are caught as they are
     # read, in every process (a worker, `dlq list`): conveyor/seam/inbound.py.
     inbound.install(body_limit(max(config.payload_limit(t.name) for t in config.task_types)))
-    attach(app, Settings(config, settings, config.tuning.fast_paths and environment.fast_paths_allowed(), choice))
+    attach(app, Settings(config, settings, fast, choice))
     registry.register(app, config)
     if settings.records_url not in stores.OFF:
         record_signals.connect()

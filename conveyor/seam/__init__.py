@@ -16,7 +16,7 @@ checked (celery 5.7.0, kombu 5.7.0, amqp 5.4.2, as requirements.txt pins them):
   backends and the run time a user task's result carries;
 - consumer, intake, inbound: what a worker does with a message before Celery runs it (bounded
   decoding, validation, dead-lettering what it cannot run); request: the durable revoke check;
-  trace: the tracer's result repr.
+  trace: the tracer's result repr; sockets: buffered reads, and a solo worker's writes held for a burst.
 
 Every fast path is switched off by one setting, `tuning.fast_paths: false` in the config or
 CONVEYOR_FAST_PATHS=off in the environment (`make test` runs the end-to-end tests both ways).

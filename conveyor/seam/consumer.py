@@ -15,6 +15,9 @@ copy keeps the body and headers as received (a compressed body stays compressed 
 publish fails the message is rejected to the DLX as before, so it is never lost either way; and the
 worker goes on with the next message. Celery's own logging, events and signals for these cases are kept.
 
+In a solo worker, with the fast paths on, the consumer connection's writes are held for the length
+of a burst of deliveries (conveyor/seam/sockets.py).
+
 Installed with the worker_consumer setting (conveyor/runtime/app.py); everything else is Celery's.
 """
 
@@ -23,13 +26,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from celery.concurrency.solo import TaskPool as SoloPool
 from celery.utils.dispatch import Signal
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.message import Message
 from vine import promise
 
 from conveyor.amqp.topology import DEAD_LETTER_QUEUE, dead_letter_queue, dlx
-from conveyor.seam import intake
+from conveyor.seam import intake, sockets
 from conveyor.seam.inbound import Rejected
 from conveyor.amqp import dead_letters
 from conveyor.settings.context import settings_of
@@ -59,6 +63,16 @@ def body_limit(max_payload_bytes: int) -> int:
 
 class Consumer(CeleryConsumer):
     """Celery's consumer with the hooks for messages it cannot run overridden (see the module's docstring)."""
+
+    def connect(self):
+        # A solo worker holds its writes for the length of a burst of deliveries (fast path:
+        # conveyor/seam/sockets.py); its result connection follows (conveyor/seam/rpc_backend.py).
+        conn = super().connect()
+        transport = getattr(conn.connection, "transport", None)  # the embedded broker's connection has none
+        if (isinstance(self.pool, SoloPool) and isinstance(transport, sockets.BufferedTransport)
+                and settings_of(self.app).fast_paths):
+            sockets.CORK.cork(transport, sockets.Cork.CONSUMER)
+        return conn
 
     def create_task_handler(self, promise: Any = promise):
         handle = super().create_task_handler(promise)

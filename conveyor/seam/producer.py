@@ -20,7 +20,8 @@ Uses of Celery/kombu/py-amqp internals (checked against celery 5.7.0, kombu 5.7.
 - `amqp.Connection(on_blocked=..., on_unblocked=...)`, given by a subclass of kombu's py-amqp
   transport (`kombu.transport.pyamqp.Transport.Connection`, the class it instantiates), put in
   kombu's `TRANSPORT_ALIASES` for amqp/pyamqp/amqps (and out of its `_transport_cache`), and set
-  on a Publisher's own connection:
+  on a Publisher's own connection. Its `Transport` (the factory py-amqp's `connect` calls) gives
+  conveyor/seam/sockets.py's buffered transport, with the fast paths on:
   `connection.blocked`/`unblocked` logged once per change. Its `_on_blocked`/`_on_unblocked` (the
   handlers py-amqp calls for those methods) extended to keep the connection's own `blocked` state. Not through the transport options:
   those are part of the worker's `stats` reply (`celery inspect stats`, Flower), which must stay
@@ -29,7 +30,9 @@ Uses of Celery/kombu/py-amqp internals (checked against celery 5.7.0, kombu 5.7.
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from functools import cached_property
@@ -43,6 +46,7 @@ from kombu import transport as kombu_transport
 from kombu.transport import pyamqp
 
 from conveyor.errors import PublishRefused
+from conveyor.seam import sockets
 from conveyor.settings.context import maybe_settings_of
 
 log = logging.getLogger(__name__)
@@ -108,11 +112,20 @@ class _ReportingConnection(pyamqp.Connection):
     and knowing whether the broker has blocked it (`blocked`, for the worker's event dispatcher:
     conveyor/seam/events.py)."""
 
+    buffered = False  # reads through sockets.BufferedTransport (fast path): set by install_transport
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("on_blocked", BLOCKING.blocked)
         kwargs.setdefault("on_unblocked", BLOCKING.unblocked)
         self.blocked = False
         super().__init__(*args, **kwargs)
+
+    def Transport(self, host: str, connect_timeout: Any, ssl: Any = False, read_timeout: Any = None,  # noqa: N802
+                  write_timeout: Any = None, **kwargs: Any) -> Any:
+        if ssl or not self.buffered:
+            return super().Transport(host, connect_timeout, ssl, read_timeout, write_timeout, **kwargs)
+        return sockets.BufferedTransport(host, connect_timeout=connect_timeout, read_timeout=read_timeout,
+                                         write_timeout=write_timeout, **kwargs)
 
     def _on_blocked(self) -> Any:
         self.blocked = True
@@ -124,9 +137,21 @@ class _ReportingConnection(pyamqp.Connection):
 
 
 class Transport(pyamqp.Transport):
-    """kombu's py-amqp transport, whose connections report connection.blocked/unblocked."""
+    """kombu's py-amqp transport, whose connections report connection.blocked/unblocked, and whose
+    worker-loop reader reads on through a buffered transport's frames (conveyor/seam/sockets.py)."""
 
     Connection = _ReportingConnection
+
+    def _make_reader(self, connection: Any, timeout: Any = socket.timeout, error: Any = socket.error,
+                     _unavail: tuple[int, ...] = (errno.EAGAIN, errno.EINTR)) -> Any:
+        if isinstance(connection.transport, sockets.BufferedTransport):
+            return sockets.reader(connection, timeout, error, _unavail)
+        return super()._make_reader(connection, timeout, error, _unavail)
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        super().register_with_event_loop(connection, loop)
+        if isinstance(connection.transport, sockets.BufferedTransport):
+            loop.on_tick.add(sockets.on_tick(connection.transport, loop))
 
 
 class SSLTransport(pyamqp.SSLTransport):
@@ -135,11 +160,12 @@ class SSLTransport(pyamqp.SSLTransport):
     Connection = _ReportingConnection
 
 
-def install_transport() -> None:
+def install_transport(buffered: bool = True) -> None:
     """Make kombu's py-amqp schemes (amqp://, pyamqp://, amqps://) use the transports above, in this
-    process. Through kombu's alias table rather than the app's broker_transport: a connection then
+    process, reading through conveyor/seam/sockets.py's buffered transport if `buffered` (a fast path). Through kombu's alias table rather than the app's broker_transport: a connection then
     still says `amqp` (its URI, its info(): what Celery logs and Flower parses to find the
     management API)."""
+    _ReportingConnection.buffered = buffered
     for alias, cls in (("amqp", Transport), ("pyamqp", Transport), ("amqps", SSLTransport)):
         kombu_transport.TRANSPORT_ALIASES[alias] = f"{__name__}:{cls.__name__}"
         kombu_transport._transport_cache.pop(alias, None)  # resolved before: resolve it again

@@ -27,6 +27,9 @@ Uses of Celery/kombu/py-amqp internals (checked against celery 5.7.0, kombu 5.7.
 - `kombu.pools.ProducerPool` for results without confirms. Replaces: the app's pool, whose
   connections confirm every publish.
 
+In a solo worker the held producer's writes are held with the consumer's (conveyor/seam/sockets.py):
+a result is written before the ack of its task, and a confirm awaited writes them at once.
+
 A confirm is awaited for at most `confirm_timeout_s` (a broker under an alarm stops confirming);
 a publish that times out goes the retrying way below, on a new connection.
 
@@ -58,7 +61,7 @@ from kombu import Producer
 from kombu.pools import ProducerPool
 from kombu.serialization import dumps
 
-from conveyor.seam import frames, producer
+from conveyor.seam import frames, producer, sockets
 from conveyor.settings.context import maybe_settings_of
 from conveyor.seam.runtime_meta import RuntimeMeta, add_runtime
 
@@ -163,6 +166,9 @@ class RPCBackend(RuntimeMeta, CeleryRPCBackend):
         if held is None or held.pid != os.getpid():
             confirms = self._confirms()
             held = self._held.producer = _Held(os.getpid(), Producer(self._new_connection(), auto_declare=False), confirms)
+            transport = getattr(held.producer.channel.connection, "transport", None)
+            if sockets.CORK.active and isinstance(transport, sockets.BufferedTransport):
+                sockets.CORK.cork(transport, sockets.Cork.RESULTS)  # a solo worker's: written before its acks
         channel = held.producer.channel
         # As kombu's Producer.publish builds it: no headers, priority 0, these two properties.
         message = channel.prepare_message(body, 0, content_type, content_encoding, {},

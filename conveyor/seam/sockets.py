@@ -1,0 +1,259 @@
+"""py-amqp's socket reads and writes, with fewer system calls (fast path).
+
+Reads. py-amqp reads a frame with three recv calls of exactly the bytes it needs next (the 7-byte
+header, the payload, the end octet), and kombu's worker loop changes the socket's timeout twice
+around each frame (two fcntl calls): a task message, three frames, cost a worker eleven system
+calls to read, and its result as many again in the caller. `BufferedTransport` takes what the
+socket holds, up to READ_BYTES, in one recv and serves frames from that buffer, and leaves the
+socket's timeout alone while a whole frame is buffered. Nothing else changes: a read that finds too
+few bytes waits on the socket as before, under the same timeout.
+
+kombu's worker loop (its hub) reads one method per turn and then polls the socket, which says
+nothing of frames already in the buffer: `reader` replaces kombu's reader on such a connection and
+reads on while the buffer holds a whole frame (for at most DRAIN_S, so that the hub's timers still
+fire), and `on_tick` wakes the hub's poll when frames are left over.
+
+Writes (a solo worker only: `Cork`). Celery's solo worker writes each result and each ack with a
+sendall of its own, two writes per task, each waking the broker (14 % of a no-op solo worker's
+samples, profiled). There the writes of the consumer connection and of the result connection are
+held and written together:
+- before the worker's loop polls its sockets, once the deliveries it read at once are done, and
+  before any read from a socket (so a method that waits for its reply is never held);
+- once they reach WRITE_BYTES;
+- at the latest CORK_S after the first one was held, by a flusher thread: a long task after short
+  ones does not hold their results and acks back.
+A task's result is always written before its ack: the result connection is written first. A write
+that fails in the flusher thread marks its connection broken, and the next use of it raises. Only a
+solo worker corks: a prefork worker acknowledges in the parent what its children published, and a
+threads worker publishes results from many threads.
+
+Uses of py-amqp internals (checked against amqp 5.4.2, kombu 5.7.0):
+
+- `amqp.transport.TCPTransport` subclassed: `_read` (the buffered read), `_read_buffer` (the property
+  py-amqp's `read_frame` sets to put back a frame it could not finish), `having_timeout`. Given by
+  `Connection.Transport` (conveyor/seam/producer.py's connection class). Replaces: recv of exact
+  sizes, and a timeout change per frame.
+- `kombu.transport.base.Transport._make_reader` (kombu's reader for the hub) replaced by `reader`,
+  and `Hub.on_tick` and the hub's `_waker` (its `wake()`) used by `on_tick`. Replaces: one method
+  read per turn of the loop, which would leave buffered frames waiting for the next poll.
+- A transport's `_write` (the socket's sendall, which py-amqp's `write` calls) replaced by `Cork.hold`
+  on a solo worker's two connections. Replaces: a sendall per frame written.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any
+
+from amqp.exceptions import RecoverableConnectionError
+from amqp.transport import TCPTransport
+
+log = logging.getLogger(__name__)
+
+READ_BYTES = 64 * 1024  # what one recv takes at most: about 150 task messages of the no-op benchmark
+WRITE_BYTES = 64 * 1024  # held writes are written once they reach this size
+DRAIN_S = 0.005  # the longest the loop's reader reads on before the hub's timers get their turn
+CORK_S = 0.002  # the longest a held write waits (plus, under a busy GIL, Python's switch interval)
+FRAME_HEADER = 7  # type (1), channel (2), size (4); the payload and the end octet follow
+_UNAVAIL = (errno.EAGAIN, errno.EINTR)
+
+
+class BufferedTransport(TCPTransport):
+    """py-amqp's TCP transport, reading what the socket holds at once (see the module's docstring)."""
+
+    _buffer: bytearray
+    _offset: int
+
+    @property
+    def _read_buffer(self) -> bytes:  # py-amqp's name: read_frame puts an unfinished frame back in it
+        return bytes(self._buffer[self._offset:])
+
+    @_read_buffer.setter
+    def _read_buffer(self, value: bytes) -> None:
+        self._buffer = bytearray(value)
+        self._offset = 0
+
+    def has_frame(self) -> bool:
+        """Whether a whole frame waits in the buffer, to be read without touching the socket."""
+        buffer, start = self._buffer, self._offset
+        if len(buffer) - start < FRAME_HEADER:
+            return False
+        return len(buffer) - start >= FRAME_HEADER + int.from_bytes(buffer[start + 3:start + 7], "big") + 1
+
+    @contextmanager
+    def having_timeout(self, timeout):
+        if timeout is not None and self.has_frame():
+            yield self.sock  # no socket call will be made: leave its timeout alone
+            return
+        with super().having_timeout(timeout) as sock:
+            yield sock
+
+    def _read(self, n, initial=False, _errnos=_UNAVAIL):
+        buffer, start = self._buffer, self._offset
+        if len(buffer) - start >= n:
+            self._offset = start + n
+            return bytes(buffer[start:start + n])
+        CORK.flush()  # what this process holds goes out before it waits for an answer
+        if start:
+            del buffer[:start]
+            self._offset = 0
+        recv = self._quick_recv
+        while len(buffer) < n:
+            try:
+                data = recv(max(READ_BYTES, n - len(buffer)))
+            except OSError as exc:
+                if exc.errno in _errnos:
+                    if initial and self.raise_on_initial_eintr:
+                        raise socket.timeout() from None
+                    continue
+                raise
+            if not data:
+                raise OSError("Server unexpectedly closed connection")
+            buffer += data
+        self._offset = n
+        return bytes(buffer[:n])
+
+
+def reader(connection: Any, timeout: type[Exception], error: type[OSError], unavail: tuple[int, ...]) -> Any:
+    """kombu's reader for the worker loop (kombu.transport.base.Transport._make_reader, same
+    arguments), reading on while the buffer holds a whole frame."""
+    drain_events, transport = connection.drain_events, connection.transport
+
+    def _read(loop: Any) -> None:
+        if not connection.connected:
+            raise RecoverableConnectionError("Socket was disconnected")
+        until = time.monotonic() + DRAIN_S
+        while True:
+            try:
+                drain_events(timeout=0)
+            except timeout:
+                return
+            except error as exc:
+                if exc.errno in unavail:
+                    return
+                raise
+            if not transport.has_frame():
+                return  # what comes next is in the socket, where the poll sees it
+            if time.monotonic() >= until:
+                break
+        loop.call_soon(_read, loop)  # on_tick wakes the poll for it
+
+    return _read
+
+
+def on_tick(transport: BufferedTransport, loop: Any) -> Any:
+    """The hub's callback before each poll: write what is held, and make the poll return at once
+    if whole frames wait in the buffer (the reader stopped for the timers)."""
+
+    def tick() -> None:
+        CORK.flush()
+        if transport.has_frame():
+            waker = getattr(loop, "_waker", None)
+            if waker is not None:
+                waker.wake()
+        elif not transport.connected:
+            loop.on_tick.discard(tick)  # a connection replaced since
+
+    return tick
+
+
+class Cork:
+    """The held writes of this process's corked connections (see the module's docstring)."""
+
+    RESULTS, CONSUMER = 0, 1  # the order they are written in: a result before its ack
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition(threading.Lock())
+        self._transports: dict[int, Any] = {}  # rank -> the corked transport
+        self._writers: dict[int, Any] = {}  # rank -> its socket's own sendall
+        self._held: dict[int, list[bytes]] = {}
+        self._size = 0
+        self._since: float | None = None  # when the oldest held write was held
+        self._failed: dict[int, OSError] = {}
+        self._flusher: threading.Thread | None = None
+        self.active = False  # set by a solo worker's consumer: its result connection corks too
+
+    def cork(self, transport: Any, rank: int) -> None:
+        """Hold `transport`'s writes from now on, in place of any earlier transport of this rank (a
+        connection replaced after a failure: what it held is dropped with it)."""
+        write = transport._write
+        with self._lock:
+            self._transports[rank] = transport
+            self._held[rank] = []
+            self._failed.pop(rank, None)
+            self._writers[rank] = write
+            transport._write = lambda data: self.hold(rank, data)
+            self.active = True
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_late, name="conveyor-cork", daemon=True)
+                self._flusher.start()
+        log.debug("Writes of connection rank %d are held until the end of a burst.", rank)
+
+    def hold(self, rank: int, data: Any) -> None:
+        failed = self._failed.pop(rank, None)
+        if failed is not None:
+            raise failed
+        with self._lock:
+            self._held[rank].append(bytes(data))  # py-amqp reuses the buffer `data` views
+            self._size += len(data)
+            if self._since is None:
+                self._since = time.monotonic()
+                self._lock.notify()
+            if self._size < WRITE_BYTES:
+                return
+        self.flush()
+
+    def flush(self) -> None:
+        """Write everything held now, results first."""
+        if self._since is None:
+            return
+        with self._lock:
+            self._write_held()
+
+    def _write_held(self) -> None:
+        failed: OSError | None = None
+        for rank in sorted(self._held):
+            frames, self._held[rank] = self._held[rank], []
+            if failed is not None:
+                # The acks held behind results that could not be written must not go out: the
+                # consumer's connection is closed instead, and the broker delivers those tasks again.
+                self._break(rank, failed)
+                continue
+            if not frames:
+                continue
+            try:
+                self._writers[rank](b"".join(frames))
+            except OSError as exc:
+                failed = exc
+                self._break(rank, exc)
+                log.warning("Writing held frames to the broker failed (%s); the connection is dropped.", exc)
+        self._size = 0
+        self._since = None
+
+    def _break(self, rank: int, exc: OSError) -> None:
+        transport = self._transports[rank]
+        transport.connected = False  # as py-amqp's write marks a connection whose write failed
+        self._failed[rank] = exc
+        try:
+            transport.sock.shutdown(socket.SHUT_RDWR)  # its reader sees the end too, and reconnects
+        except (OSError, AttributeError):
+            pass
+
+    def _flush_late(self) -> None:
+        with self._lock:
+            while True:
+                while self._since is None:
+                    self._lock.wait()
+                left = self._since + CORK_S - time.monotonic()
+                if left > 0:
+                    self._lock.wait(left)  # flushed meanwhile, most often: then wait for the next
+                    continue
+                self._write_held()
+
+
+CORK = Cork()
