@@ -4,11 +4,14 @@ out results first, at the latest after CORK_S, and never after a result that cou
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
 
 import pytest
+
+from amqp.exceptions import UnexpectedFrame
 
 from helpers import wait_for
 from conveyor.seam import sockets
@@ -175,3 +178,33 @@ def test_acks_behind_a_result_that_could_not_be_written_are_dropped_with_their_c
     with pytest.raises(ConnectionResetError):
         consumer.write(b"next")
 
+
+
+def test_a_buffered_frame_with_a_wrong_end_octet_is_refused_as_py_amqp_refuses_it(pair):
+    transport, theirs, _ = pair
+    theirs.sendall(frame(b"ok") + frame(b"bad")[:-1] + b"\x00")
+    with transport.having_timeout(1):
+        assert bytes(transport.read_frame()[2]) == b"ok"
+    with pytest.raises(UnexpectedFrame):
+        transport.read_frame()
+
+
+
+def test_a_forked_child_holds_nothing_of_its_parents(pair, monkeypatch):
+    transport, theirs, _ = pair
+    monkeypatch.setattr(sockets, "CORK_S", 60.0)
+    try:
+        sockets.CORK.cork(transport, sockets.Cork.CONSUMER)
+        transport.write(b"ack")
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child (a pool process forked later): nothing of the parent's is its to write
+            os.write(write, b"%d %d" % (len(sockets.CORK._transports), sockets.CORK.active))
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert os.read(read, 100) == b"0 0"
+        sockets.CORK.flush()
+        theirs.settimeout(5)
+        assert theirs.recv(10) == b"ack", "the parent still writes what it held"
+    finally:
+        sockets.CORK._reset()  # this process's Cork as it was: nothing corked

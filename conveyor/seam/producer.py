@@ -21,7 +21,8 @@ Uses of Celery/kombu/py-amqp internals (checked against celery 5.7.0, kombu 5.7.
   transport (`kombu.transport.pyamqp.Transport.Connection`, the class it instantiates), put in
   kombu's `TRANSPORT_ALIASES` for amqp/pyamqp/amqps (and out of its `_transport_cache`), and set
   on a Publisher's own connection. Its `Transport` (the factory py-amqp's `connect` calls) gives
-  conveyor/seam/sockets.py's buffered transport, with the fast paths on:
+  conveyor/seam/sockets.py's buffered transport, with the fast paths on, and its `blocking_read`
+  takes a frame from that buffer without the socket timeout's changes:
   `connection.blocked`/`unblocked` logged once per change. Its `_on_blocked`/`_on_unblocked` (the
   handlers py-amqp calls for those methods) extended to keep the connection's own `blocked` state. Not through the transport options:
   those are part of the worker's `stats` reply (`celery inspect stats`, Flower), which must stay
@@ -126,6 +127,14 @@ class _ReportingConnection(pyamqp.Connection):
             return super().Transport(host, connect_timeout, ssl, read_timeout, write_timeout, **kwargs)
         return sockets.BufferedTransport(host, connect_timeout=connect_timeout, read_timeout=read_timeout,
                                          write_timeout=write_timeout, **kwargs)
+
+    def blocking_read(self, timeout: float | None = None) -> Any:
+        # A frame already in a buffered transport's buffer needs neither the socket nor its timeout.
+        buffered = getattr(self.transport, "buffered_frame", None)
+        frame = buffered() if buffered is not None else None
+        if frame is None:
+            return super().blocking_read(timeout)
+        return self.on_inbound_frame(frame)
 
     def _on_blocked(self) -> Any:
         self.blocked = True

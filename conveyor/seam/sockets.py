@@ -4,9 +4,10 @@ Reads. py-amqp reads a frame with three recv calls of exactly the bytes it needs
 header, the payload, the end octet), and kombu's worker loop changes the socket's timeout twice
 around each frame (two fcntl calls): a task message, three frames, cost a worker eleven system
 calls to read, and its result as many again in the caller. `BufferedTransport` takes what the
-socket holds, up to READ_BYTES, in one recv and serves frames from that buffer, and leaves the
-socket's timeout alone while a whole frame is buffered. Nothing else changes: a read that finds too
-few bytes waits on the socket as before, under the same timeout.
+socket holds, up to READ_BYTES, in one recv and serves frames from that buffer; a frame that is all
+in the buffer is read without the timeout changes (`buffered_frame`, through the connection's
+`blocking_read`). Nothing else changes: a read that finds too few bytes waits on the socket as
+before, under the same timeout.
 
 kombu's worker loop (its hub) reads one method per turn and then polls the socket, which says
 nothing of frames already in the buffer: `reader` replaces kombu's reader on such a connection and
@@ -23,16 +24,18 @@ held and written together:
 - at the latest CORK_S after the first one was held, by a flusher thread: a long task after short
   ones does not hold their results and acks back.
 A task's result is always written before its ack: the result connection is written first. A write
-that fails in the flusher thread marks its connection broken, and the next use of it raises. Only a
-solo worker corks: a prefork worker acknowledges in the parent what its children published, and a
-threads worker publishes results from many threads.
+that fails marks its connection broken, and the next use of it raises. Only a solo worker corks: a
+prefork worker acknowledges in the parent what its children published (measured, holding the
+parent's acks bought nothing: docs/performance.md), and a threads worker publishes results from
+many threads. A forked child starts with nothing held (os.register_at_fork).
 
 Uses of py-amqp internals (checked against amqp 5.4.2, kombu 5.7.0):
 
 - `amqp.transport.TCPTransport` subclassed: `_read` (the buffered read), `_read_buffer` (the property
-  py-amqp's `read_frame` sets to put back a frame it could not finish), `having_timeout`. Given by
-  `Connection.Transport` (conveyor/seam/producer.py's connection class). Replaces: recv of exact
-  sizes, and a timeout change per frame.
+  py-amqp's `read_frame` sets to put back a frame it could not finish), `read_frame` (a buffered
+  frame parsed at once). Given by `Connection.Transport`, and read by `Connection.blocking_read`
+  (both in conveyor/seam/producer.py's connection class). Replaces: recv of exact sizes, and a
+  timeout change per frame.
 - `kombu.transport.base.Transport._make_reader` (kombu's reader for the hub) replaced by `reader`,
   and `Hub.on_tick` and the hub's `_waker` (its `wake()`) used by `on_tick`. Replaces: one method
   read per turn of the loop, which would leave buffered frames waiting for the next poll.
@@ -44,13 +47,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
+import struct
 import threading
 import time
-from contextlib import contextmanager
 from typing import Any
 
-from amqp.exceptions import RecoverableConnectionError
+from amqp.exceptions import RecoverableConnectionError, UnexpectedFrame
 from amqp.transport import TCPTransport
 
 log = logging.getLogger(__name__)
@@ -59,64 +63,75 @@ READ_BYTES = 64 * 1024  # what one recv takes at most: about 150 task messages o
 WRITE_BYTES = 64 * 1024  # held writes are written once they reach this size
 DRAIN_S = 0.005  # the longest the loop's reader reads on before the hub's timers get their turn
 CORK_S = 0.002  # the longest a held write waits (plus, under a busy GIL, Python's switch interval)
-FRAME_HEADER = 7  # type (1), channel (2), size (4); the payload and the end octet follow
+FRAME_OVERHEAD = 8  # the header (type 1, channel 2, size 4 bytes) and the end octet around a payload
+FRAME_END = 0xCE
+_HEADER, _SIZE = struct.Struct(">BHI"), struct.Struct(">I")
 _UNAVAIL = (errno.EAGAIN, errno.EINTR)
 
 
 class BufferedTransport(TCPTransport):
     """py-amqp's TCP transport, reading what the socket holds at once (see the module's docstring)."""
 
-    _buffer: bytearray
-    _offset: int
+    _data: bytes = b""  # what was read from the socket; frames are served from _offset on
+    _offset: int = 0
 
     @property
     def _read_buffer(self) -> bytes:  # py-amqp's name: read_frame puts an unfinished frame back in it
-        return bytes(self._buffer[self._offset:])
+        return self._data[self._offset:]
 
     @_read_buffer.setter
     def _read_buffer(self, value: bytes) -> None:
-        self._buffer = bytearray(value)
-        self._offset = 0
+        self._data, self._offset = bytes(value), 0
 
     def has_frame(self) -> bool:
         """Whether a whole frame waits in the buffer, to be read without touching the socket."""
-        buffer, start = self._buffer, self._offset
-        if len(buffer) - start < FRAME_HEADER:
-            return False
-        return len(buffer) - start >= FRAME_HEADER + int.from_bytes(buffer[start + 3:start + 7], "big") + 1
+        data, start = self._data, self._offset
+        return len(data) - start >= FRAME_OVERHEAD and len(data) - start >= FRAME_OVERHEAD + _SIZE.unpack_from(data, start + 3)[0]
 
-    @contextmanager
-    def having_timeout(self, timeout):
-        if timeout is not None and self.has_frame():
-            yield self.sock  # no socket call will be made: leave its timeout alone
-            return
-        with super().having_timeout(timeout) as sock:
-            yield sock
+    def buffered_frame(self) -> tuple[int, int, bytes] | None:
+        """The next frame as py-amqp's read_frame gives it (type, channel, payload), if it is all in
+        the buffer; else None, and nothing is consumed."""
+        data, start = self._data, self._offset
+        if len(data) - start < FRAME_OVERHEAD:
+            return None
+        kind, channel, size = _HEADER.unpack_from(data, start)
+        end = start + FRAME_OVERHEAD + size
+        if len(data) < end:
+            return None
+        if data[end - 1] != FRAME_END:
+            raise UnexpectedFrame(f"Received frame_end {data[end - 1]:#04x} while expecting 0xce")
+        self._offset = end
+        return kind, channel, data[start + 7:end - 1]
+
+    def read_frame(self, unpack=struct.unpack):
+        frame = self.buffered_frame()
+        return frame if frame is not None else super().read_frame(unpack)
 
     def _read(self, n, initial=False, _errnos=_UNAVAIL):
-        buffer, start = self._buffer, self._offset
-        if len(buffer) - start >= n:
-            self._offset = start + n
-            return bytes(buffer[start:start + n])
+        data, start = self._data, self._offset
+        end = start + n
+        if len(data) >= end:
+            self._offset = end
+            return data[start:end]
         CORK.flush()  # what this process holds goes out before it waits for an answer
-        if start:
-            del buffer[:start]
-            self._offset = 0
+        data = data[start:]
+        self._data, self._offset = data, 0
         recv = self._quick_recv
-        while len(buffer) < n:
+        while len(data) < n:
             try:
-                data = recv(max(READ_BYTES, n - len(buffer)))
+                chunk = recv(max(READ_BYTES, n - len(data)))
             except OSError as exc:
                 if exc.errno in _errnos:
                     if initial and self.raise_on_initial_eintr:
                         raise socket.timeout() from None
                     continue
                 raise
-            if not data:
+            if not chunk:
                 raise OSError("Server unexpectedly closed connection")
-            buffer += data
+            data += chunk
+            self._data = data  # kept if a later recv raises: read_frame puts its own part back
         self._offset = n
-        return bytes(buffer[:n])
+        return data[:n]
 
 
 def reader(connection: Any, timeout: type[Exception], error: type[OSError], unavail: tuple[int, ...]) -> Any:
@@ -168,6 +183,11 @@ class Cork:
     RESULTS, CONSUMER = 0, 1  # the order they are written in: a result before its ack
 
     def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        # Also in a forked child: the parent's connections and held frames are not the child's to
+        # write, its lock may have been held by a thread that does not exist there, nor does the flusher.
         self._lock = threading.Condition(threading.Lock())
         self._transports: dict[int, Any] = {}  # rank -> the corked transport
         self._writers: dict[int, Any] = {}  # rank -> its socket's own sendall
@@ -257,3 +277,4 @@ class Cork:
 
 
 CORK = Cork()
+os.register_at_fork(after_in_child=CORK._reset)
