@@ -208,3 +208,16 @@ def test_a_forked_child_holds_nothing_of_its_parents(pair, monkeypatch):
         assert theirs.recv(10) == b"ack", "the parent still writes what it held"
     finally:
         sockets.CORK._reset()  # this process's Cork as it was: nothing corked
+
+
+def test_a_replaced_connection_writes_to_its_own_socket(corked):
+    cork, written, transports = corked
+    old = transports["consumer"][0]
+    new = sockets.BufferedTransport("127.0.0.1:5672")
+    new._write = lambda data: written.append(("new", bytes(data), time.monotonic()))
+    cork.cork(new, sockets.Cork.CONSUMER)
+    old.write(b"close")  # the old connection's close, after the new one took its place
+    assert [(name, data) for name, data, _ in written] == [("consumer", b"close")]
+    new.write(b"ack")
+    cork.flush()
+    assert [(name, data) for name, data, _ in written] == [("consumer", b"close"), ("new", b"ack")]

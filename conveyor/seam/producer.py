@@ -171,7 +171,8 @@ class SSLTransport(pyamqp.SSLTransport):
 
 def install_transport(buffered: bool = True) -> None:
     """Make kombu's py-amqp schemes (amqp://, pyamqp://, amqps://) use the transports above, in this
-    process, reading through conveyor/seam/sockets.py's buffered transport if `buffered` (a fast path). Through kombu's alias table rather than the app's broker_transport: a connection then
+    process, reading through conveyor/seam/sockets.py's buffered transport if `buffered` (a fast
+    path). Through kombu's alias table rather than the app's broker_transport: a connection then
     still says `amqp` (its URI, its info(): what Celery logs and Flower parses to find the
     management API)."""
     _ReportingConnection.buffered = buffered

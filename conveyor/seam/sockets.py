@@ -83,21 +83,26 @@ class BufferedTransport(TCPTransport):
     def _read_buffer(self, value: bytes) -> None:
         self._data, self._offset = bytes(value), 0
 
+    def _frame_end(self) -> int | None:
+        """Where the next frame ends in the buffer, if it is all there."""
+        data, start = self._data, self._offset
+        if len(data) - start < FRAME_OVERHEAD:
+            return None
+        end = start + FRAME_OVERHEAD + _SIZE.unpack_from(data, start + 3)[0]
+        return end if len(data) >= end else None
+
     def has_frame(self) -> bool:
         """Whether a whole frame waits in the buffer, to be read without touching the socket."""
-        data, start = self._data, self._offset
-        return len(data) - start >= FRAME_OVERHEAD and len(data) - start >= FRAME_OVERHEAD + _SIZE.unpack_from(data, start + 3)[0]
+        return self._frame_end() is not None
 
     def buffered_frame(self) -> tuple[int, int, bytes] | None:
         """The next frame as py-amqp's read_frame gives it (type, channel, payload), if it is all in
         the buffer; else None, and nothing is consumed."""
+        end = self._frame_end()
+        if end is None:
+            return None
         data, start = self._data, self._offset
-        if len(data) - start < FRAME_OVERHEAD:
-            return None
-        kind, channel, size = _HEADER.unpack_from(data, start)
-        end = start + FRAME_OVERHEAD + size
-        if len(data) < end:
-            return None
+        kind, channel, _ = _HEADER.unpack_from(data, start)
         if data[end - 1] != FRAME_END:
             raise UnexpectedFrame(f"Received frame_end {data[end - 1]:#04x} while expecting 0xce")
         self._offset = end
@@ -207,26 +212,31 @@ class Cork:
             self._held[rank] = []
             self._failed.pop(rank, None)
             self._writers[rank] = write
-            transport._write = lambda data: self.hold(rank, data)
+            transport._write = lambda data: self.hold(rank, data, transport, write)
             self.active = True
             if self._flusher is None:
                 self._flusher = threading.Thread(target=self._flush_late, name="conveyor-cork", daemon=True)
                 self._flusher.start()
         log.debug("Writes of connection rank %d are held until the end of a burst.", rank)
 
-    def hold(self, rank: int, data: Any) -> None:
-        failed = self._failed.pop(rank, None)
-        if failed is not None:
-            raise failed
+    def hold(self, rank: int, data: Any, transport: Any, write: Any) -> None:
         with self._lock:
-            self._held[rank].append(bytes(data))  # py-amqp reuses the buffer `data` views
-            self._size += len(data)
-            if self._since is None:
-                self._since = time.monotonic()
-                self._lock.notify()
-            if self._size < WRITE_BYTES:
-                return
-        self.flush()
+            # A connection replaced since (its close on the way out) writes to its own socket, at once.
+            stale = self._transports.get(rank) is not transport
+            if not stale:
+                failed = self._failed.pop(rank, None)
+                if failed is not None:
+                    raise failed
+                self._held[rank].append(bytes(data))  # py-amqp reuses the buffer `data` views
+                self._size += len(data)
+                if self._since is None:
+                    self._since = time.monotonic()
+                    self._lock.notify()
+                full = self._size >= WRITE_BYTES
+        if stale:
+            write(data)
+        elif full:
+            self.flush()
 
     def flush(self) -> None:
         """Write everything held now, results first."""
