@@ -221,3 +221,17 @@ def test_a_replaced_connection_writes_to_its_own_socket(corked):
     new.write(b"ack")
     cork.flush()
     assert [(name, data) for name, data, _ in written] == [("consumer", b"close"), ("new", b"ack")]
+
+
+def test_a_reset_retires_the_flusher_it_replaces(corked, monkeypatch):
+    cork, _, transports = corked
+    monkeypatch.setattr(sockets, "IDLE_S", 0.05)
+    errors = []
+    monkeypatch.setattr("threading.excepthook", errors.append)
+    old = cork._flusher
+    cork._reset()  # as a test, or a forked child, does: the old flusher must not wait on the new lock
+    wait_for(lambda: not old.is_alive(), 5, "the old flusher to end")
+    assert errors == []
+    cork.cork(transports["consumer"][0], sockets.Cork.CONSUMER)
+    assert cork._flusher is not old and cork._flusher.is_alive(), "the next cork starts a flusher of its own"
+    cork._reset()

@@ -63,6 +63,7 @@ READ_BYTES = 64 * 1024  # what one recv takes at most: about 150 task messages o
 WRITE_BYTES = 64 * 1024  # held writes are written once they reach this size
 DRAIN_S = 0.005  # the longest the loop's reader reads on before the hub's timers get their turn
 CORK_S = 0.002  # the longest a held write waits (plus, under a busy GIL, Python's switch interval)
+IDLE_S = 1.0  # how often an idle flusher looks whether a reset has retired it
 FRAME_OVERHEAD = 8  # the header (type 1, channel 2, size 4 bytes) and the end octet around a payload
 FRAME_END = 0xCE
 _HEADER, _SIZE = struct.Struct(">BHI"), struct.Struct(">I")
@@ -275,13 +276,17 @@ class Cork:
             pass
 
     def _flush_late(self) -> None:
-        with self._lock:
-            while True:
-                while self._since is None:
-                    self._lock.wait()
+        # The lock this flusher started with: a reset (a forked child's, or a test's) replaces
+        # self._lock and so retires this thread, which must not wait on a lock it does not hold.
+        lock = self._lock
+        with lock:
+            while self._lock is lock:
+                if self._since is None:
+                    lock.wait(IDLE_S)  # woken by the first write held; the timeout only re-checks
+                    continue
                 left = self._since + CORK_S - time.monotonic()
                 if left > 0:
-                    self._lock.wait(left)  # flushed meanwhile, most often: then wait for the next
+                    lock.wait(left)  # flushed meanwhile, most often: then wait for the next
                     continue
                 self._write_held()
 

@@ -158,8 +158,20 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 15) -> None:
 
 def settled(store, task_id: str, status: str, timeout_s: float = 20):
     """The task's record, once it reaches `status` (the result can arrive a moment before the record)."""
-    return wait_for(lambda: (r := store.get(task_id)) is not None and r.status == status and r, timeout_s,
-                    f"task {task_id} to be recorded {status}")
+    seen = []
+
+    def reached():
+        record = store.get(task_id)
+        seen[:] = [record]
+        return record is not None and record.status == status and record
+
+    try:
+        return wait_for(reached, timeout_s, f"task {task_id} to be recorded {status}")
+    except pytest.fail.Exception as exc:
+        # What the record said last, and its history: which state the task got stuck in, and when.
+        last = seen[0] if seen else None
+        history = [] if last is None else [(e.status, e.detail, str(e.at)) for e in last.history]
+        raise pytest.fail.Exception(f"{exc}; last seen: {last and last.status}, history {history}") from None
 
 
 def statuses(record) -> list[str]:
