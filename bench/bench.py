@@ -413,7 +413,8 @@ def main() -> int:
     results["peers"] = run_peers(args.tasks, ["celery", "celery-tuned"]) if peers else {}
     with private_broker():
         console.say("conveyor, no-op tasks, default settings...")
-        results["noop"] = {"default": noop(ROOT / "test-config.yml", max(100, args.tasks // 4), monitored=True)}
+        # As many tasks as the peers ran: the same work, the same share of start and end in the rate.
+        results["noop"] = {"default": noop(ROOT / "test-config.yml", args.tasks, monitored=True)}
         with environment.environ(TUNED_ENV):
             results["rounds"], results["noop"]["tuned"] = paired_rounds(args.tasks, args.rounds, peers)
             tuned = statistics.median(r["conveyor-tuned"] for r in results["rounds"])
