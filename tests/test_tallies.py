@@ -111,3 +111,20 @@ def test_samples_kept_while_the_store_is_away_stay_within_what_the_store_keeps(t
     [kept] = store._samples.values()
     assert kept == [float(i) for i in range(2 * SAMPLES_KEPT, 3 * SAMPLES_KEPT)]
     assert store._counts[tallies.key("latency", "task_a", "", "queue_a", tallies.SUM)] == sum(range(3 * SAMPLES_KEPT))
+
+
+def test_a_sample_key_is_trimmed_now_and_then_and_reads_give_its_latest_values(tmp_path, monkeypatch):
+    from conveyor.lifecycle import sqlite_store
+    from conveyor.lifecycle.records import SAMPLES_KEPT
+
+    store = SqliteStore(str(tmp_path / "records.db"), ttl_s=600)
+    key = tallies.key("latency", "task_a", "", "queue_a")
+    rows = lambda: store.db.execute("SELECT count(*) FROM samples WHERE name = ?", (key,)).fetchone()[0]  # noqa: E731
+    monkeypatch.setattr(sqlite_store, "TRIM_EVERY_S", 3600.0)
+    for i in range(3 * SAMPLES_KEPT // 100):  # batches within one trimming period: trimmed once, at the first
+        store.add_tallies({}, {key: [float(v) for v in range(100 * i, 100 * (i + 1))]})
+    assert rows() == 3 * SAMPLES_KEPT, "untrimmed between trims"
+    assert store.tallies()[1][key] == [float(v) for v in range(2 * SAMPLES_KEPT, 3 * SAMPLES_KEPT)]
+    monkeypatch.setattr(sqlite_store, "TRIM_EVERY_S", 0.0)
+    store.add_tallies({}, {key: [-1.0]})
+    assert rows() == SAMPLES_KEPT and store.tallies()[1][key][-2:] == [3 * SAMPLES_KEPT - 1.0, -1.0]

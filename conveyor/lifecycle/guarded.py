@@ -7,6 +7,7 @@ reads one, is_revoked, before each run). Through GuardedStore:
 - a write (a transition, a note, a tally) is queued in this process and returns at once; a thread of
   this process writes what is queued every BATCH_AFTER_S (or as soon as BATCH_MAX writes wait), the
   whole batch in one round trip (Store.write_many: one Redis MULTI/EXEC, one SQLite transaction).
+  Tallies alone do not start a batch: they go with the next record write, or after TALLIES_AFTER_S.
   Where a record must be in the store before a message exists that could change it (a task about to
   be published, a retry, a dead letter), the writer calls `flush()`, which writes the queue at once
   from the caller's thread, in order (conveyor/lifecycle/signals.py says where);
@@ -24,7 +25,7 @@ reads one, is_revoked, before each run). Through GuardedStore:
   back each record that lost a write gets a note saying so: the record is marked incomplete.
 
 What a crash can lose: a process killed (SIGKILL, a lost host) loses the writes it queued in the
-last BATCH_AFTER_S and any it kept while the store was away; a clean exit (atexit, Celery's
+last BATCH_AFTER_S (its tallies: of the last TALLIES_AFTER_S) and any it kept while the store was away; a clean exit (atexit, Celery's
 worker_process_shutdown and worker_shutdown, conveyor/lifecycle/signals.py) writes them first,
 within one store timeout. Records that lost their last write stay queued or running; the task
 itself, its result and its dead letter are the broker's and are not affected.
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 BACKLOG = 10_000  # writes kept per process while the store is away (a few hundred bytes each)
 BATCH_AFTER_S = 0.005  # how long the first queued write waits for others to share its round trip
 BATCH_MAX = 500  # writes per round trip at most
+TALLIES_AFTER_S = 1.0  # the longest tallies wait for a record write to go with (the monitor reads them every second or so)
 _open: weakref.WeakSet[GuardedStore] = weakref.WeakSet()
 
 
@@ -103,7 +105,10 @@ class GuardedStore(Store):
         with self._lock:
             self._counts.update(counts)
             self._keep_samples(samples)
-            self._start_writer()
+            # Tallies do not wake the writer: they go with the next record write, or within
+            # TALLIES_AFTER_S. A worker's main process writes little else (a "received" count per
+            # task), and a transaction of its own every BATCH_AFTER_S was a sixth of its CPU.
+            self._start_writer(wake=False)
 
     def _write(self, write: Write) -> None:
         if not self.keep_writes:
@@ -199,10 +204,10 @@ class GuardedStore(Store):
         self.inner.close()
 
     # --- the writer -------------------------------------------------------------------------------
-    def _start_writer(self) -> None:
+    def _start_writer(self, wake: bool = True) -> None:
         """Called with the lock held; one thread per process, woken by the first write of a batch."""
         if self._writer is not None and self._writer[0] == os.getpid() and self._writer[1].is_alive():
-            if not self._wake.is_set():
+            if wake and not self._wake.is_set():
                 self._wake.set()
             return
         thread = threading.Thread(target=self._run, name="record-store-writer", daemon=True)
@@ -213,7 +218,7 @@ class GuardedStore(Store):
     def _run(self) -> None:
         while True:
             # A timeout, not a wait for ever: the thread also probes a store the breaker shut out.
-            self._wake.wait(self.retry_after_s / 4 if self.breaker.is_open else 1.0)
+            self._wake.wait(self.retry_after_s / 4 if self.breaker.is_open else TALLIES_AFTER_S)
             self._wake.clear()
             if not (self._queue or self._counts or self._samples or self._probe):
                 continue
