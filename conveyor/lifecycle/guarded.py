@@ -25,10 +25,11 @@ reads one, is_revoked, before each run). Through GuardedStore:
   back each record that lost a write gets a note saying so: the record is marked incomplete.
 
 What a crash can lose: a process killed (SIGKILL, a lost host) loses the writes it queued in the
-last BATCH_AFTER_S (its tallies: of the last TALLIES_AFTER_S) and any it kept while the store was away; a clean exit (atexit, Celery's
-worker_process_shutdown and worker_shutdown, conveyor/lifecycle/signals.py) writes them first,
-within one store timeout. Records that lost their last write stay queued or running; the task
-itself, its result and its dead letter are the broker's and are not affected.
+last BATCH_AFTER_S (its tallies: in the last TALLIES_AFTER_S) and any it kept while the store was
+away; a clean exit (atexit, Celery's worker_process_shutdown and worker_shutdown,
+conveyor/lifecycle/signals.py) writes them first, within one store timeout. Records that lost their
+last write stay queued or running; the task itself, its result and its dead letter are the
+broker's and are not affected.
 
 Reads made for operators (get, query, tallies) and unique-key claims fail at once while the breaker
 is open, with a RecordStoreError the CLIs print on one line; a store opened without `keep_writes`
@@ -59,7 +60,7 @@ log = logging.getLogger(__name__)
 BACKLOG = 10_000  # writes kept per process while the store is away (a few hundred bytes each)
 BATCH_AFTER_S = 0.005  # how long the first queued write waits for others to share its round trip
 BATCH_MAX = 500  # writes per round trip at most
-TALLIES_AFTER_S = 1.0  # the longest tallies wait for a record write to go with (the monitor reads them every second or so)
+TALLIES_AFTER_S = 1.0  # the longest tallies wait for a record write to ride with (the monitor reads every second or so)
 _open: weakref.WeakSet[GuardedStore] = weakref.WeakSet()
 
 
@@ -107,7 +108,7 @@ class GuardedStore(Store):
             self._keep_samples(samples)
             # Tallies do not wake the writer: they go with the next record write, or within
             # TALLIES_AFTER_S. A worker's main process writes little else (a "received" count per
-            # task), and a transaction of its own every BATCH_AFTER_S was a sixth of its CPU.
+            # task), and a transaction of its own every BATCH_AFTER_S was 14 % of its samples.
             self._start_writer(wake=False)
 
     def _write(self, write: Write) -> None:
