@@ -22,6 +22,12 @@ Seam notes:
 - replaces: `Channel._get`; extends `basic_ack`, `basic_reject` and `_restore` to delete the claimed
   file, and `basic_consume`/`basic_get` to delete at once what is consumed without acks (Celery's
   control and event queues, as kombu does); `store_processed`/`processed_folder` are not used.
+- replaces `Channel._queue_bind` and `Channel.get_table` (with `_exchange_file`, `control_folder`
+  and kombu's `exchange_queue_t`): kombu creates a fanout exchange's table with `open("wb")` after
+  finding it missing, so two workers starting together both truncate it and the last write wins:
+  the other never gets a broadcast (a ping, a revoke; seen in CI as a worker that never answered).
+  Here the table is created without truncation and read and rewritten under the lock, and a table
+  still empty (created, not yet written) reads as no bindings.
 - versions checked: kombu 5.7.0.
 """
 
@@ -36,7 +42,7 @@ from typing import Any
 from kombu.exceptions import ChannelError
 from kombu.transport import filesystem
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +83,42 @@ def _unlink(path: str | None) -> None:
 
 class Channel(filesystem.Channel):
     _rescued_at = 0.0
+
+    def get_table(self, exchange: str) -> list[Any]:
+        file = self._exchange_file(exchange)
+        try:
+            with file.open("rb") as f_obj:
+                filesystem.lock(f_obj, filesystem.LOCK_SH)  # a binder holds LOCK_EX while it rewrites
+                try:
+                    raw = f_obj.read()
+                finally:
+                    filesystem.unlock(f_obj)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise ChannelError(f"Cannot open {file}") from exc
+        return [filesystem.exchange_queue_t(*q) for q in loads(bytes_to_str(raw))] if raw.strip() else []
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        file = self._exchange_file(exchange)
+        self.control_folder.mkdir(exist_ok=True)
+        binding = filesystem.exchange_queue_t(routing_key or "", pattern or "", queue or "")
+        try:
+            fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o600)  # created if missing, never truncated
+        except OSError as exc:
+            raise ChannelError(f"Cannot open {file}") from exc
+        with os.fdopen(fd, "rb+", buffering=0) as f_obj:
+            filesystem.lock(f_obj, filesystem.LOCK_EX)
+            try:
+                raw = f_obj.read()
+                bindings = [filesystem.exchange_queue_t(*q) for q in loads(bytes_to_str(raw))] if raw.strip() else []
+                if binding not in bindings:
+                    bindings.insert(0, binding)
+                    f_obj.seek(0)
+                    f_obj.truncate()
+                    f_obj.write(dumps(bindings).encode())
+            finally:
+                filesystem.unlock(f_obj)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
