@@ -49,3 +49,13 @@ def test_a_table_created_but_not_yet_written_has_no_bindings(tmp_path):
     channel._queue_bind("celery.pidbox", "", "", "w1.pidbox")
     channel._queue_bind("celery.pidbox", "", "", "w1.pidbox")  # bound again: once in the table
     assert [q.queue for q in channel.get_table("celery.pidbox")] == ["w1.pidbox"]
+
+
+def test_a_deleted_queue_leaves_the_table_and_the_others_stay(tmp_path):
+    channel = channel_in(tmp_path)
+    for name in ("w1.pidbox", "w2.pidbox"):
+        channel._queue_bind("celery.pidbox", "", "", name)
+    channel._delete("w1.pidbox", "celery.pidbox", "", "")
+    assert [q.queue for q in channel.get_table("celery.pidbox")] == ["w2.pidbox"]
+    channel._delete("w3.pidbox", "no.such.exchange", "", "")  # no table: nothing to take out, none made
+    assert not (channel.control_folder / "no.such.exchange.exchange").exists()

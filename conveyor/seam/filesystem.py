@@ -22,12 +22,13 @@ Seam notes:
 - replaces: `Channel._get`; extends `basic_ack`, `basic_reject` and `_restore` to delete the claimed
   file, and `basic_consume`/`basic_get` to delete at once what is consumed without acks (Celery's
   control and event queues, as kombu does); `store_processed`/`processed_folder` are not used.
-- replaces `Channel._queue_bind` and `Channel.get_table` (with `_exchange_file`, `control_folder`
-  and kombu's `exchange_queue_t`): kombu creates a fanout exchange's table with `open("wb")` after
-  finding it missing, so two workers starting together both truncate it and the last write wins:
+- replaces `Channel._queue_bind`, `Channel.get_table` and the table half of `Channel._delete` (with
+  `_exchange_file`, `control_folder` and kombu's `exchange_queue_t`; the virtual channel's `_delete`
+  is called past kombu's filesystem one): kombu creates a fanout exchange's table with `open("wb")`
+  after finding it missing, so two workers starting together both truncate it and the last write wins:
   the other never gets a broadcast (a ping, a revoke; seen in CI as a worker that never answered).
-  Here the table is created without truncation and read and rewritten under the lock, and a table
-  still empty (created, not yet written) reads as no bindings.
+  Here the table is created without truncation and read and rewritten under the lock, by binds and
+  deletes alike, and a table still empty (created, not yet written) reads as no bindings.
 - versions checked: kombu 5.7.0.
 """
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,11 @@ def _alive(tag: str) -> bool:
     return fields[0] not in ("Z", "X") and fields[19] == start
 
 
+def _bindings(raw: bytes) -> list[Any]:
+    """A fanout table's bindings; a table created and not yet written has none."""
+    return [filesystem.exchange_queue_t(*q) for q in loads(bytes_to_str(raw))] if raw.strip() else []
+
+
 def _unlink(path: str | None) -> None:
     if path:
         try:
@@ -84,45 +91,74 @@ def _unlink(path: str | None) -> None:
 class Channel(filesystem.Channel):
     _rescued_at = 0.0
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._no_ack_queues: set[str] = set()  # consumed without acks (Celery's control and events): never claimed
+
+    # --- fanout tables: read and rewritten under their lock, created without truncation -------------
     def get_table(self, exchange: str) -> list[Any]:
         file = self._exchange_file(exchange)
         try:
             with file.open("rb") as f_obj:
                 filesystem.lock(f_obj, filesystem.LOCK_SH)  # a binder holds LOCK_EX while it rewrites
                 try:
-                    raw = f_obj.read()
+                    return _bindings(f_obj.read())
                 finally:
                     filesystem.unlock(f_obj)
         except FileNotFoundError:
             return []
         except OSError as exc:
             raise ChannelError(f"Cannot open {file}") from exc
-        return [filesystem.exchange_queue_t(*q) for q in loads(bytes_to_str(raw))] if raw.strip() else []
 
     def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
-        file = self._exchange_file(exchange)
-        self.control_folder.mkdir(exist_ok=True)
         binding = filesystem.exchange_queue_t(routing_key or "", pattern or "", queue or "")
+
+        def add(bindings: list[Any]) -> bool:
+            if binding in bindings:
+                return False
+            bindings.insert(0, binding)
+            return True
+
+        self._rewrite_table(exchange, add, create=True)
+
+    def _delete(self, queue: str, exchange: str, routing_key: str, pattern: str, *args: Any, **kwargs: Any) -> None:
+        # The virtual channel's delete (a purge), then the binding out of the table, as kombu's
+        # filesystem channel does, through the same locked rewrite as a bind.
+        super(filesystem.Channel, self)._delete(queue, exchange, routing_key, pattern, *args, **kwargs)
+        binding = filesystem.exchange_queue_t(routing_key or "", pattern or "", queue or "")
+
+        def remove(bindings: list[Any]) -> bool:
+            if binding not in bindings:
+                return False
+            bindings.remove(binding)
+            return True
+
+        self._rewrite_table(exchange, remove, create=False)
+
+    def _rewrite_table(self, exchange: str, change: Callable[[list[Any]], bool], create: bool) -> None:
+        """Apply `change` (bindings -> whether it changed them) to an exchange's table under its
+        exclusive lock; a missing table is created if `create`, else left missing."""
+        file = self._exchange_file(exchange)
+        if create:
+            self.control_folder.mkdir(exist_ok=True)
         try:
-            fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o600)  # created if missing, never truncated
+            fd = os.open(file, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)  # never truncated on open
+        except FileNotFoundError as exc:
+            if not create:
+                return  # no table (or removed meanwhile): nothing to take out
+            raise ChannelError(f"Cannot open {file}") from exc
         except OSError as exc:
             raise ChannelError(f"Cannot open {file}") from exc
         with os.fdopen(fd, "rb+", buffering=0) as f_obj:
             filesystem.lock(f_obj, filesystem.LOCK_EX)
             try:
-                raw = f_obj.read()
-                bindings = [filesystem.exchange_queue_t(*q) for q in loads(bytes_to_str(raw))] if raw.strip() else []
-                if binding not in bindings:
-                    bindings.insert(0, binding)
+                bindings = _bindings(f_obj.read())
+                if change(bindings):
                     f_obj.seek(0)
                     f_obj.truncate()
                     f_obj.write(dumps(bindings).encode())
             finally:
                 filesystem.unlock(f_obj)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._no_ack_queues: set[str] = set()  # consumed without acks (Celery's control and events): never claimed
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
         (self._no_ack_queues.add if no_ack else self._no_ack_queues.discard)(queue)
