@@ -27,6 +27,7 @@ import logging
 from typing import Any
 
 from celery.concurrency.solo import TaskPool as SoloPool
+from celery.concurrency.thread import TaskPool as ThreadsPool
 from celery.utils.dispatch import Signal
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.message import Message
@@ -35,6 +36,7 @@ from vine import promise
 from conveyor.amqp.topology import DEAD_LETTER_QUEUE, dead_letter_queue, dlx
 from conveyor.seam import intake, sockets
 from conveyor.seam.inbound import Rejected
+from conveyor.seam.request import DurableRevokeRequest
 from conveyor.amqp import dead_letters
 from conveyor.settings.context import settings_of
 
@@ -68,10 +70,12 @@ class Consumer(CeleryConsumer):
         # A solo worker holds its writes for the length of a burst of deliveries (fast path:
         # conveyor/seam/sockets.py); its result connection follows (conveyor/seam/rpc_backend.py).
         conn = super().connect()
+        fast = settings_of(self.app).fast_paths
         transport = getattr(conn.connection, "transport", None)  # the embedded broker's connection has none
-        if (isinstance(self.pool, SoloPool) and isinstance(transport, sockets.BufferedTransport)
-                and settings_of(self.app).fast_paths):
+        if isinstance(self.pool, SoloPool) and isinstance(transport, sockets.BufferedTransport) and fast:
             sockets.CORK.cork(transport, sockets.Cork.CONSUMER)
+        # Tasks that run in this process take the body the intake decoded (fast path: seam/request.py).
+        DurableRevokeRequest.reuse_decoded = fast and isinstance(self.pool, (SoloPool, ThreadsPool))
         return conn
 
     def create_task_handler(self, promise: Any = promise):
@@ -79,13 +83,16 @@ class Consumer(CeleryConsumer):
         config = settings_of(self.app).config
         max_eta_s = config.broker.consumer_timeout_s
         refusals = (*self.connection_errors, *self.channel_errors)
+        # The limit is the task type's own max_payload_bytes, else limits.max_payload_bytes, looked up
+        # here once per type (the config's lookup was 2 % of a no-op solo worker's samples).
+        limits = {name: body_limit(config.payload_limit(name)) for name in config.types}
+        default_limit = body_limit(config.payload_limit(""))
 
         def on_task_received(message: Message) -> None:
-            # The limit is the task type's own max_payload_bytes, else limits.max_payload_bytes; the
-            # headers are not checked yet, so a task name of the wrong type gets the default limit.
+            # The headers are not checked yet: a task name of the wrong type gets the default limit.
             headers = message.headers if isinstance(message.headers, dict) else {}
             task = headers.get("task")
-            max_body_bytes = body_limit(config.payload_limit(task if isinstance(task, str) else ""))
+            max_body_bytes = limits.get(task, default_limit) if isinstance(task, str) else default_limit
             try:
                 intake.check(message, max_body_bytes, max_eta_s)
             except Rejected as exc:

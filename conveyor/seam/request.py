@@ -13,6 +13,11 @@ Internals used (checked against celery 5.7.0):
   own `revoked()` then takes its revoke path. Not a fast path: it is the durable revoke itself.
 - `celery.worker.control.control_command`: the `conveyor_unrevoke` remote command, which takes ids
   out of that set again when `dlq requeue` sends a revoked task once more.
+- Fast path, in a worker whose tasks run in its own process (solo, threads): the request's `_body`,
+  `_decoded`, `_content_type` and `_content_encoding` set as Celery's Request sets them for a body it
+  was given decoded, from the body kombu's Message decoded and cached (`_decoded_cache`) when the
+  intake read it. Replaces: Celery's tracer decoding the same JSON a second time (2 % of a no-op
+  solo worker's samples). A prefork worker's children decode the body themselves, as before.
 """
 
 from __future__ import annotations
@@ -32,6 +37,18 @@ revoke_lookup = Signal(name="conveyor_revoke_lookup", providing_args={"task_id"}
 
 
 class DurableRevokeRequest(Request):
+    # Set by the worker's consumer (conveyor/seam/consumer.py) where tasks run in its process and the
+    # fast paths are on: hand the tracer the body the intake decoded (see the module's docstring).
+    reuse_decoded = False
+
+    def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(message, *args, **kwargs)
+        if self.reuse_decoded and not self._decoded:
+            decoded = getattr(message, "_decoded_cache", None)
+            if decoded is not None:
+                self._body, self._decoded = decoded, True
+                self._content_type = self._content_encoding = None
+
     def revoked(self) -> bool:
         if super().revoked():
             return True
