@@ -12,11 +12,12 @@ checked (celery 5.7.0, kombu 5.7.0, amqp 5.4.2, as requirements.txt pins them):
 - events: the worker's event dispatcher, which never waits in the event loop (no confirm, a write
   deadline, events held while the broker blocks);
 - collector: the one way results are collected (dispatch.py and the load tester);
-- frames: basic.publish frames written by hand; rpc_backend, file_backend, runtime_meta: the result
-  backends and the run time a user task's result carries;
+- frames: basic.publish frames written by hand, a result's whole message among them; rpc_backend,
+  file_backend, runtime_meta: the result backends and the run time a user task's result carries;
 - consumer, intake, inbound: what a worker does with a message before Celery runs it (bounded
-  decoding, validation, dead-lettering what it cannot run); request: the durable revoke check;
-  trace: the tracer's result repr; sockets: buffered reads, and a solo worker's writes held for a burst.
+  decoding, validation, dead-lettering what it cannot run); request: the durable revoke check, and
+  the decoded body handed to a pool in the worker's own process; trace: the tracer's result repr;
+  sockets: buffered reads, and a solo worker's writes held for a burst.
 
 Every fast path is switched off by one setting, `tuning.fast_paths: false` in the config or
 CONVEYOR_FAST_PATHS=off in the environment (`make test` runs the end-to-end tests both ways).
