@@ -26,6 +26,28 @@ from conveyor.seam.publisher import Publisher
 from conveyor.loadtest.metrics import Record, RunStats, Stage, distribution, summarize, timeline
 from conveyor.stats import percentile_linear as percentile
 from conveyor.loadtest.scenario import Plan, Scenario, load_scenario
+from conveyor.loadtest.runner import young_collections_only
+
+# --- the run's garbage collection ---------------------------------------------------------
+
+
+def test_a_run_makes_no_full_collection_and_leaves_the_thresholds_as_it_found_them():
+    import gc
+
+    before = gc.get_threshold()
+    with pytest.raises(RuntimeError):
+        with young_collections_only():
+            young, middle, oldest = gc.get_threshold()
+            assert (young, middle) == before[:2] and oldest == 2**31 - 1
+            full_passes, middle_passes = gc.get_stats()[2]["collections"], gc.get_stats()[1]["collections"]
+            # Long-lived objects as a run's records, enough for two full passes without the context.
+            kept = [[i] for i in range(200_000)]
+            assert gc.get_stats()[2]["collections"] == full_passes
+            assert gc.get_stats()[1]["collections"] > middle_passes  # the young generations still are
+            raise RuntimeError("a run that fails")
+    assert gc.get_threshold() == before
+    del kept
+
 
 # --- percentiles ---------------------------------------------------------------------------
 

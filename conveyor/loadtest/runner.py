@@ -10,11 +10,12 @@ by then is reported pending, never waited on.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
-from contextlib import closing
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,26 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.25  # how often the progress callback runs
 DEPTH_CHECK_S = 0.1  # how often queue depths are read for backpressure
+
+
+@contextmanager
+def young_collections_only() -> Iterator[None]:
+    """Python's cyclic garbage collector without its full passes meanwhile (they come after).
+
+    A run's records are long-lived objects by the hundred thousand, and each full pass walks all of
+    them, with the sender and the result reader stopped: the results read after that stall carry it
+    as latency the tasks never had. Measured in `make bench`'s sequence (its half-saturation run,
+    10 s at about 1 500 no-op jobs/s, after the runs before it in the same process): one full pass
+    of 64 ms, and a p99 of 22.4 ms, max 69.8 ms; without full passes, p99 18.6 ms, max 36.8 ms.
+    The young generations are still collected as usual, so cycles made during the run are freed as
+    before; what reaches the oldest generation waits for the first full pass after the run.
+    """
+    thresholds = gc.get_threshold()
+    gc.set_threshold(thresholds[0], thresholds[1], 2**31 - 1)  # the oldest generation's count is never reached
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
 
 
 @dataclass
@@ -120,6 +141,10 @@ class Runner:
 
     # --- the loop --------------------------------------------------------------------------
     def run(self) -> Outcome:
+        with young_collections_only():
+            return self._run()
+
+    def _run(self) -> Outcome:
         deadletter.declare(self.app)
         opts = self.options
         start = time.time()
