@@ -69,3 +69,21 @@ def test_a_reply_at_py_amqps_one_frame_limit_is_split_as_py_amqp_splits_it():
         frames.write_publish(theirs, args, theirs.prepare_message(b"z" * size, 0, "application/json", "utf-8", {},
                                                                   {"correlation_id": "cid", "delivery_mode": 2}))
         assert ours.connection.transport.written == theirs.connection.transport.written, size
+
+
+def test_a_py_amqp_that_encodes_properties_in_another_order_gets_its_own_way(monkeypatch):
+    from amqp import Message
+
+    frames._properties_before_correlation_id.cache_clear()
+    real = Message._serialize_properties
+    monkeypatch.setattr(Message, "_serialize_properties", lambda self: real(self) + b"\x00")  # the id no longer last
+    try:
+        assert frames._properties_before_correlation_id("application/json", "utf-8", 2) is None
+        args = frames.publish_args("", "q")
+        ours, theirs = channel(), channel()
+        frames.write_reply(ours, args, b"{}", "application/json", "utf-8", 2, "cid")
+        frames.write_publish(theirs, args, theirs.prepare_message(b"{}", 0, "application/json", "utf-8", {},
+                                                                  {"correlation_id": "cid", "delivery_mode": 2}))
+        assert ours.connection.transport.written == theirs.connection.transport.written
+    finally:
+        frames._properties_before_correlation_id.cache_clear()
