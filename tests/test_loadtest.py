@@ -426,15 +426,17 @@ def test_what_the_broker_refuses_comes_back_refused_in_publishing_order(broker_e
 
 
 @pytest.mark.parametrize("tuning", ["", LEAN_TUNING], ids=["default", "lean"])
-@pytest.mark.parametrize("state, group, parent", [("SUCCESS", None, None), ("SUCCESS", "g1", "p1"),
-                                                   ("FAILURE", None, None), ("RETRY", None, "p1")])
-def test_the_result_meta_is_celerys(tmp_path, tuning, state, group, parent):
+@pytest.mark.parametrize("state, group, parent, stamps", [
+    ("SUCCESS", None, None, None), ("SUCCESS", "g1", "p1", None), ("FAILURE", None, None, None), ("RETRY", None, "p1", None),
+    ("SUCCESS", None, None, {"monitoring": "m1", "unstamped": "x"}), ("FAILURE", "g1", None, {"monitoring": "m1"})])
+def test_the_result_meta_is_celerys(tmp_path, tuning, state, group, parent, stamps):
     # An rpc:// app whether or not a broker answers: building a result meta talks to none.
     settings = environment.resolve({"BROKER_URL": "amqp://guest:guest@127.0.0.1:1//", environment.RUN_DIR_ENV: str(tmp_path)})
     app = create_app(load_config(write_config(tmp_path / "c.yml", STACK_CONFIG + tuning)), settings)
     try:
         request = Context(reply_to="r", correlation_id="t1", group=group, parent_id=parent, task="task_a",
-                          args=[], kwargs={"duration_s": 0}, hostname="w@h", retries=0, delivery_info={"routing_key": "queue_a"})
+                          args=[], kwargs={"duration_s": 0}, hostname="w@h", retries=0, delivery_info={"routing_key": "queue_a"},
+                          stamps=stamps, stamped_headers=["monitoring"] if stamps else None)
         result = ValueError("boom") if state != "SUCCESS" else {"v": 1}
         assert type(app.backend).__module__ == "conveyor.seam.rpc_backend"
         ours = app.backend._to_result("t1", state, result, None, request)
