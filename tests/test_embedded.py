@@ -7,7 +7,7 @@ import os
 import signal
 
 import pytest
-from helpers import run_cli, wait_for
+from helpers import run_cli, settled, wait_for
 
 from conveyor.lifecycle import stores
 from conveyor.tasks.states import TaskState
@@ -64,7 +64,8 @@ def test_a_worker_sigkilled_mid_task_on_the_embedded_broker_loses_nothing(embedd
     stack.scale("worker-a", 1)  # a new worker finds the dead one's claim and puts it back
     value = result.get(timeout=60)
     assert value["task"] == "task_a"
-    record = stores.store_for(app).get(result.id)
+    # The record's batch is written a moment after the result (lifecycle/guarded.py): waited for.
+    record = settled(stores.store_for(app), result.id, TaskState.SUCCEEDED)
     assert record.status == TaskState.SUCCEEDED and [e.status for e in record.history].count(TaskState.RUNNING) == 2
     wait_for(lambda: not list(inflight.glob("*/*.msg")), 10, "the acknowledged message to be deleted")
     assert not claimed[0].parent.exists()
