@@ -83,16 +83,13 @@ class Consumer(CeleryConsumer):
         config = settings_of(self.app).config
         max_eta_s = config.broker.consumer_timeout_s
         refusals = (*self.connection_errors, *self.channel_errors)
-        # The limit is the task type's own max_payload_bytes, else limits.max_payload_bytes, looked up
-        # here once per type (the config's lookup was 2 % of a no-op solo worker's samples).
-        limits = {name: body_limit(config.payload_limit(name)) for name in config.types}
-        default_limit = body_limit(config.payload_limit(""))
 
         def on_task_received(message: Message) -> None:
-            # The headers are not checked yet: a task name of the wrong type gets the default limit.
+            # The limit is the task type's own max_payload_bytes, else limits.max_payload_bytes; the
+            # headers are not checked yet, so a task name of the wrong type gets the default limit.
             headers = message.headers if isinstance(message.headers, dict) else {}
             task = headers.get("task")
-            max_body_bytes = limits.get(task, default_limit) if isinstance(task, str) else default_limit
+            max_body_bytes = body_limit(config.payload_limit(task if isinstance(task, str) else ""))
             try:
                 intake.check(message, max_body_bytes, max_eta_s)
             except Rejected as exc:
